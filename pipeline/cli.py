@@ -1,0 +1,51 @@
+"""Command line of ``python -m pipeline``: local infrastructure and settings."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.errors import PipelineError
+from pipeline.infra.manager import DEFAULT_KAFKA_PORT, DEFAULT_POSTGRES_PORT, Infra, Ports
+from pipeline.logs import configure_logging
+from pipeline.settings import Settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    infra = commands.add_parser("infra", help="local Kafka broker and PostgreSQL")
+    actions = infra.add_subparsers(dest="action", required=True)
+    up = actions.add_parser("up", help="start the local broker (and PostgreSQL); idempotent")
+    up.add_argument("--postgres", action="store_true", help="also start a PostgreSQL cluster")
+    up.add_argument("--kafka-port", type=int, default=DEFAULT_KAFKA_PORT)
+    up.add_argument("--postgres-port", type=int, default=DEFAULT_POSTGRES_PORT)
+    actions.add_parser("status", help="what runs where")
+    actions.add_parser("down", help="stop what `up` started")
+    commands.add_parser("settings", help="print the effective settings (secrets masked)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    try:
+        settings = Settings.from_env()
+        if args.command == "settings":
+            for name, value in settings.describe().items():
+                print(f"{name}={value}")
+            return 0
+        if args.action == "up":
+            infra = Infra(settings, Ports(kafka=args.kafka_port, postgres=args.postgres_port))
+            lines = infra.up(with_postgres=args.postgres)
+            lines.append(f"settings written to {settings.state_dir / 'infra.env'}")
+        elif args.action == "status":
+            lines = Infra(settings).status()
+        else:
+            lines = Infra(settings).down()
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print("\n".join(lines))
+    return 0

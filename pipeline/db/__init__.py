@@ -1,0 +1,7 @@
+"""Storage: the schema of DESIGN.md, idempotent batch writes, name lookups, orders."""
+
+from pipeline.db.engine import connect, create_schema
+from pipeline.db.lookups import NameLookup
+from pipeline.db.measurements import Measurement, MeasurementWriter
+
+__all__ = ["Measurement", "MeasurementWriter", "NameLookup", "connect", "create_schema"]

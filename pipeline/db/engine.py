@@ -1,0 +1,77 @@
+"""Engines and idempotent schema creation, for PostgreSQL (TimescaleDB when present) and SQLite."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from pipeline.db.schema import metadata
+from pipeline.errors import DatabaseError
+from pipeline.settings import mask_url
+
+logger = logging.getLogger(__name__)
+
+# Serialises schema creation when several processes start at once on one PostgreSQL.
+_SCHEMA_LOCK_ID = 0x1A6E_0001
+
+
+def connect(database_url: str) -> Engine:
+    """An engine for ``database_url``; for SQLite the folder is created and WAL enabled."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # WAL lets the orchestrator read while a monitor-consumer writes; foreign keys are off by
+    # default in SQLite.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def create_schema(engine: Engine) -> None:
+    """Create every table that is missing; safe to call from several processes at once."""
+    try:
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _SCHEMA_LOCK_ID})
+            metadata.create_all(conn)
+            if engine.dialect.name == "postgresql" and _timescaledb_available(conn):
+                conn.execute(text("CREATE EXTENSION IF NOT EXISTS timescaledb"))
+                conn.execute(text(
+                    "SELECT create_hypertable('measurements', 'ts', if_not_exists => TRUE, "
+                    "migrate_data => TRUE)"
+                ))
+                logger.info("measurements is a TimescaleDB hypertable")
+    except SQLAlchemyError as exc:
+        raise DatabaseError(
+            f"cannot create the schema in {mask_url(str(engine.url))}: {exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
+
+
+def uses_timescaledb(engine: Engine) -> bool:
+    """Whether ``measurements`` is a TimescaleDB hypertable on this database."""
+    if engine.dialect.name != "postgresql":
+        return False
+    with engine.connect() as conn:
+        return bool(conn.execute(text(
+            "SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'"
+        )).scalar())
+
+
+def _timescaledb_available(conn) -> bool:
+    return bool(conn.execute(text(
+        "SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'"
+    )).scalar())

@@ -1,0 +1,109 @@
+"""Order and task-run records: the database allocates each run of an order its orderID."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import Engine, func, insert, select, update
+
+from pipeline.db.lookups import NameLookup
+from pipeline.db.schema import measurements, orders, task_runs, tasks
+
+
+class OrderStatus(str, enum.Enum):
+    """Lifecycle of one run of an order."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+@dataclass(frozen=True)
+class OrderRecord:
+    """One row of ``orders``."""
+
+    id: int
+    name: str
+    image: str
+    task_list: str
+    status: OrderStatus
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+
+
+def utcnow() -> datetime:
+    """Now, timezone-aware, as every stored time is."""
+    return datetime.now(timezone.utc)
+
+
+class OrderStore:
+    """Reads and writes ``orders`` and ``task_runs``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._tasks = NameLookup(tasks)
+
+    def create(self, name: str, image: str, task_list: str) -> int:
+        """Insert a PENDING order and return its fresh numeric orderID."""
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                insert(orders)
+                .values(name=name, image=image, task_list=task_list,
+                        status=OrderStatus.PENDING.value, created_at=utcnow())
+                .returning(orders.c.id)
+            )
+            return int(result.scalar_one())
+
+    def set_status(self, order_id: int, status: OrderStatus, error: str | None = None) -> None:
+        """Move an order to ``status``, stamping its start or end time."""
+        values: dict[str, object] = {"status": status.value}
+        if status is OrderStatus.RUNNING:
+            values["started_at"] = utcnow()
+        elif status in (OrderStatus.SUCCEEDED, OrderStatus.FAILED, OrderStatus.CANCELLED):
+            values["finished_at"] = utcnow()
+            values["error"] = error
+        with self.engine.begin() as conn:
+            conn.execute(update(orders).where(orders.c.id == order_id).values(**values))
+
+    def get(self, order_id: int) -> OrderRecord | None:
+        """The order row, or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(orders).where(orders.c.id == order_id)).mappings().first()
+        if row is None:
+            return None
+        return OrderRecord(**{**row, "status": OrderStatus(row["status"])})
+
+    def start_task(self, order_id: int, position: int, attempt: int, task: str) -> datetime:
+        """Record that attempt ``attempt`` of the task at ``position`` started now."""
+        started = utcnow()
+        with self.engine.begin() as conn:
+            conn.execute(insert(task_runs).values(
+                order_id=order_id, position=position, attempt=attempt,
+                task_id=self._tasks.id_of(conn, task), status="RUNNING", started_at=started,
+            ))
+        return started
+
+    def finish_task(self, order_id: int, position: int, attempt: int, status: str,
+                    output: str | None = None, error: str | None = None) -> None:
+        """Record how an attempt ended."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(task_runs)
+                .where(task_runs.c.order_id == order_id, task_runs.c.position == position,
+                       task_runs.c.attempt == attempt)
+                .values(status=status, finished_at=utcnow(), output=output, error=error)
+            )
+
+    def count_measurements(self, order_id: int) -> int:
+        """How many samples are stored for the order."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(
+                select(func.count()).select_from(measurements)
+                .where(measurements.c.order_id == order_id)
+            ).scalar_one())

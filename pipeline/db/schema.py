@@ -1,0 +1,71 @@
+"""Tables of DESIGN.md's storage section, in SQLAlchemy Core.
+
+Core rather than the ORM: the hot path is bulk inserts of measurements, and every other
+access is a handful of rows.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger, Column, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Table,
+    Text, UniqueConstraint,
+)
+
+metadata = MetaData()
+
+# SQLite only autoincrements a column declared exactly INTEGER PRIMARY KEY.
+_BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+tasks = Table(
+    "tasks", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(64), nullable=False, unique=True),
+)
+
+resources = Table(
+    "resources", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(64), nullable=False, unique=True),
+)
+
+orders = Table(
+    "orders", metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("name", String(128), nullable=False),
+    Column("image", Text, nullable=False),
+    Column("task_list", Text, nullable=False),  # the required tasks, ','-joined as on the wire
+    Column("status", String(16), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("error", Text),
+)
+
+# One row per task attempt. Samples carry only the task's name, so a task that appears twice
+# in an order (blur, blur) is told apart by time: its runs never overlap within an order.
+task_runs = Table(
+    "task_runs", metadata,
+    Column("order_id", _BigId, ForeignKey("orders.id"), nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("task_id", Integer, ForeignKey("tasks.id"), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("output", Text),
+    Column("error", Text),
+    UniqueConstraint("order_id", "position", "attempt", name="uq_task_runs_attempt"),
+)
+
+measurements = Table(
+    "measurements", metadata,
+    Column("order_id", _BigId, nullable=False),
+    Column("task_id", Integer, ForeignKey("tasks.id"), nullable=False),
+    Column("resource_id", Integer, ForeignKey("resources.id"), nullable=False),
+    Column("value", Float, nullable=False),
+    Column("ts", DateTime(timezone=True), nullable=False),
+    # A redelivered sample hits this constraint and changes nothing. It includes the time
+    # column, as a TimescaleDB hypertable requires of every unique index.
+    UniqueConstraint("order_id", "task_id", "resource_id", "ts", name="uq_measurements_sample"),
+)
+Index("ix_measurements_ts", measurements.c.ts)

@@ -1,0 +1,102 @@
+"""``up``, ``status`` and ``down`` over the broker and the PostgreSQL cluster together."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from pipeline.infra.kafka_broker import KafkaBroker
+from pipeline.infra.postgres import LocalPostgres
+from pipeline.infra.state import publish
+from pipeline.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KAFKA_PORT = 9092
+DEFAULT_POSTGRES_PORT = 5433
+
+
+@dataclass(frozen=True)
+class Ports:
+    """The ports ``up`` used, remembered so that ``status`` and ``down`` need no flags."""
+
+    kafka: int = DEFAULT_KAFKA_PORT
+    postgres: int = DEFAULT_POSTGRES_PORT
+
+
+class Infra:
+    """The local services of one state directory."""
+
+    def __init__(self, settings: Settings, ports: Ports | None = None) -> None:
+        self.settings = settings
+        self._ports_file = settings.state_dir / "infra.json"
+        self.ports = ports or self._remembered_ports()
+        self.kafka = KafkaBroker(settings, port=self.ports.kafka)
+        self.postgres = LocalPostgres(settings, port=self.ports.postgres)
+
+    def up(self, with_postgres: bool) -> list[str]:
+        """Start what is not running yet; returns one report line per service."""
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        self._ports_file.write_text(json.dumps(self.ports.__dict__))
+        lines = []
+        cached = self.kafka.jars_cached()
+        began = time.monotonic()
+        started = self.kafka.start()
+        took = time.monotonic() - began
+        if started:
+            how = "jars cached" if cached else "jars downloaded"
+            lines.append(f"kafka: started on {self.kafka.bootstrap} in {took:.1f}s ({how})")
+        else:
+            lines.append(f"kafka: already running on {self.kafka.bootstrap} (pid {self.kafka.status().pid})")
+        publish(self.settings, KAFKA_BOOTSTRAP_SERVERS=self.kafka.bootstrap)
+        if with_postgres:
+            began = time.monotonic()
+            if self.postgres.start():
+                lines.append(f"postgres: started on 127.0.0.1:{self.postgres.port} in "
+                             f"{time.monotonic() - began:.1f}s")
+            else:
+                lines.append(f"postgres: already running on 127.0.0.1:{self.postgres.port}")
+            publish(self.settings, DATABASE_URL=self.postgres.url)
+        return lines
+
+    def status(self) -> list[str]:
+        """One line per service: what runs where."""
+        broker = self.kafka.status()
+        lines = [
+            f"kafka: running, pid {broker.pid}, {broker.bootstrap}, data {broker.data_dir}"
+            if broker.running else "kafka: not running"
+        ]
+        pg = self.postgres.status()
+        lines.append(
+            f"postgres: running, pid {pg.pid}, 127.0.0.1:{pg.port}, data {pg.data_dir}"
+            if pg.running else "postgres: not running"
+        )
+        lines.append(f"settings file: {self.settings.state_dir / 'infra.env'}")
+        return lines
+
+    def down(self) -> list[str]:
+        """Stop what ``up`` started, and nothing else."""
+        lines = ["kafka: stopped" if self.kafka.stop() else "kafka: was not running"]
+        lines.append("postgres: stopped" if self.postgres.stop() else "postgres: was not running")
+        publish(self.settings, KAFKA_BOOTSTRAP_SERVERS=None, DATABASE_URL=None)
+        return lines
+
+    def _remembered_ports(self) -> Ports:
+        try:
+            return Ports(**json.loads(self._ports_file.read_text()))
+        except (FileNotFoundError, ValueError, TypeError):
+            return Ports()
+
+
+def ensure_kafka(settings: Settings) -> Settings:
+    """Settings with a broker: the configured one, else the local one, started if needed."""
+    if settings.kafka_bootstrap_servers:
+        return settings
+    infra = Infra(settings)
+    if not infra.kafka.status().running:
+        logger.info("no KAFKA_BOOTSTRAP_SERVERS configured: starting the local broker "
+                    "(stop it with `python -m pipeline infra down`)")
+        infra.up(with_postgres=False)
+    return settings.with_kafka(infra.kafka.bootstrap)

@@ -1,0 +1,158 @@
+"""A lazy consumer with at-least-once semantics: offsets are stored only after processing."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import confluent_kafka
+
+from pipeline.errors import KafkaClientError
+from pipeline.kafka.config import client_config
+from pipeline.protocol import Message
+from pipeline.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Errors the client recovers from by itself (a restarting broker, a topic still propagating).
+_TRANSIENT = {
+    confluent_kafka.KafkaError._PARTITION_EOF,
+    confluent_kafka.KafkaError._TRANSPORT,
+    confluent_kafka.KafkaError._ALL_BROKERS_DOWN,
+    confluent_kafka.KafkaError.UNKNOWN_TOPIC_OR_PART,
+    confluent_kafka.KafkaError.LEADER_NOT_AVAILABLE,
+    confluent_kafka.KafkaError.NOT_LEADER_FOR_PARTITION,
+    # A fresh broker creates __consumer_offsets on first use; the coordinator moves meanwhile.
+    confluent_kafka.KafkaError.NOT_COORDINATOR,
+    confluent_kafka.KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    confluent_kafka.KafkaError.COORDINATOR_NOT_AVAILABLE,
+}
+
+
+class Consumer:
+    """Reads :class:`~pipeline.protocol.Message` objects from explicitly assigned partitions.
+
+    Per-order topics have one partition and one reader, so partitions are assigned rather than
+    subscribed: no group rebalance delays the start, and the group id still keeps committed
+    offsets so a restarted reader resumes where the last commit left it.
+    """
+
+    def __init__(self, settings: Settings, group_id: str | None = None, **overrides: Any) -> None:
+        self.group_id = group_id or f"reader-{uuid.uuid4().hex[:12]}"
+        self._config = client_config(
+            settings,
+            **{
+                "group.id": self.group_id,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                **overrides,
+            },
+        )
+        self._consumer: confluent_kafka.Consumer | None = None
+        self._pending: dict[tuple[str, int], int] = {}
+
+    def _client(self) -> confluent_kafka.Consumer:
+        if self._consumer is None:
+            self._consumer = confluent_kafka.Consumer(self._config)
+        return self._consumer
+
+    def assign(self, topics: Sequence[str], from_end: bool = False, timeout: float = 10.0) -> None:
+        """Read every partition of ``topics``.
+
+        From the committed offset (or the beginning) by default; with ``from_end``, from each
+        partition's current end, resolved now so that nothing produced after this call is missed.
+        """
+        client = self._client()
+        partitions = []
+        for topic in topics:
+            try:
+                metadata = client.list_topics(topic, timeout=timeout)
+            except confluent_kafka.KafkaException as exc:
+                raise KafkaClientError(f"cannot read metadata of {topic}: {exc}") from exc
+            topic_meta = metadata.topics.get(topic)
+            if topic_meta is None or topic_meta.error is not None or not topic_meta.partitions:
+                raise KafkaClientError(f"topic {topic} does not exist")
+            for partition in sorted(topic_meta.partitions):
+                if from_end:
+                    _, high = client.get_watermark_offsets(
+                        confluent_kafka.TopicPartition(topic, partition), timeout=timeout
+                    )
+                    offset = high
+                else:
+                    offset = confluent_kafka.OFFSET_STORED
+                partitions.append(confluent_kafka.TopicPartition(topic, partition, offset))
+        client.assign(partitions)
+
+    def poll(self, timeout: float = 1.0) -> Message | None:
+        """The next message, or None when nothing arrived within ``timeout`` seconds."""
+        msg = self._client().poll(timeout)
+        if msg is None:
+            return None
+        error = msg.error()
+        if error is not None:
+            if error.code() in _TRANSIENT or error.retriable():
+                logger.debug("transient consumer error: %s", error.str())
+                return None
+            raise KafkaClientError(f"consumer error: {error.str()}")
+        return _to_message(msg)
+
+    def consume(self, max_messages: int, timeout: float = 1.0) -> list[Message]:
+        """Up to ``max_messages`` messages, waiting at most ``timeout`` for the first."""
+        messages = []
+        for msg in self._client().consume(max_messages, timeout):
+            error = msg.error()
+            if error is None:
+                messages.append(_to_message(msg))
+            elif not (error.code() in _TRANSIENT or error.retriable()):
+                raise KafkaClientError(f"consumer error: {error.str()}")
+        return messages
+
+    def mark_processed(self, message: Message) -> None:
+        """Remember that ``message`` is fully processed; :meth:`commit` makes it durable."""
+        if message.offset is None or message.partition is None:
+            raise ValueError("only a received message can be marked processed")
+        self._pending[(message.topic, message.partition)] = message.offset + 1
+
+    def commit(self) -> None:
+        """Commit the offsets of everything marked processed (synchronously)."""
+        if not self._pending or self._consumer is None:
+            return
+        offsets = [confluent_kafka.TopicPartition(t, p, o) for (t, p), o in self._pending.items()]
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+        except confluent_kafka.KafkaException as exc:
+            raise KafkaClientError(f"offset commit failed: {exc}") from exc
+        self._pending.clear()
+
+    def close(self) -> None:
+        """Leave the group and drop the client (uncommitted work is read again next time)."""
+        if self._consumer is not None:
+            try:
+                self._consumer.close()
+            finally:
+                self._consumer = None
+
+    def __enter__(self) -> "Consumer":
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.close()
+
+
+def _to_message(msg: confluent_kafka.Message) -> Message:
+    ts_type, ts = msg.timestamp()
+    key = msg.key()
+    value = msg.value()
+    message = Message(
+        topic=msg.topic(),
+        key=key.decode("utf-8", errors="replace") if key is not None else "",
+        value=value.decode("utf-8", errors="replace") if value is not None else "",
+        headers=tuple(msg.headers() or ()),
+        timestamp_ms=ts if ts_type != confluent_kafka.TIMESTAMP_NOT_AVAILABLE else None,
+        partition=msg.partition(),
+        offset=msg.offset(),
+    )
+    return message

@@ -1,0 +1,382 @@
+"""The message protocol of DESIGN.md, as typed encode/decode pairs.
+
+Nothing else in the project builds or parses a message by hand. Every ``decode`` raises
+:class:`~pipeline.errors.ProtocolError` with the reason when a message does not follow the
+protocol; nothing received is ever evaluated.
+
+| # | who | topic | key | value |
+|---|---|---|---|---|
+| 1 | task, on start | ``task<ID>`` | ``ORDER`` | ``required_tasks:task_name:orderID`` |
+| 2 | task, on end | ``orchestrator`` | ``PROGRESS`` | all outputs so far, ``:``-joined |
+| 3 | task, on end | ``task<ID>`` | ``HALT`` | ``HALT`` |
+| 4 | task, last one, on end | ``task<ID>`` | ``STOP`` | ``STOP`` |
+| 5 | monitor-producer, 1/s | ``resource<ID>`` | ``required_tasks:task_name:orderID:resource`` | usage |
+| 6 | monitor-producer, on STOP | ``resource<ID>`` | ``STOP`` | ``STOP`` |
+| 7 | monitor-consumer, on exit | ``task<ID>`` | ``TERMINATE`` | ``TERMINATE`` |
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from urllib.parse import quote, unquote
+
+from pipeline.errors import ProtocolError
+
+ORCHESTRATOR_TOPIC = "orchestrator"
+TASK_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]*")
+RESOURCE_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
+RESOURCES = ("cpu", "memory", "disk_read", "disk_write")
+"""Resources measured by the monitor-producer, with the units of DESIGN.md:
+cpu = percent of one core, memory = resident MiB, disk_read/disk_write = KiB/s."""
+
+Headers = tuple[tuple[str, bytes], ...]
+
+
+class Key(str, enum.Enum):
+    """The fixed message keys (samples carry a composite key instead)."""
+
+    ORDER = "ORDER"
+    PROGRESS = "PROGRESS"
+    HALT = "HALT"
+    STOP = "STOP"
+    TERMINATE = "TERMINATE"
+
+
+class TaskStatus(str, enum.Enum):
+    """Outcome of one task attempt, carried in PROGRESS's ``status`` header."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message as it travels: what a producer sends and a consumer receives."""
+
+    topic: str
+    key: str
+    value: str
+    headers: Headers = ()
+    timestamp_ms: int | None = None
+    # Where a received message sits in its topic; None for messages not yet sent.
+    partition: int | None = field(default=None, compare=False)
+    offset: int | None = field(default=None, compare=False)
+
+    def header(self, name: str) -> str | None:
+        """The first header called ``name``, decoded as UTF-8, or None."""
+        for header_name, raw in self.headers:
+            if header_name == name:
+                return raw.decode("utf-8", errors="replace") if raw is not None else ""
+        return None
+
+
+def task_topic(order_id: int) -> str:
+    """Topic on which an order's tasks and monitors talk: ``task<ID>``."""
+    return f"task{_check_order_id(order_id)}"
+
+
+def resource_topic(order_id: int) -> str:
+    """Topic carrying an order's resource samples: ``resource<ID>``."""
+    return f"resource{_check_order_id(order_id)}"
+
+
+def order_topics(order_id: int) -> tuple[str, str]:
+    """Both per-order topics, created before anything of the order starts."""
+    return task_topic(order_id), resource_topic(order_id)
+
+
+def encode_required_tasks(names: Sequence[str]) -> str:
+    """Join task names with ``,`` after checking each one."""
+    if not names:
+        raise ProtocolError("required_tasks is empty")
+    return ",".join(check_task_name(n) for n in names)
+
+
+def decode_required_tasks(text: str) -> tuple[str, ...]:
+    """Split a ``,``-joined task list, checking every name."""
+    if not text:
+        raise ProtocolError("required_tasks is empty")
+    return tuple(check_task_name(n) for n in text.split(","))
+
+
+def check_task_name(name: str) -> str:
+    """Return ``name`` if it is a valid task name, else raise ProtocolError."""
+    if not isinstance(name, str) or not TASK_NAME_PATTERN.fullmatch(name):
+        raise ProtocolError(f"bad task name {name!r}: must match [a-z][a-z0-9_-]*")
+    return name
+
+
+def encode_output(output: str) -> str:
+    """Percent-encode an output reference so it never contains ``:``."""
+    return quote(output, safe="/._-~")
+
+
+def decode_output(text: str) -> str:
+    """Undo :func:`encode_output`; a raw ``:`` can never appear here."""
+    if ":" in text:
+        raise ProtocolError(f"output {text!r} contains ':'; outputs must be percent-encoded")
+    return unquote(text)
+
+
+@dataclass(frozen=True)
+class TaskStarted:
+    """Message 1: a task announces itself (key ``ORDER``) with its pid and host."""
+
+    required_tasks: tuple[str, ...]
+    task_name: str
+    order_id: int
+    pid: int
+    host: str
+    index: int = 0
+
+    def encode(self) -> Message:
+        value = ":".join(
+            (encode_required_tasks(self.required_tasks), check_task_name(self.task_name),
+             str(_check_order_id(self.order_id)))
+        )
+        headers = _headers(pid=self.pid, host=self.host, index=self.index)
+        return Message(task_topic(self.order_id), Key.ORDER.value, value, headers)
+
+    @classmethod
+    def decode(cls, message: Message) -> "TaskStarted":
+        _expect_key(message, Key.ORDER)
+        parts = message.value.split(":")
+        if len(parts) != 3:
+            raise ProtocolError(
+                f"ORDER value {message.value!r}: expected required_tasks:task_name:orderID"
+            )
+        required, task_name, order_id = parts
+        pid = _int_header(message, "pid")
+        host = message.header("host")
+        if not host:
+            raise ProtocolError("ORDER message lacks the 'host' header")
+        index = _int_header(message, "index", default=0)
+        started = cls(decode_required_tasks(required), check_task_name(task_name),
+                      _parse_order_id(order_id), pid, host, index)
+        _expect_topic(message, task_topic(started.order_id))
+        return started
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Message 2: a task ended; ``outputs`` are all outputs of the order so far."""
+
+    order_id: int
+    task: str
+    index: int
+    status: TaskStatus
+    outputs: tuple[str, ...] = ()
+    error: str | None = None
+    attempt: int = 1
+
+    def encode(self) -> Message:
+        value = ":".join(encode_output(o) for o in self.outputs)
+        headers = _headers(
+            order_id=_check_order_id(self.order_id), task=check_task_name(self.task),
+            index=self.index, status=self.status.value, attempt=self.attempt,
+            error=self.error,
+        )
+        return Message(ORCHESTRATOR_TOPIC, Key.PROGRESS.value, value, headers)
+
+    @classmethod
+    def decode(cls, message: Message) -> "Progress":
+        _expect_key(message, Key.PROGRESS)
+        _expect_topic(message, ORCHESTRATOR_TOPIC)
+        outputs = tuple(decode_output(p) for p in message.value.split(":")) if message.value else ()
+        status_text = message.header("status")
+        try:
+            status = TaskStatus(status_text)
+        except ValueError:
+            raise ProtocolError(f"PROGRESS status header {status_text!r} is not succeeded/failed") from None
+        task = message.header("task")
+        if task is None:
+            raise ProtocolError("PROGRESS message lacks the 'task' header")
+        return cls(
+            order_id=_parse_order_id(message.header("order_id")),
+            task=check_task_name(task),
+            index=_int_header(message, "index"),
+            status=status,
+            outputs=outputs,
+            error=message.header("error"),
+            attempt=_int_header(message, "attempt", default=1),
+        )
+
+    @property
+    def output(self) -> str | None:
+        """This task's own output (the last one), when it succeeded."""
+        return self.outputs[-1] if self.outputs and self.status is TaskStatus.SUCCEEDED else None
+
+
+@dataclass(frozen=True)
+class _Signal:
+    """A message whose key and value are the same word (HALT, STOP, TERMINATE)."""
+
+    order_id: int
+    KEY = Key.HALT  # overridden by subclasses
+    topic_of = staticmethod(task_topic)
+
+    def encode(self) -> Message:
+        word = self.KEY.value
+        return Message(self.topic_of(self.order_id), word, word)
+
+    @classmethod
+    def decode(cls, message: Message, order_id: int) -> "_Signal":
+        _expect_key(message, cls.KEY)
+        _expect_topic(message, cls.topic_of(order_id))
+        if message.value != cls.KEY.value:
+            raise ProtocolError(f"{cls.KEY.value} message has value {message.value!r}")
+        return cls(order_id)
+
+
+@dataclass(frozen=True)
+class TaskHalted(_Signal):
+    """Message 3: the running task ended; the monitor stops sampling."""
+
+    KEY = Key.HALT
+
+
+@dataclass(frozen=True)
+class OrderStopped(_Signal):
+    """Message 4: the last task ended; the monitor-producer winds down."""
+
+    KEY = Key.STOP
+
+
+@dataclass(frozen=True)
+class MonitorStopped(_Signal):
+    """Message 6: the monitor-producer sent its last sample."""
+
+    KEY = Key.STOP
+    topic_of = staticmethod(resource_topic)
+
+
+@dataclass(frozen=True)
+class MonitorTerminated(_Signal):
+    """Message 7: the monitor-consumer stored everything and exits."""
+
+    KEY = Key.TERMINATE
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Message 5: one resource measurement of the running task at ``timestamp_ms``."""
+
+    required_tasks: tuple[str, ...]
+    task_name: str
+    order_id: int
+    resource: str
+    value: float
+    timestamp_ms: int
+
+    def encode(self) -> Message:
+        if not RESOURCE_NAME_PATTERN.fullmatch(self.resource):
+            raise ProtocolError(f"bad resource name {self.resource!r}")
+        if not math.isfinite(self.value):
+            raise ProtocolError(f"usage {self.value!r} is not a finite number")
+        key = ":".join((encode_required_tasks(self.required_tasks), check_task_name(self.task_name),
+                        str(_check_order_id(self.order_id)), self.resource))
+        return Message(resource_topic(self.order_id), key, _format_usage(self.value),
+                       timestamp_ms=self.timestamp_ms)
+
+    @classmethod
+    def decode(cls, message: Message) -> "Sample":
+        parts = message.key.split(":")
+        if len(parts) != 4:
+            raise ProtocolError(
+                f"sample key {message.key!r}: expected required_tasks:task_name:orderID:resource_name"
+            )
+        required, task_name, order_id, resource = parts
+        if not RESOURCE_NAME_PATTERN.fullmatch(resource):
+            raise ProtocolError(f"sample key {message.key!r}: bad resource name {resource!r}")
+        try:
+            value = float(message.value)
+        except ValueError:
+            raise ProtocolError(f"sample value {message.value!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ProtocolError(f"sample value {message.value!r} is not a finite number")
+        if message.timestamp_ms is None or message.timestamp_ms <= 0:
+            raise ProtocolError(f"sample {message.key!r} has no timestamp")
+        sample = cls(decode_required_tasks(required), check_task_name(task_name),
+                     _parse_order_id(order_id), resource, value, message.timestamp_ms)
+        _expect_topic(message, resource_topic(sample.order_id))
+        return sample
+
+
+TaskTopicMessage = TaskStarted | TaskHalted | OrderStopped | MonitorTerminated
+ResourceTopicMessage = Sample | MonitorStopped
+
+
+def decode_task_topic(message: Message, order_id: int) -> TaskTopicMessage:
+    """Decode anything found on ``task<order_id>``."""
+    decoders = {
+        Key.ORDER.value: TaskStarted.decode,
+        Key.HALT.value: lambda m: TaskHalted.decode(m, order_id),
+        Key.STOP.value: lambda m: OrderStopped.decode(m, order_id),
+        Key.TERMINATE.value: lambda m: MonitorTerminated.decode(m, order_id),
+    }
+    decoder = decoders.get(message.key)
+    if decoder is None:
+        raise ProtocolError(f"unexpected key {message.key!r} on {message.topic}")
+    decoded = decoder(message)
+    if decoded.order_id != order_id:
+        raise ProtocolError(f"message for order {decoded.order_id} on {message.topic}")
+    return decoded
+
+
+def decode_resource_topic(message: Message, order_id: int) -> ResourceTopicMessage:
+    """Decode anything found on ``resource<order_id>``."""
+    if message.key == Key.STOP.value:
+        return MonitorStopped.decode(message, order_id)
+    sample = Sample.decode(message)
+    if sample.order_id != order_id:
+        raise ProtocolError(f"sample for order {sample.order_id} on {message.topic}")
+    return sample
+
+
+def _format_usage(value: float) -> str:
+    text = repr(float(value))
+    # repr gives '1e-05' for tiny values; a plain decimal is what DESIGN.md's consumers expect.
+    return text if "e" not in text else f"{value:.9f}".rstrip("0").rstrip(".")
+
+
+def _headers(**values: object) -> Headers:
+    return tuple((name, str(value).encode("utf-8")) for name, value in values.items() if value is not None)
+
+
+def _int_header(message: Message, name: str, default: int | None = None) -> int:
+    text = message.header(name)
+    if text is None:
+        if default is None:
+            raise ProtocolError(f"{message.key} message lacks the {name!r} header")
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ProtocolError(f"{message.key} header {name}={text!r} is not an integer") from None
+
+
+def _check_order_id(order_id: int) -> int:
+    if isinstance(order_id, bool) or not isinstance(order_id, int) or order_id <= 0:
+        raise ProtocolError(f"orderID {order_id!r} is not a positive integer")
+    return order_id
+
+
+def _parse_order_id(text: str | None) -> int:
+    if text is None or not text.isdigit() or int(text) <= 0:
+        raise ProtocolError(f"orderID {text!r} is not a positive integer")
+    return int(text)
+
+
+def _expect_key(message: Message, key: Key) -> None:
+    if message.key != key.value:
+        raise ProtocolError(f"expected key {key.value}, got {message.key!r}")
+
+
+def _expect_topic(message: Message, topic: str) -> None:
+    if message.topic != topic:
+        raise ProtocolError(f"{message.key} message on topic {message.topic!r}, expected {topic!r}")
+

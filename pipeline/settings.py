@@ -1,0 +1,192 @@
+"""One frozen settings object, built from the environment at each entry point.
+
+Precedence for the connection settings: the process environment, then the file written by
+``python -m pipeline infra up`` (so a developer's local services are found without exports),
+then the embedded defaults (SQLite, a local MLflow store).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from pipeline.errors import SettingsError
+
+# librdkafka properties that may be passed through, written as KAFKA_<PROPERTY> with dots
+# turned into underscores (KAFKA_SASL_PASSWORD -> sasl.password).
+_KAFKA_PASSTHROUGH_PREFIXES = ("SECURITY_", "SASL_", "SSL_", "CLIENT_ID")
+_SECRET_WORDS = ("password", "secret", "key", "token")
+_URL_PASSWORD = re.compile(r"(?P<head>://[^:/@]+:)(?P<password>[^@]+)(?P<tail>@)")
+
+
+class Runtime(str, enum.Enum):
+    """Where tasks and monitors run."""
+
+    LOCAL = "local"
+    KUBERNETES = "kubernetes"
+
+
+def default_state_dir() -> Path:
+    """Where local infrastructure, the embedded database and outputs live by default."""
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "image-pipeline"
+
+
+def default_cache_dir() -> Path:
+    """Where downloads (the Kafka jars) are cached, outside any checkout."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "image-pipeline"
+
+
+def mask_url(url: str) -> str:
+    """Hide the password of a URL such as ``postgresql://user:pw@host/db``."""
+    return _URL_PASSWORD.sub(r"\g<head>***\g<tail>", url)
+
+
+def _is_secret(name: str) -> bool:
+    return any(word in name.lower() for word in _SECRET_WORDS)
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Parse a ``NAME=value`` file (comments and blank lines ignored); missing file: ``{}``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    values = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            name, _, value = line.partition("=")
+            values[name.strip()] = value.strip()
+    return values
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a process needs to know about its surroundings.
+
+    ``kafka_bootstrap_servers`` is ``None`` when nothing is configured: commands that need a
+    broker then start the local one (see :mod:`pipeline.infra`).
+    """
+
+    kafka_bootstrap_servers: str | None
+    database_url: str
+    mlflow_tracking_uri: str
+    runtime: Runtime
+    artifact_dir: Path
+    state_dir: Path
+    cache_dir: Path
+    kafka_options: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Build settings from ``environ`` (default: ``os.environ``).
+
+        Raises :class:`SettingsError` naming the variable when a value is unusable.
+        """
+        env = dict(os.environ if environ is None else environ)
+        state_dir = Path(env.get("PIPELINE_STATE_DIR") or default_state_dir()).expanduser()
+        cache_dir = Path(env.get("PIPELINE_CACHE_DIR") or default_cache_dir()).expanduser()
+        infra = read_env_file(state_dir / "infra.env")
+
+        bootstrap = env.get("KAFKA_BOOTSTRAP_SERVERS") or infra.get("KAFKA_BOOTSTRAP_SERVERS")
+        if bootstrap is not None:
+            _check_bootstrap(bootstrap)
+        database_url = (
+            env.get("DATABASE_URL")
+            or infra.get("DATABASE_URL")
+            or f"sqlite:///{state_dir / 'pipeline.db'}"
+        )
+        _check_database_url(database_url)
+        runtime_name = env.get("RUNTIME", Runtime.LOCAL.value).strip().lower()
+        try:
+            runtime = Runtime(runtime_name)
+        except ValueError:
+            choices = ", ".join(r.value for r in Runtime)
+            raise SettingsError(
+                f"RUNTIME={runtime_name!r} is not one of: {choices}"
+            ) from None
+        return cls(
+            kafka_bootstrap_servers=bootstrap,
+            database_url=database_url,
+            mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{state_dir / 'mlflow.db'}",
+            runtime=runtime,
+            artifact_dir=Path(env.get("ARTIFACT_DIR") or state_dir / "artifacts").expanduser(),
+            state_dir=state_dir,
+            cache_dir=cache_dir,
+            kafka_options=_kafka_options(env),
+        )
+
+    def with_kafka(self, bootstrap_servers: str) -> "Settings":
+        """A copy pointing at ``bootstrap_servers`` (used once a local broker is started)."""
+        return dataclasses.replace(self, kafka_bootstrap_servers=bootstrap_servers)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that reproduces these settings in a child process."""
+        env = {
+            "DATABASE_URL": self.database_url,
+            "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
+            "RUNTIME": self.runtime.value,
+            "ARTIFACT_DIR": str(self.artifact_dir),
+            "PIPELINE_STATE_DIR": str(self.state_dir),
+            "PIPELINE_CACHE_DIR": str(self.cache_dir),
+        }
+        if self.kafka_bootstrap_servers:
+            env["KAFKA_BOOTSTRAP_SERVERS"] = self.kafka_bootstrap_servers
+        for name, value in self.kafka_options.items():
+            env["KAFKA_" + name.upper().replace(".", "_")] = value
+        return env
+
+    def describe(self) -> dict[str, str]:
+        """Printable settings, secrets masked."""
+        shown = {
+            "KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap_servers or "(local broker, started on demand)",
+            "DATABASE_URL": mask_url(self.database_url),
+            "MLFLOW_TRACKING_URI": mask_url(self.mlflow_tracking_uri),
+            "RUNTIME": self.runtime.value,
+            "ARTIFACT_DIR": str(self.artifact_dir),
+            "PIPELINE_STATE_DIR": str(self.state_dir),
+            "PIPELINE_CACHE_DIR": str(self.cache_dir),
+        }
+        for name, value in sorted(self.kafka_options.items()):
+            shown[f"kafka option {name}"] = "***" if _is_secret(name) else value
+        return shown
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.describe().items())
+        return f"Settings({fields})"
+
+    __str__ = __repr__
+
+
+def _kafka_options(env: Mapping[str, str]) -> dict[str, str]:
+    options = {}
+    for name, value in env.items():
+        if name.startswith("KAFKA_") and name != "KAFKA_BOOTSTRAP_SERVERS":
+            rest = name[len("KAFKA_"):]
+            if rest.startswith(_KAFKA_PASSTHROUGH_PREFIXES):
+                options[rest.lower().replace("_", ".")] = value
+    return options
+
+
+def _check_bootstrap(value: str) -> None:
+    for server in value.split(","):
+        host, sep, port = server.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise SettingsError(
+                f"KAFKA_BOOTSTRAP_SERVERS={value!r}: expected host:port[,host:port...]"
+            )
+
+
+def _check_database_url(value: str) -> None:
+    if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", value):
+        raise SettingsError(
+            f"DATABASE_URL={mask_url(value)!r}: expected a SQLAlchemy URL starting with "
+            "sqlite:// or postgresql://"
+        )
