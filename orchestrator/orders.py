@@ -1,0 +1,293 @@
+"""Orders: their typed shape and the loader that checks an order file.
+
+An order file is JSON (format: ``orders/README.md``, schema: ``orders/schema.json``).
+Loading checks everything that can be checked before running anything -- the schema, the
+task names, each task's parameters, fault injection, the image -- so that a bad order fails
+before any topic, process or database row exists. Loading only reads: it creates nothing.
+
+Every problem raises :class:`OrderError` with one line that names the file, e.g.::
+
+    orders/bad.json: task 2 ('blurr'): unknown task; known tasks: blur, edge_detect, ...
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+from PIL import Image
+
+from orchestrator.order_schema import schema_problem
+from pipeline.errors import PipelineError
+from services import catalog
+from services.runtime.spec import TASK_NAME_PATTERN, TaskParameterError
+
+ORDER_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+FAULT_TYPES = ("raise", "stall", "cpu_hog", "memory_leak", "io_storm")
+
+# The original system's field names, accepted in place of the current ones.
+_ORIGINAL_NAMES = {"id": "orderID", "tasks": "required_tasks"}
+PathLike = str | os.PathLike[str]
+
+
+class OrderError(PipelineError):
+    """An order file cannot be used; the message is one line naming the file and the problem."""
+
+    exit_code = 2
+
+
+def _seconds(name: str, value: object, *, allow_zero: bool) -> float:
+    """``value`` as a finite float of seconds, or ValueError naming ``name``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a number of seconds {bound}, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often a failing task runs again, how long to wait first, how long it may run."""
+
+    max_attempts: int = 3
+    backoff_seconds: float = 1.0
+    task_timeout_seconds: float = 300.0
+
+    def __post_init__(self) -> None:
+        attempts = self.max_attempts
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise ValueError(f"max_attempts must be an integer >= 1, got {attempts!r}")
+        backoff = _seconds("backoff_seconds", self.backoff_seconds, allow_zero=True)
+        timeout = _seconds("task_timeout_seconds", self.task_timeout_seconds, allow_zero=False)
+        object.__setattr__(self, "backoff_seconds", backoff)
+        object.__setattr__(self, "task_timeout_seconds", timeout)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One step of an order: a task name, its full (resolved) parameters and an optional fault.
+
+    ``fault`` is one of :data:`FAULT_TYPES`, injected by the task runtime ``fault_at``
+    seconds after the task starts; ``None`` runs the task normally.
+    """
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    fault: str | None = None
+    fault_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not TASK_NAME_PATTERN.fullmatch(self.name):
+            raise ValueError(f"task name must match [a-z][a-z0-9_-]*, got {self.name!r}")
+        if self.fault is not None and self.fault not in FAULT_TYPES:
+            raise ValueError(f"fault must be one of {', '.join(FAULT_TYPES)}, got {self.fault!r}")
+        fault_at = _seconds("fault_at", self.fault_at, allow_zero=True)
+        if self.fault is None and fault_at:
+            raise ValueError("fault_at is given but fault is not")
+        # A plain dict (copied) rather than a read-only proxy: it must pickle and json.dumps.
+        object.__setattr__(self, "params", dict(self.params))
+        object.__setattr__(self, "fault_at", fault_at)
+
+
+@dataclass(frozen=True)
+class Order:
+    """An order: a name, an input image and the tasks to run on it, in order.
+
+    ``image`` is absolute; ``source`` is the order file it was loaded from (None when the
+    order was built in code).
+    """
+
+    name: str
+    image: Path
+    tasks: tuple[TaskSpec, ...]
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    source: Path | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not ORDER_NAME_PATTERN.fullmatch(self.name):
+            raise ValueError(f"order name must match {ORDER_NAME_PATTERN.pattern}, got {self.name!r}")
+        if not Path(self.image).is_absolute():
+            raise ValueError(f"order image must be an absolute path, got {self.image}")
+        object.__setattr__(self, "image", Path(self.image))
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        if not self.tasks:
+            raise ValueError("an order needs at least one task")
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        """The task names in running order; a task may appear more than once."""
+        return tuple(task.name for task in self.tasks)
+
+    @property
+    def required_tasks(self) -> str:
+        """The task names joined by ``,``: the protocol's ``required_tasks`` field."""
+        return ",".join(self.task_names)
+
+
+def load_orders(paths: Iterable[PathLike]) -> list[Order]:
+    """Load several order files; the same file given twice (by any spelling) is an error."""
+    paths = list(paths)
+    seen: dict[Path, PathLike] = {}
+    for path in paths:
+        # resolve() follows symlinks, so "a.json", "./a.json" and a link to it all collide.
+        key = Path(path).resolve()
+        if key in seen:
+            raise OrderError(f"{path}: given twice (the same file as {seen[key]})")
+        seen[key] = path
+    return [load_order(path) for path in paths]
+
+
+def load_order(path: PathLike) -> Order:
+    """Read and check one order file; raise :class:`OrderError` on the first problem."""
+    path = Path(path)
+    document = _read_json(path)
+    for current, original in _ORIGINAL_NAMES.items():
+        if current in document and original in document:
+            _fail(path, f"both {current!r} and {original!r} given; they are two spellings "
+                        f"of one field, keep one")
+        if current not in document and original not in document:
+            _fail(path, f"missing required field {current!r} (or its original spelling {original!r})")
+    problem = schema_problem(document)
+    if problem:
+        _fail(path, problem)
+
+    name = document.get("id", document.get("orderID"))
+    tasks = document.get("tasks", document.get("required_tasks"))
+    if isinstance(tasks, str):
+        tasks = tasks.split(",")
+    source = path.resolve()
+    retry_fields = dict(document.get("retry", {}))
+    if isinstance(retry_fields.get("max_attempts"), float):  # JSON Schema counts 3.0 as an integer
+        retry_fields["max_attempts"] = int(retry_fields["max_attempts"])
+    try:
+        retry = RetryPolicy(**retry_fields)
+    except ValueError as exc:  # unreachable while the schema checks the same bounds
+        _fail(path, f"$.retry: {exc}", exc)
+    return Order(
+        name=str(name),
+        image=_checked_image(path, source.parent, document["image"]),
+        tasks=tuple(_task_spec(path, number, item) for number, item in enumerate(tasks, start=1)),
+        retry=retry,
+        source=source,
+        description=document.get("description", ""),
+    )
+
+
+def _fail(path: Path, problem: str, cause: BaseException | None = None) -> NoReturn:
+    raise OrderError(f"{path}: {problem}") from cause
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json silently keeps the last of two equal keys; in an order that hides a mistake.
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """The file's top-level JSON object."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
+    except FileNotFoundError as exc:
+        _fail(path, "order file not found", exc)
+    except IsADirectoryError as exc:
+        _fail(path, "is a folder, not an order file", exc)
+    except UnicodeDecodeError as exc:
+        _fail(path, f"not UTF-8 text (byte {exc.start})", exc)
+    except OSError as exc:
+        _fail(path, f"cannot read the order file: {exc.strerror or exc}", exc)
+    try:
+        document = json.loads(
+            text, object_pairs_hook=_object_without_duplicates, parse_constant=_reject_constant
+        )
+    except json.JSONDecodeError as exc:
+        _fail(path, f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}", exc)
+    except _DuplicateKey as exc:
+        _fail(path, f"not valid JSON for an order: key {exc.args[0]!r} appears twice in one object", exc)
+    except ValueError as exc:
+        _fail(path, f"not valid JSON: {exc}", exc)
+    if not isinstance(document, dict):
+        kind = "an array" if isinstance(document, list) else type(document).__name__
+        _fail(path, f"must hold a JSON object ({{...}}), found {kind}")
+    return document
+
+
+def _task_spec(path: Path, number: int, item: str | dict[str, Any]) -> TaskSpec:
+    """One schema-valid task entry, checked against the task catalog."""
+    if isinstance(item, str):
+        item = {"name": item}
+    name = item["name"]
+    where = f"task {number} ({name!r})"
+    params = dict(item.get("params", {}))
+    fault_fields = {}
+    # The runtime reserves these names among a task's parameters, so they are accepted
+    # inside "params" too; the documented place is the task object.
+    for key in ("fault", "fault_at"):
+        if key in params and key in item:
+            _fail(path, f"{where}: {key!r} given both in the task and in its params; give it once")
+        if key in params or key in item:
+            fault_fields[key] = params.pop(key) if key in params else item[key]
+    fault = fault_fields.get("fault")
+    if fault is not None and fault not in FAULT_TYPES:
+        _fail(path, f"{where}: unknown fault type {fault!r}; known faults: {', '.join(FAULT_TYPES)}")
+    try:
+        fault_at = _seconds("fault_at", fault_fields.get("fault_at", 0.0), allow_zero=True)
+    except ValueError as exc:
+        _fail(path, f"{where}: {exc}", exc)
+    if "fault_at" in fault_fields and fault is None:
+        _fail(path, f"{where}: 'fault_at' is given without 'fault'")
+
+    try:
+        task = catalog.get_task(name)
+    except catalog.UnknownTaskError as exc:
+        known = ", ".join(sorted(catalog.all_tasks()))
+        _fail(path, f"{where}: unknown task; known tasks: {known}", exc)
+    try:
+        resolved = task.resolve_params(params)
+    except TaskParameterError as exc:
+        # The catalog's message starts with "task 'blur': "; the prefix here says that.
+        message = str(exc).removeprefix(f"task {name!r}: ")
+        _fail(path, f"{where}: {message}", exc)
+    return TaskSpec(name=name, params=resolved, fault=fault, fault_at=fault_at)
+
+
+def _checked_image(path: Path, folder: Path, given: str) -> Path:
+    """The image's absolute path, after checking that Pillow can decode it."""
+    # Relative to the order file's real folder, so a symlinked order means the same thing.
+    image = (folder / given).resolve()
+    if not image.exists():
+        _fail(path, f"image {given!r} not found (looked for {image})")
+    if image.is_dir():
+        _fail(path, f"image {given!r} is a folder, not an image file")
+    try:
+        # verify() checks structure and checksums but not every format's pixel data
+        # (a truncated JPEG passes it), so the image is decoded in full as well.
+        with Image.open(image) as opened:
+            opened.verify()
+        with Image.open(image) as opened:
+            opened.load()
+    except Image.UnidentifiedImageError as exc:
+        _fail(path, f"image {given!r} is not an image file Pillow can read", exc)
+    except PermissionError as exc:
+        _fail(path, f"image {given!r} cannot be read: permission denied", exc)
+    except Exception as exc:  # Pillow raises many types for damaged files
+        _fail(path, f"image {given!r} is damaged or unreadable: {exc}", exc)
+    return image
