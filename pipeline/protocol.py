@@ -22,6 +22,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from urllib.parse import quote, unquote
 
 from pipeline.errors import ProtocolError
@@ -338,9 +339,10 @@ def decode_resource_topic(message: Message, order_id: int) -> ResourceTopicMessa
 
 
 def _format_usage(value: float) -> str:
-    text = repr(float(value))
-    # repr gives '1e-05' for tiny values; a plain decimal is what DESIGN.md's consumers expect.
-    return text if "e" not in text else f"{value:.9f}".rstrip("0").rstrip(".")
+    # repr gives the shortest digits that read back as the same float, but writes tiny and
+    # large values with an exponent ('1e-05'); DESIGN.md's consumers expect a plain decimal,
+    # and Decimal writes the same digits without one, so nothing is rounded away.
+    return format(Decimal(repr(float(value))), "f")
 
 
 def _headers(**values: object) -> Headers:
@@ -366,7 +368,8 @@ def _check_order_id(order_id: int) -> int:
 
 
 def _parse_order_id(text: str | None) -> int:
-    if text is None or not text.isdigit() or int(text) <= 0:
+    # isdigit alone accepts non-ASCII digits ('²' makes int() raise ValueError, not ProtocolError).
+    if text is None or not (text.isascii() and text.isdigit()) or int(text) <= 0:
         raise ProtocolError(f"orderID {text!r} is not a positive integer")
     return int(text)
 
