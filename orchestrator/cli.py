@@ -1,0 +1,102 @@
+"""Command line of ``python -m orchestrator``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from orchestrator.order_run import OrderRun, Services
+from orchestrator.orders import load_orders
+from orchestrator.progress_listener import ProgressListener
+from orchestrator.report import Reporter, format_summary
+from orchestrator.runtime import make_runtime
+from pipeline.db import connect, create_schema
+from pipeline.db.orders import OrderStore
+from pipeline.errors import PipelineError
+from pipeline.infra.manager import ensure_kafka
+from pipeline.kafka import Producer, TopicAdmin
+from pipeline.logs import configure_logging
+from pipeline.protocol import ORCHESTRATOR_TOPIC
+from pipeline.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_CANCELLED = 0, 1, 2, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator", description="Run image-processing orders.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run orders, concurrently, and wait for them")
+    run.add_argument("orders", nargs="+", metavar="ORDER.json")
+    run.add_argument("--repeat", type=int, default=1, metavar="N",
+                     help="run every order N times (builds training history); default 1")
+    run.add_argument("--keep-topics", action="store_true",
+                     help="keep each order's task<ID>/resource<ID> topics after it ends")
+    run.add_argument("--max-concurrent", type=int, default=4, metavar="N",
+                     help="orders running at the same time; default 4")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    try:
+        settings = Settings.from_env()
+        orders = load_orders(args.orders)  # every file checked before anything starts
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.repeat < 1 or args.max_concurrent < 1:
+        print("error: --repeat and --max-concurrent must be at least 1", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        return run_orders(settings, orders * args.repeat, args.keep_topics, args.max_concurrent)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def run_orders(settings: Settings, orders, keep_topics: bool = False, max_concurrent: int = 4) -> int:
+    """Run ``orders`` concurrently; print the summary; the exit status."""
+    settings = ensure_kafka(settings)
+    engine = connect(settings.database_url)
+    create_schema(engine)
+    admin = TopicAdmin(settings)
+    admin.create([ORCHESTRATOR_TOPIC])
+    cancel = threading.Event()
+    reporter = Reporter()
+    _install_cancel(cancel, reporter)
+    listener = ProgressListener(settings)
+    listener.start()
+    with Producer(settings) as producer:
+        services = Services(make_runtime(settings, settings.state_dir / "logs"), OrderStore(engine),
+                            admin, producer, listener, reporter, cancel, keep_topics)
+        try:
+            with ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="order") as pool:
+                results = list(pool.map(lambda order: OrderRun(order, services).run(), orders))
+        finally:
+            listener.close()
+    print(format_summary(results))
+    if cancel.is_set():
+        return EXIT_CANCELLED
+    return EXIT_OK if all(r.status == "SUCCEEDED" for r in results) else EXIT_FAILED
+
+
+def _install_cancel(cancel: threading.Event, reporter: Reporter) -> None:
+    """First Ctrl-C/SIGTERM: stop running tasks, complete the monitors' handshake, mark the
+    orders CANCELLED. Second: leave at once (children are stopped on the way out)."""
+
+    def handle(signum: int, _frame: object) -> None:
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        reporter.line(f"{signal.Signals(signum).name}: cancelling; stopping tasks and monitors "
+                      "(press Ctrl-C again to force)")
+        cancel.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)

@@ -1,0 +1,204 @@
+"""One run of one order: topics, monitors, then the tasks one at a time with retries."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+from orchestrator.orders import Order, TaskSpec
+from orchestrator.progress_listener import ProgressListener
+from orchestrator.report import OrderResult, Reporter, TaskResult
+from orchestrator.runtime import Handle, Runtime, TaskLaunch
+from orchestrator.runtime.base import RuntimeFailure
+from pipeline.db.orders import OrderStatus, OrderStore
+from pipeline.errors import PipelineError
+from pipeline.kafka import Producer, TopicAdmin
+from pipeline.protocol import OrderStopped, Progress, TaskStatus, order_topics
+
+logger = logging.getLogger(__name__)
+
+MONITOR_READY_TIMEOUT = 60.0
+MONITOR_EXIT_TIMEOUT = 60.0
+EXIT_AFTER_PROGRESS_TIMEOUT = 30.0
+LATE_PROGRESS_WAIT = 3.0
+
+
+@dataclass(frozen=True)
+class Services:
+    """What every order of one orchestrator run shares."""
+
+    runtime: Runtime
+    store: OrderStore
+    admin: TopicAdmin
+    producer: Producer
+    listener: ProgressListener
+    reporter: Reporter
+    cancel: threading.Event
+    keep_topics: bool = False
+
+
+class _AttemptFailed(Exception):
+    pass
+
+
+class OrderRun:
+    """Runs one order to SUCCEEDED, FAILED or CANCELLED; never raises for a task's failure."""
+
+    def __init__(self, order: Order, services: Services) -> None:
+        self.order = order
+        self.s = services
+        self.result = OrderResult(order.name, str(order.source or ""),
+                                  tasks=[TaskResult(i, t.name) for i, t in enumerate(order.tasks)])
+        self.order_id: int | None = None
+        self._monitors: list[Handle] = []
+        self._progress: queue.Queue[Progress] | None = None
+
+    def run(self) -> OrderResult:
+        began = time.monotonic()
+        try:
+            self.order_id = self.s.store.create(self.order.name, str(self.order.image), self.order.required_tasks)
+            self.result.order_id = self.order_id
+            status, error = self._run_tasks()
+        except (PipelineError, RuntimeFailure) as exc:
+            logger.exception("order_id=%s failed outside its tasks", self.order_id)
+            status, error = OrderStatus.FAILED, str(exc)
+        finally:
+            self._wind_down()
+        self.result.status, self.result.error = status.value, error
+        self.result.seconds = time.monotonic() - began
+        if self.order_id is not None:
+            self.s.store.set_status(self.order_id, status, error)
+            self.result.rows = self.s.store.count_measurements(self.order_id)
+        self._say(f"{status.value} after {self.result.seconds:.1f}s, {self.result.rows} sample rows stored")
+        return self.result
+
+    def _run_tasks(self) -> tuple[OrderStatus, str | None]:
+        order_id = self.order_id
+        self.s.admin.create(list(order_topics(order_id)))
+        self._progress = self.s.listener.register(order_id)
+        for kind in ("producer", "consumer"):
+            handle = self.s.runtime.start_monitor(kind, order_id)
+            self._monitors.append(handle)
+            handle.wait_ready(MONITOR_READY_TIMEOUT)
+        self.s.store.set_status(order_id, OrderStatus.RUNNING)
+        self._say(f"monitors ready; running {len(self.order.tasks)} task(s) on {self.order.image.name}")
+        progress: tuple[str, ...] = ()
+        for position, spec in enumerate(self.order.tasks):
+            if self.s.cancel.is_set():
+                return OrderStatus.CANCELLED, "cancelled by the user"
+            outputs = self._run_task(position, spec, progress)
+            if outputs is None:
+                if self.s.cancel.is_set():
+                    return OrderStatus.CANCELLED, "cancelled by the user"
+                task = self.result.tasks[position]
+                return OrderStatus.FAILED, f"task {position + 1} ({spec.name}) failed: {task.error}"
+            progress = outputs
+        return OrderStatus.SUCCEEDED, None
+
+    def _run_task(self, position: int, spec: TaskSpec, progress: tuple[str, ...]) -> tuple[str, ...] | None:
+        """All attempts of one task; the outputs so far on success, None on failure."""
+        result = self.result.tasks[position]
+        retry = self.order.retry
+        for attempt in range(1, retry.max_attempts + 1):
+            result.attempts = attempt
+            launch = TaskLaunch(self.order_id, self.order.required_tasks, spec.name, progress,
+                                self.order.image, dict(spec.params), spec.fault, spec.fault_at, attempt)
+            self._say(f"task {position + 1}/{len(self.order.tasks)} {spec.name} started"
+                      + (f" (attempt {attempt}/{retry.max_attempts})" if attempt > 1 else ""))
+            began = time.monotonic()
+            self.s.store.start_task(self.order_id, position, attempt, spec.name)
+            try:
+                outputs = self._attempt(launch)
+            except _AttemptFailed as exc:
+                result.status, result.error = "FAILED", str(exc)
+                result.seconds = time.monotonic() - began
+                self.s.store.finish_task(self.order_id, position, attempt, "FAILED", error=str(exc))
+                self._say(f"task {position + 1}/{len(self.order.tasks)} {spec.name} failed: {exc}")
+                if self.s.cancel.is_set() or attempt == retry.max_attempts:
+                    return None
+                backoff = retry.backoff_seconds * 2 ** (attempt - 1)
+                if self.s.cancel.wait(backoff):
+                    return None
+                continue
+            result.seconds = time.monotonic() - began
+            result.status, result.output, result.error = "SUCCEEDED", outputs[-1], None
+            self.s.store.finish_task(self.order_id, position, attempt, "SUCCEEDED", output=outputs[-1])
+            self._say(f"task {position + 1}/{len(self.order.tasks)} {spec.name} done in {result.seconds:.1f}s")
+            return outputs
+        return None
+
+    def _attempt(self, launch: TaskLaunch) -> tuple[str, ...]:
+        handle = self.s.runtime.start_task(launch)
+        started = time.monotonic()
+        deadline = started + self.order.retry.task_timeout_seconds
+        exited_at: float | None = None
+        next_heartbeat = time.monotonic() + 10.0
+        try:
+            while True:
+                if self.s.cancel.is_set():
+                    raise _AttemptFailed("cancelled")
+                progress = self._next_progress(launch)
+                if progress is not None:
+                    # Wait for the exit too: the task flushes HALT (and STOP) before exiting,
+                    # so the next task's ORDER can never overtake them on task<ID>.
+                    code = handle.wait(EXIT_AFTER_PROGRESS_TIMEOUT)
+                    if progress.status is TaskStatus.FAILED:
+                        raise _AttemptFailed(progress.error or "the task reported failure")
+                    if code not in (0, None):
+                        raise _AttemptFailed(f"reported success but exited with status {code}")
+                    return progress.outputs
+                now = time.monotonic()
+                code = handle.exit_code()
+                if code is not None:
+                    # PROGRESS may still be on its way; give it a moment before calling it lost.
+                    exited_at = exited_at or now
+                    if now - exited_at > LATE_PROGRESS_WAIT:
+                        raise _AttemptFailed(f"exited with status {code} without reporting PROGRESS")
+                elif now > deadline:
+                    raise _AttemptFailed(f"no PROGRESS within {self.order.retry.task_timeout_seconds:g}s; stopped")
+                if now > next_heartbeat:
+                    self._say(f"task {launch.position + 1}/{len(self.order.tasks)} {launch.task_name} "
+                              f"running {now - started:.0f}s")
+                    next_heartbeat = now + 10.0
+        finally:
+            handle.stop(grace=5.0)
+
+    def _next_progress(self, launch: TaskLaunch) -> Progress | None:
+        try:
+            progress = self._progress.get(timeout=0.2)
+        except queue.Empty:
+            return None
+        if progress.index != launch.position or progress.attempt != launch.attempt:
+            logger.info("order_id=%d ignoring stale PROGRESS index=%d attempt=%d", launch.order_id,
+                        progress.index, progress.attempt)
+            return None
+        return progress
+
+    def _wind_down(self) -> None:
+        """Complete the monitors' STOP/TERMINATE handshake, whatever happened; leave nothing running."""
+        if self.order_id is None:
+            return
+        last = self.result.tasks[-1]
+        if self._monitors and last.status != "SUCCEEDED":
+            # The last task never sent STOP: send it for it, so the monitors end cleanly.
+            try:
+                self.s.producer.send_now(OrderStopped(self.order_id).encode())
+            except PipelineError as exc:
+                logger.error("order_id=%d could not send STOP: %s", self.order_id, exc)
+        grace = 10.0 if self.s.cancel.is_set() else MONITOR_EXIT_TIMEOUT
+        for handle in self._monitors:
+            if handle.wait(grace) is None:
+                logger.warning("order_id=%d %s still running after %gs; stopping it", self.order_id, handle.name, grace)
+            handle.stop(grace=5.0)
+        self.s.listener.unregister(self.order_id)
+        if not self.s.keep_topics:
+            try:
+                self.s.admin.delete(list(order_topics(self.order_id)))
+            except PipelineError as exc:
+                logger.warning("order_id=%d topics not deleted: %s", self.order_id, exc)
+
+    def _say(self, text: str) -> None:
+        self.s.reporter.line(f"order {self.order_id} {self.order.name}: {text}")

@@ -1,0 +1,82 @@
+"""The small interface the orchestrator needs from a runtime."""
+
+from __future__ import annotations
+
+import abc
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.protocol import encode_output
+
+
+@dataclass(frozen=True)
+class TaskLaunch:
+    """Everything one task attempt is started with."""
+
+    order_id: int
+    required_tasks: str
+    task_name: str
+    progress: tuple[str, ...]
+    image: Path
+    params: dict
+    fault: str | None
+    fault_at: float
+    attempt: int
+
+    @property
+    def position(self) -> int:
+        return len(self.progress)
+
+    def args(self) -> list[str]:
+        """The task's command-line arguments (see services/runtime/runner.py)."""
+        args = [
+            "--order-id", str(self.order_id),
+            "--required-tasks", self.required_tasks,
+            "--task-name", self.task_name,
+            "--progress", ":".join(encode_output(p) for p in self.progress),
+            "--image", str(self.image),
+            "--params", json.dumps(self.params, sort_keys=True),
+            "--attempt", str(self.attempt),
+        ]
+        if self.fault:
+            args += ["--fault", self.fault, "--fault-at", str(self.fault_at)]
+        return args
+
+
+class Handle(abc.ABC):
+    """A started task or monitor."""
+
+    name: str
+
+    @abc.abstractmethod
+    def exit_code(self) -> int | None:
+        """The exit status once it ended, else None. Never blocks."""
+
+    @abc.abstractmethod
+    def wait(self, timeout: float) -> int | None:
+        """Wait up to ``timeout`` seconds for the end; the exit status or None."""
+
+    @abc.abstractmethod
+    def wait_ready(self, timeout: float) -> None:
+        """Return once the service listens; raise RuntimeFailure if it died or timed out."""
+
+    @abc.abstractmethod
+    def stop(self, grace: float = 10.0) -> int | None:
+        """Ask it to stop (SIGTERM), force it after ``grace`` seconds; the exit status."""
+
+
+class RuntimeFailure(Exception):
+    """A task or monitor could not be started or ended badly."""
+
+
+class Runtime(abc.ABC):
+    """Starts tasks and monitors."""
+
+    @abc.abstractmethod
+    def start_task(self, launch: TaskLaunch) -> Handle:
+        """Start one attempt of a task."""
+
+    @abc.abstractmethod
+    def start_monitor(self, kind: str, order_id: int) -> Handle:
+        """Start the monitor-``kind`` (``producer`` or ``consumer``) of an order."""

@@ -1,0 +1,112 @@
+"""The local runtime: tasks and monitors as child processes of the orchestrator."""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from orchestrator.runtime.base import Handle, Runtime, RuntimeFailure, TaskLaunch
+from pipeline.settings import Settings
+from services.catalog import task_module
+
+logger = logging.getLogger(__name__)
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ProcessHandle(Handle):
+    """A child process in its own process group (Ctrl-C reaches only the orchestrator, which
+    then stops the children itself), with its output in a log file."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], log_path: Path,
+                 ready_pipe: bool) -> None:
+        self.name = name
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_path, "ab")
+        self.process = subprocess.Popen(
+            command, env=env, cwd=_REPO_ROOT, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if ready_pipe else self._log, stderr=self._log,
+            start_new_session=True,
+        )
+        self.pid = self.process.pid
+
+    def exit_code(self) -> int | None:
+        return self.process.poll()
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def wait_ready(self, timeout: float) -> None:
+        stdout = self.process.stdout
+        assert stdout is not None, "started without a ready pipe"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([stdout], [], [], 0.2)
+            if readable:
+                line = stdout.readline()
+                if line.strip() == b"READY":
+                    return
+                if not line:  # end of file: the process is gone
+                    break
+        code = self.wait(1.0)
+        raise RuntimeFailure(
+            f"{self.name} did not become ready within {timeout:g}s"
+            + (f" (exit status {code})" if code is not None else "")
+            + f"; see {self.log_path}"
+        )
+
+    def stop(self, grace: float = 10.0) -> int | None:
+        if self.process.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            if self.wait(grace) is None:
+                logger.warning("%s ignored SIGTERM for %gs; killing it", self.name, grace)
+                self._signal_group(signal.SIGKILL)
+                self.wait(5.0)
+        self.close()
+        return self.process.poll()
+
+    def close(self) -> None:
+        """Release the pipe and log file once the process has ended."""
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self._log.close()
+
+    def _signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.process.pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+class LocalRuntime(Runtime):
+    """Runs everything with this machine's Python, from the repository root."""
+
+    def __init__(self, settings: Settings, log_dir: Path) -> None:
+        self.settings = settings
+        self.log_dir = log_dir
+        env = dict(os.environ)
+        env.update(settings.to_env())
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT), env.get("PYTHONPATH")]))
+        env["PYTHONUNBUFFERED"] = "1"
+        self.env = env
+
+    def start_task(self, launch: TaskLaunch) -> Handle:
+        name = f"task {launch.task_name} (order {launch.order_id}, position {launch.position}, attempt {launch.attempt})"
+        log = self.log_dir / f"order-{launch.order_id}" / f"{launch.position:02d}-{launch.task_name}-{launch.attempt}.log"
+        command = [sys.executable, "-m", task_module(launch.task_name), *launch.args()]
+        return ProcessHandle(name, command, self.env, log, ready_pipe=False)
+
+    def start_monitor(self, kind: str, order_id: int) -> Handle:
+        log = self.log_dir / f"order-{order_id}" / f"monitor-{kind}.log"
+        command = [sys.executable, "-m", "monitor", kind, str(order_id)]
+        return ProcessHandle(f"monitor-{kind} (order {order_id})", command, self.env, log, ready_pipe=True)

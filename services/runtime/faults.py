@@ -1,0 +1,83 @@
+"""Injected faults: a task misbehaves on purpose so that failure handling and the deviation
+detector can be tested on known anomalies.
+
+``raise`` and ``stall`` break the task itself; ``cpu_hog``, ``memory_leak`` and ``io_storm``
+let it succeed while it uses what it should not, for ``FAULT_SECONDS`` from ``fault_at``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+
+logger = logging.getLogger(__name__)
+
+FAULT_SECONDS = 12.0
+_MIB = 1024 * 1024
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the ``raise`` fault."""
+
+
+class Fault:
+    """Runs one injected fault beside the task's own work."""
+
+    def __init__(self, kind: str | None, at: float, stop: threading.Event) -> None:
+        self.kind = kind
+        self.at = at
+        self.stop = stop
+        self._thread: threading.Thread | None = None
+
+    def before_work(self) -> None:
+        """Start the fault: synchronous ones act now, the others in a background thread."""
+        if self.kind is None:
+            return
+        logger.warning("injected fault %s starts %.1fs after task start", self.kind, self.at)
+        if self.kind in ("raise", "stall"):
+            self.stop.wait(self.at)
+            if self.kind == "raise":
+                raise InjectedFault("injected fault: raise")
+            self.stop.wait()  # stall: hang until killed, as a wedged task would
+            return
+        body = {"cpu_hog": _cpu_hog, "memory_leak": _memory_leak, "io_storm": _io_storm}[self.kind]
+        self._thread = threading.Thread(target=self._delayed, args=(body,), daemon=True,
+                                        name=f"fault-{self.kind}")
+        self._thread.start()
+
+    def after_work(self) -> None:
+        """Let a background fault run its full length, so it shows in the measurements."""
+        if self._thread is not None:
+            self._thread.join()
+
+    def _delayed(self, body) -> None:
+        if not self.stop.wait(self.at):
+            body(self.stop, time.monotonic() + FAULT_SECONDS)
+
+
+def _cpu_hog(stop: threading.Event, until: float) -> None:
+    # Pure-Python spinning holds the GIL; the task's numpy work releases it, so both progress.
+    while time.monotonic() < until and not stop.is_set():
+        sum(i * i for i in range(20_000))
+
+
+def _memory_leak(stop: threading.Event, until: float) -> None:
+    leaked = []
+    while time.monotonic() < until and not stop.is_set():
+        leaked.append(bytearray(os.urandom(1) * (40 * _MIB)))  # touched pages, so resident
+        stop.wait(0.5)
+
+
+def _io_storm(stop: threading.Event, until: float) -> None:
+    block = os.urandom(4 * _MIB)
+    with tempfile.TemporaryFile() as handle:
+        while time.monotonic() < until and not stop.is_set():
+            handle.seek(0)
+            for _ in range(8):
+                handle.write(block)
+            handle.flush()
+            os.fsync(handle.fileno())
+            stop.wait(0.2)
