@@ -20,6 +20,7 @@ from pipeline.protocol import OrderStopped, Progress, TaskStatus, order_topics
 
 logger = logging.getLogger(__name__)
 
+MONITOR_KINDS = ("producer", "consumer")
 MONITOR_READY_TIMEOUT = 60.0
 MONITOR_EXIT_TIMEOUT = 60.0
 EXIT_AFTER_PROGRESS_TIMEOUT = 30.0
@@ -53,7 +54,7 @@ class OrderRun:
         self.result = OrderResult(order.name, str(order.source or ""),
                                   tasks=[TaskResult(i, t.name) for i, t in enumerate(order.tasks)])
         self.order_id: int | None = None
-        self._monitors: list[Handle] = []
+        self._monitors: dict[str, Handle] = {}
         self._progress: queue.Queue[Progress] | None = None
 
     def run(self) -> OrderResult:
@@ -79,10 +80,8 @@ class OrderRun:
         order_id = self.order_id
         self.s.admin.create(list(order_topics(order_id)))
         self._progress = self.s.listener.register(order_id)
-        for kind in ("producer", "consumer"):
-            handle = self.s.runtime.start_monitor(kind, order_id)
-            self._monitors.append(handle)
-            handle.wait_ready(MONITOR_READY_TIMEOUT)
+        for kind in MONITOR_KINDS:
+            self._start_monitor(kind)
         self.s.store.set_status(order_id, OrderStatus.RUNNING)
         self._say(f"monitors ready; running {len(self.order.tasks)} task(s) on {self.order.image.name}")
         progress: tuple[str, ...] = ()
@@ -159,12 +158,28 @@ class OrderRun:
                         raise _AttemptFailed(f"exited with status {code} without reporting PROGRESS")
                 elif now > deadline:
                     raise _AttemptFailed(f"no PROGRESS within {self.order.retry.task_timeout_seconds:g}s; stopped")
+                self._supervise_monitors()
                 if now > next_heartbeat:
                     self._say(f"task {launch.position + 1}/{len(self.order.tasks)} {launch.task_name} "
                               f"running {now - started:.0f}s")
                     next_heartbeat = now + 10.0
         finally:
             handle.stop(grace=5.0)
+
+    def _start_monitor(self, kind: str) -> None:
+        handle = self.s.runtime.start_monitor(kind, self.order_id)
+        self._monitors[kind] = handle
+        handle.wait_ready(MONITOR_READY_TIMEOUT)
+
+    def _supervise_monitors(self) -> None:
+        """Restart a monitor that died mid-order. Nothing is lost: the consumer resumes from its
+        last committed offset and the producer replays the task topic to regain its state."""
+        for kind, handle in list(self._monitors.items()):
+            code = handle.exit_code()
+            if code is not None:
+                self._say(f"monitor-{kind} exited with status {code} mid-order; restarting it")
+                handle.stop()
+                self._start_monitor(kind)
 
     def _next_progress(self, launch: TaskLaunch) -> Progress | None:
         try:
@@ -189,7 +204,7 @@ class OrderRun:
             except PipelineError as exc:
                 logger.error("order_id=%d could not send STOP: %s", self.order_id, exc)
         grace = 10.0 if self.s.cancel.is_set() else MONITOR_EXIT_TIMEOUT
-        for handle in self._monitors:
+        for handle in self._monitors.values():
             if handle.wait(grace) is None:
                 logger.warning("order_id=%d %s still running after %gs; stopping it", self.order_id, handle.name, grace)
             handle.stop(grace=5.0)

@@ -1,0 +1,163 @@
+"""Orders end to end through the real broker and database: tasks, monitors, storage, failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import psutil
+import pytest
+from PIL import Image
+
+from pipeline.protocol import RESOURCES
+from tests.integration.orderkit import (
+    REPO, child_env, pipeline_processes, run_orchestrator, start_orchestrator, stored_orders,
+    write_order,
+)
+
+
+def _runtime_seconds(run: dict) -> float:
+    return (run["finished_at"] - run["started_at"]).total_seconds()
+
+
+def test_three_concurrent_orders_run_their_tasks_and_store_every_resource(settings, tmp_path):
+    files = [
+        write_order(tmp_path, "edges", [{"name": "resize", "params": {"width": 320, "height": 240}},
+                                        "grayscale", "edge_detect"]),
+        write_order(tmp_path, "blur-twice", ["blur", "blur", "sharpen"], image="china.jpg"),
+        write_order(tmp_path, "heavy", [{"name": "median", "params": {"size": 5, "passes": 3}}, "rotate"],
+                    image="scene-1024x768.jpg"),
+    ]
+    result = run_orchestrator(settings, *map(str, files))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    stored = stored_orders(settings)
+    assert {o.status for o in stored.values()} == {"SUCCEEDED"}
+    assert len({o.id for o in stored.values()}) == 3
+    for order in stored.values():
+        successful = [r for r in order.runs if r["status"] == "SUCCEEDED"]
+        assert [r["position"] for r in successful] == list(range(len(successful)))
+        own_tasks = {r["task"] for r in order.runs}
+        # No cross-talk: every stored sample names one of this order's tasks.
+        assert {s["task"] for s in order.samples} <= own_tasks
+        for run in successful:
+            in_run = [s for s in order.samples if s["task"] == run["task"]
+                      and run["started_at"] <= s["ts"] <= run["finished_at"]]
+            per_resource = Counter(s["resource"] for s in in_run)
+            assert set(per_resource) == set(RESOURCES), (order.name, run["task"], per_resource)
+            expected = _runtime_seconds(run)
+            for resource, count in per_resource.items():
+                # About one sample per second of runtime, and at least one for short tasks.
+                assert 1 <= count <= expected + 2, (order.name, run["task"], resource, count, expected)
+                assert count >= int(expected) - 2, (order.name, run["task"], resource, count, expected)
+
+    outputs = {o.name: [r["output"] for r in o.runs if r["status"] == "SUCCEEDED"] for o in stored.values()}
+    with Image.open(outputs["edges"][0]) as img:
+        assert img.size == (320, 240) and img.mode == "RGB"
+    with Image.open(outputs["edges"][2]) as img:
+        assert img.size == (320, 240) and img.mode == "L"
+    with Image.open(outputs["blur-twice"][1]) as img, Image.open(REPO / "orders/images/china.jpg") as src:
+        assert img.size == src.size
+    with Image.open(outputs["heavy"][1]) as img:
+        assert img.size == (768, 1024)  # rotated by 90 degrees with expand
+    for paths in outputs.values():
+        assert len(set(paths)) == len(paths)  # one file per task, the repeated blur too
+        for path in paths:
+            with Image.open(path) as img:
+                img.verify()
+    for order in stored.values():
+        assert pipeline_processes(order.id) == []
+    assert "SUCCEEDED" in result.stdout and "sample rows stored" in result.stdout
+
+
+@pytest.mark.parametrize("fault, retry, reason", [
+    ("raise", {"max_attempts": 2, "backoff_seconds": 0.2}, "InjectedFault"),
+    ("stall", {"max_attempts": 2, "backoff_seconds": 0.2, "task_timeout_seconds": 4}, "no PROGRESS within"),
+])
+def test_a_failing_task_is_retried_then_the_order_fails_cleanly(settings, tmp_path, fault, retry, reason):
+    path = write_order(tmp_path, f"fails-{fault}", ["grayscale", {"name": "blur", "fault": fault}, "sharpen"],
+                       retry=retry)
+    result = run_orchestrator(settings, str(path))
+    assert result.returncode == 1, result.stderr[-3000:]
+    order = stored_orders(settings)[f"fails-{fault}"]
+    assert order.status == "FAILED"
+    blur_runs = [r for r in order.runs if r["position"] == 1]
+    assert [(r["attempt"], r["status"]) for r in blur_runs] == [(1, "FAILED"), (2, "FAILED")]
+    assert all(reason in r["error"] for r in blur_runs)
+    assert not [r for r in order.runs if r["position"] == 2]  # sharpen never started
+    assert "FAILED" in result.stdout and reason in result.stdout
+    assert pipeline_processes(order.id) == []
+
+
+def test_a_killed_monitor_consumer_is_restarted_and_loses_or_duplicates_nothing(settings, tmp_path):
+    path = write_order(tmp_path, "long", [{"name": "blur", "fault": "cpu_hog"}, "grayscale"])
+    orchestrator = start_orchestrator(settings, str(path), "--keep-topics")
+    try:
+        consumer = _wait_for_monitor("consumer", timeout=60)
+        time.sleep(5)  # several batches stored and committed
+        consumer.send_signal(signal.SIGKILL)
+        out, err = orchestrator.communicate(timeout=180)
+    finally:
+        if orchestrator.poll() is None:
+            orchestrator.kill()
+    assert orchestrator.returncode == 0, err[-3000:]
+    assert "restarting it" in err
+    order = stored_orders(settings)["long"]
+    produced = _samples_on_topic(settings, order.id)
+    stored = Counter((s["task"], s["resource"], s["ts"]) for s in order.samples)
+    assert len(order.samples) == len(produced) > 40
+    assert max(stored.values()) == 1
+    assert pipeline_processes(order.id) == []
+
+
+def test_ctrl_c_cancels_and_leaves_nothing_running(settings, tmp_path):
+    path = write_order(tmp_path, "cancelled", [{"name": "blur", "fault": "stall"}, "grayscale"])
+    orchestrator = start_orchestrator(settings, str(path))
+    try:
+        _wait_for_process(lambda cmd: cmd[2:3] == ["services.blur.main"], timeout=60)
+        orchestrator.send_signal(signal.SIGINT)
+        out, err = orchestrator.communicate(timeout=90)
+    finally:
+        if orchestrator.poll() is None:
+            orchestrator.kill()
+    assert orchestrator.returncode == 130, err[-3000:]
+    order = stored_orders(settings)["cancelled"]
+    assert order.status == "CANCELLED"
+    assert pipeline_processes(order.id) == []
+
+
+def _wait_for_process(match, timeout: float) -> psutil.Process:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for process in psutil.process_iter(["cmdline"]):
+            cmdline = process.info["cmdline"] or []
+            if len(cmdline) > 2 and match(cmdline):
+                return process
+        time.sleep(0.2)
+    raise AssertionError("process did not appear")
+
+
+def _wait_for_monitor(kind: str, timeout: float) -> psutil.Process:
+    return _wait_for_process(lambda cmd: cmd[1:4] == ["-m", "monitor", kind], timeout)
+
+
+def _samples_on_topic(settings, order_id: int) -> set[tuple[str, int]]:
+    """Distinct (key, timestamp) samples the producer put on resource<ID>."""
+    from pipeline.kafka import Consumer
+    from pipeline.protocol import resource_topic
+
+    seen = set()
+    with Consumer(settings) as consumer:
+        consumer.assign([resource_topic(order_id)])
+        idle_since = time.monotonic()
+        while time.monotonic() - idle_since < 3:
+            message = consumer.poll(0.5)
+            if message is not None:
+                idle_since = time.monotonic()
+                if message.key != "STOP":
+                    seen.add((message.key, message.timestamp_ms))
+    return seen
