@@ -60,7 +60,8 @@ class OrderRun:
     def run(self) -> OrderResult:
         began = time.monotonic()
         try:
-            self.order_id = self.s.store.create(self.order.name, str(self.order.image), self.order.required_tasks)
+            self.order_id = self.s.store.create(self.order.name, str(self.order.image),
+                                              self.order.required_tasks, self.order.image_size)
             self.result.order_id = self.order_id
             status, error = self._run_tasks()
         except (PipelineError, RuntimeFailure) as exc:

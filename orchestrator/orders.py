@@ -109,6 +109,7 @@ class Order:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     source: Path | None = None
     description: str = ""
+    image_size: tuple[int, int] | None = None  # (width, height), read when loaded from a file
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not ORDER_NAME_PATTERN.fullmatch(self.name):
@@ -170,9 +171,11 @@ def load_order(path: PathLike) -> Order:
         retry = RetryPolicy(**retry_fields)
     except ValueError as exc:  # unreachable while the schema checks the same bounds
         _fail(path, f"$.retry: {exc}", exc)
+    image, image_size = _checked_image(path, source.parent, document["image"])
     return Order(
         name=str(name),
-        image=_checked_image(path, source.parent, document["image"]),
+        image=image,
+        image_size=image_size,
         tasks=tuple(_task_spec(path, number, item) for number, item in enumerate(tasks, start=1)),
         retry=retry,
         source=source,
@@ -269,8 +272,8 @@ def _task_spec(path: Path, number: int, item: str | dict[str, Any]) -> TaskSpec:
     return TaskSpec(name=name, params=resolved, fault=fault, fault_at=fault_at)
 
 
-def _checked_image(path: Path, folder: Path, given: str) -> Path:
-    """The image's absolute path, after checking that Pillow can decode it."""
+def _checked_image(path: Path, folder: Path, given: str) -> tuple[Path, tuple[int, int]]:
+    """The image's absolute path and size, after checking that Pillow can decode it."""
     # Relative to the order file's real folder, so a symlinked order means the same thing.
     image = (folder / given).resolve()
     if not image.exists():
@@ -284,10 +287,11 @@ def _checked_image(path: Path, folder: Path, given: str) -> Path:
             opened.verify()
         with Image.open(image) as opened:
             opened.load()
+            size = opened.size
     except Image.UnidentifiedImageError as exc:
         _fail(path, f"image {given!r} is not an image file Pillow can read", exc)
     except PermissionError as exc:
         _fail(path, f"image {given!r} cannot be read: permission denied", exc)
     except Exception as exc:  # Pillow raises many types for damaged files
         _fail(path, f"image {given!r} is damaged or unreadable: {exc}", exc)
-    return image
+    return image, size

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -47,6 +47,7 @@ def create_schema(engine: Engine) -> None:
             if engine.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _SCHEMA_LOCK_ID})
             metadata.create_all(conn)
+            _add_missing_columns(conn)
             if engine.dialect.name == "postgresql" and _timescaledb_available(conn):
                 conn.execute(text("CREATE EXTENSION IF NOT EXISTS timescaledb"))
                 conn.execute(text(
@@ -59,6 +60,18 @@ def create_schema(engine: Engine) -> None:
             f"cannot create the schema in {mask_url(str(engine.url))}: {exc.__class__.__name__}: "
             f"{str(exc).splitlines()[0]}"
         ) from exc
+
+
+def _add_missing_columns(conn) -> None:
+    """Columns added to a table after it first existed (create_all only adds whole tables)."""
+    existing_tables = inspect(conn)
+    for table in metadata.sorted_tables:
+        have = {c["name"] for c in existing_tables.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in have and column.nullable:
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+                logger.info("added column %s.%s", table.name, column.name)
 
 
 def uses_timescaledb(engine: Engine) -> bool:

@@ -29,6 +29,8 @@ class OrderRecord:
     id: int
     name: str
     image: str
+    image_width: int | None
+    image_height: int | None
     task_list: str
     status: OrderStatus
     created_at: datetime
@@ -49,12 +51,15 @@ class OrderStore:
         self.engine = engine
         self._tasks = NameLookup(tasks)
 
-    def create(self, name: str, image: str, task_list: str) -> int:
+    def create(self, name: str, image: str, task_list: str,
+               image_size: tuple[int, int] | None = None) -> int:
         """Insert a PENDING order and return its fresh numeric orderID."""
+        width, height = image_size or (None, None)
         with self.engine.begin() as conn:
             result = conn.execute(
                 insert(orders)
                 .values(name=name, image=image, task_list=task_list,
+                        image_width=width, image_height=height,
                         status=OrderStatus.PENDING.value, created_at=utcnow())
                 .returning(orders.c.id)
             )

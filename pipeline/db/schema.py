@@ -7,7 +7,7 @@ access is a handful of rows.
 from __future__ import annotations
 
 from sqlalchemy import (
-    BigInteger, Column, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Table,
+    BigInteger, Boolean, Column, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Table,
     Text, UniqueConstraint,
 )
 
@@ -33,6 +33,8 @@ orders = Table(
     Column("id", _BigId, primary_key=True, autoincrement=True),
     Column("name", String(128), nullable=False),
     Column("image", Text, nullable=False),
+    Column("image_width", Integer),
+    Column("image_height", Integer),
     Column("task_list", Text, nullable=False),  # the required tasks, ','-joined as on the wire
     Column("status", String(16), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
@@ -69,3 +71,24 @@ measurements = Table(
     UniqueConstraint("order_id", "task_id", "resource_id", "ts", name="uq_measurements_sample"),
 )
 Index("ix_measurements_ts", measurements.c.ts)
+
+# Written by live scoring and by `python -m monitor rescore`: one row per sample and model
+# version, so several versions can be judged on the same orders side by side.
+deviations = Table(
+    "deviations", metadata,
+    Column("order_id", _BigId, nullable=False),
+    Column("task_id", Integer, ForeignKey("tasks.id"), nullable=False),
+    Column("resource_id", Integer, ForeignKey("resources.id"), nullable=False),
+    Column("ts", DateTime(timezone=True), nullable=False),
+    Column("model_version", String(32), nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("value", Float, nullable=False),
+    Column("expected", Float, nullable=False),
+    Column("lower", Float, nullable=False),
+    Column("upper", Float, nullable=False),
+    Column("score", Float, nullable=False),
+    Column("anomaly", Boolean, nullable=False),
+    UniqueConstraint("order_id", "task_id", "resource_id", "ts", "model_version",
+                     name="uq_deviations_sample_version"),
+)
+Index("ix_deviations_order", deviations.c.order_id, deviations.c.model_version)

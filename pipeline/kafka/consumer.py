@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -59,11 +60,13 @@ class Consumer:
             self._consumer = confluent_kafka.Consumer(self._config)
         return self._consumer
 
-    def assign(self, topics: Sequence[str], from_end: bool = False, timeout: float = 10.0) -> None:
+    def assign(self, topics: Sequence[str], from_end: bool = False, timeout: float = 30.0) -> None:
         """Read every partition of ``topics``.
 
-        From the committed offset (or the beginning) by default; with ``from_end``, from each
-        partition's current end, resolved now so that nothing produced after this call is missed.
+        From the group's committed offset (or the beginning) by default; with ``from_end``,
+        from each partition's current end. Either way the start offsets are resolved here,
+        before this returns, so nothing produced after the call can be missed, and a broker
+        whose group coordinator is still loading is waited for rather than skipped.
         """
         client = self._client()
         partitions = []
@@ -75,16 +78,29 @@ class Consumer:
             topic_meta = metadata.topics.get(topic)
             if topic_meta is None or topic_meta.error is not None or not topic_meta.partitions:
                 raise KafkaClientError(f"topic {topic} does not exist")
-            for partition in sorted(topic_meta.partitions):
-                if from_end:
-                    _, high = client.get_watermark_offsets(
-                        confluent_kafka.TopicPartition(topic, partition), timeout=timeout
-                    )
-                    offset = high
-                else:
-                    offset = confluent_kafka.OFFSET_STORED
-                partitions.append(confluent_kafka.TopicPartition(topic, partition, offset))
+            partitions += [confluent_kafka.TopicPartition(topic, p) for p in sorted(topic_meta.partitions)]
+        if from_end:
+            for partition in partitions:
+                _, partition.offset = client.get_watermark_offsets(partition, timeout=timeout)
+        else:
+            partitions = self._committed(client, partitions, timeout)
         client.assign(partitions)
+
+    def _committed(self, client, partitions, timeout: float):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                found = client.committed(partitions, timeout=min(5.0, timeout))
+                break
+            except confluent_kafka.KafkaException as exc:
+                if time.monotonic() > deadline:
+                    raise KafkaClientError(f"cannot read committed offsets of {self.group_id}: {exc}") from exc
+                logger.debug("group coordinator not ready (%s); retrying", exc)
+                time.sleep(0.2)
+        for partition in found:
+            if partition.offset < 0:
+                partition.offset = confluent_kafka.OFFSET_BEGINNING
+        return found
 
     def poll(self, timeout: float = 1.0) -> Message | None:
         """The next message, or None when nothing arrived within ``timeout`` seconds."""

@@ -19,7 +19,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote
 
 from PIL import Image
 
@@ -94,7 +93,7 @@ def parse_invocation(argv: list[str] | None = None) -> TaskInvocation:
         required_tasks=decode_required_tasks(args.required_tasks),
         task_name=args.task_name,
         progress=progress,
-        image=Path(unquote(args.image)),
+        image=Path(args.image),
         params=json.loads(args.params),
         fault=args.fault,
         fault_at=args.fault_at,

@@ -80,8 +80,12 @@ def stored_orders(settings: Settings) -> dict[str, StoredOrder]:
     }
 
 
-def pipeline_processes(order_id: int | None = None) -> list[psutil.Process]:
-    """Live task and monitor processes (of one order, when given)."""
+def pipeline_processes(settings: Settings, order_id: int | None = None) -> list[psutil.Process]:
+    """Live task and monitor processes working for ``settings``' database (and one order).
+
+    Processes are matched by their DATABASE_URL, so runs of other tests or developers on the
+    same machine, which have their own databases and may reuse order ids, never count.
+    """
     found = []
     for process in psutil.process_iter(["cmdline", "status"]):
         cmdline = process.info["cmdline"] or []
@@ -90,6 +94,11 @@ def pipeline_processes(order_id: int | None = None) -> list[psutil.Process]:
         is_monitor = cmdline[1:3] == ["-m", "monitor"]
         is_task = cmdline[1] == "-m" and cmdline[2].startswith("services.")
         if not (is_monitor or is_task):
+            continue
+        try:
+            if process.environ().get("DATABASE_URL") != settings.database_url:
+                continue
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         if order_id is None or str(order_id) in cmdline[3:]:
             found.append(process)

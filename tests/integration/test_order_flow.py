@@ -70,7 +70,7 @@ def test_three_concurrent_orders_run_their_tasks_and_store_every_resource(settin
             with Image.open(path) as img:
                 img.verify()
     for order in stored.values():
-        assert pipeline_processes(order.id) == []
+        assert pipeline_processes(settings, order.id) == []
     assert "SUCCEEDED" in result.stdout and "sample rows stored" in result.stdout
 
 
@@ -90,7 +90,7 @@ def test_a_failing_task_is_retried_then_the_order_fails_cleanly(settings, tmp_pa
     assert all(reason in r["error"] for r in blur_runs)
     assert not [r for r in order.runs if r["position"] == 2]  # sharpen never started
     assert "FAILED" in result.stdout and reason in result.stdout
-    assert pipeline_processes(order.id) == []
+    assert pipeline_processes(settings, order.id) == []
 
 
 def test_a_killed_monitor_consumer_is_restarted_and_loses_or_duplicates_nothing(settings, tmp_path):
@@ -111,7 +111,7 @@ def test_a_killed_monitor_consumer_is_restarted_and_loses_or_duplicates_nothing(
     stored = Counter((s["task"], s["resource"], s["ts"]) for s in order.samples)
     assert len(order.samples) == len(produced) > 40
     assert max(stored.values()) == 1
-    assert pipeline_processes(order.id) == []
+    assert pipeline_processes(settings, order.id) == []
 
 
 def test_ctrl_c_cancels_and_leaves_nothing_running(settings, tmp_path):
@@ -127,7 +127,7 @@ def test_ctrl_c_cancels_and_leaves_nothing_running(settings, tmp_path):
     assert orchestrator.returncode == 130, err[-3000:]
     order = stored_orders(settings)["cancelled"]
     assert order.status == "CANCELLED"
-    assert pipeline_processes(order.id) == []
+    assert pipeline_processes(settings, order.id) == []
 
 
 def _wait_for_process(match, timeout: float) -> psutil.Process:

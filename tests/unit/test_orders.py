@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +35,36 @@ def folder(tmp_path: Path) -> Path:
     (tmp_path / "images").mkdir()
     Image.new("RGB", (16, 12), (200, 30, 30)).save(tmp_path / "images" / "small.png")
     return tmp_path
+
+
+@contextlib.contextmanager
+def unprivileged() -> Iterator[None]:
+    """Run the block as user 'nobody' when the tests run as root (as in CI), so that file
+    permissions apply; a no-op for any other user."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+@pytest.fixture
+def open_folder() -> Iterator[Path]:
+    """Like ``folder``, but reachable by 'nobody' (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="orders-perm-"))
+    try:
+        path.chmod(0o755)
+        (path / "images").mkdir(mode=0o755)
+        Image.new("RGB", (16, 12), (200, 30, 30)).save(path / "images" / "small.png")
+        (path / "images" / "small.png").chmod(0o644)
+        yield path
+    finally:
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def write_order(folder: Path, document: object, name: str = "order.json") -> Path:
@@ -176,11 +209,11 @@ def test_folder_instead_of_file(folder: Path) -> None:
     assert_order_error(folder / "images", "is a folder")
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads any file")
-def test_unreadable_file(folder: Path) -> None:
-    path = write_order(folder, minimal())
+def test_unreadable_file(open_folder: Path) -> None:
+    path = write_order(open_folder, minimal())
     path.chmod(0)
-    assert_order_error(path, "cannot read the order file", "ermission denied")
+    with unprivileged():
+        assert_order_error(path, "cannot read the order file", "ermission denied")
 
 
 @pytest.mark.parametrize(
@@ -309,10 +342,12 @@ def test_truncated_image(folder: Path, fmt: str) -> None:
     assert_order_error(path, "image 'images/cut.img' is damaged or unreadable")
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads any file")
-def test_unreadable_image(folder: Path) -> None:
-    (folder / "images" / "small.png").chmod(0)
-    assert_order_error(write_order(folder, minimal()), "cannot be read: permission denied")
+def test_unreadable_image(open_folder: Path) -> None:
+    path = write_order(open_folder, minimal())
+    path.chmod(0o644)
+    (open_folder / "images" / "small.png").chmod(0)
+    with unprivileged():
+        assert_order_error(path, "cannot be read: permission denied")
 
 
 # --- several files ------------------------------------------------------------------------
