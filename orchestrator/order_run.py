@@ -79,7 +79,7 @@ class OrderRun:
 
     def _run_tasks(self) -> tuple[OrderStatus, str | None]:
         order_id = self.order_id
-        self.s.admin.create(list(order_topics(order_id)))
+        self._fresh_topics()
         self._progress = self.s.listener.register(order_id)
         for kind in MONITOR_KINDS:
             self._start_monitor(kind)
@@ -104,7 +104,7 @@ class OrderRun:
         retry = self.order.retry
         for attempt in range(1, retry.max_attempts + 1):
             result.attempts = attempt
-            launch = TaskLaunch(self.order_id, self.order.required_tasks, spec.name, progress,
+            launch = TaskLaunch(self.order_id, self.order.task_names, spec.name, progress,
                                 self.order.image, dict(spec.params), spec.fault, spec.fault_at, attempt)
             self._say(f"task {position + 1}/{len(self.order.tasks)} {spec.name} started"
                       + (f" (attempt {attempt}/{retry.max_attempts})" if attempt > 1 else ""))
@@ -166,6 +166,17 @@ class OrderRun:
                     next_heartbeat = now + 10.0
         finally:
             handle.stop(grace=5.0)
+
+    def _fresh_topics(self) -> None:
+        """Create the order's topics, empty. A topic of that name can only be left over from an
+        earlier database that handed out the same id (a reset SQLite file, say); its old
+        messages would confuse the monitors, so it goes first."""
+        topics = list(order_topics(self.order_id))
+        stale = set(topics) & self.s.admin.existing()
+        if stale:
+            logger.warning("order_id=%d deleting stale topics %s", self.order_id, ", ".join(sorted(stale)))
+            self.s.admin.delete(sorted(stale))
+        self.s.admin.create(topics)
 
     def _start_monitor(self, kind: str) -> None:
         handle = self.s.runtime.start_monitor(kind, self.order_id)

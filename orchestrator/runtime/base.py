@@ -3,45 +3,11 @@
 from __future__ import annotations
 
 import abc
-import json
-from dataclasses import dataclass
-from pathlib import Path
 
-from pipeline.protocol import encode_output
+from pipeline.invocation import TaskInvocation
 
-
-@dataclass(frozen=True)
-class TaskLaunch:
-    """Everything one task attempt is started with."""
-
-    order_id: int
-    required_tasks: str
-    task_name: str
-    progress: tuple[str, ...]
-    image: Path
-    params: dict
-    fault: str | None
-    fault_at: float
-    attempt: int
-
-    @property
-    def position(self) -> int:
-        return len(self.progress)
-
-    def args(self) -> list[str]:
-        """The task's command-line arguments (see services/runtime/runner.py)."""
-        args = [
-            "--order-id", str(self.order_id),
-            "--required-tasks", self.required_tasks,
-            "--task-name", self.task_name,
-            "--progress", ":".join(encode_output(p) for p in self.progress),
-            "--image", str(self.image),
-            "--params", json.dumps(self.params, sort_keys=True),
-            "--attempt", str(self.attempt),
-        ]
-        if self.fault:
-            args += ["--fault", self.fault, "--fault-at", str(self.fault_at)]
-        return args
+# The runtimes' name for what a task attempt is started with.
+TaskLaunch = TaskInvocation
 
 
 class Handle(abc.ABC):

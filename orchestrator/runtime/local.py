@@ -103,7 +103,7 @@ class LocalRuntime(Runtime):
     def start_task(self, launch: TaskLaunch) -> Handle:
         name = f"task {launch.task_name} (order {launch.order_id}, position {launch.position}, attempt {launch.attempt})"
         log = self.log_dir / f"order-{launch.order_id}" / f"{launch.position:02d}-{launch.task_name}-{launch.attempt}.log"
-        command = [sys.executable, "-m", task_module(launch.task_name), *launch.args()]
+        command = [sys.executable, "-m", task_module(launch.task_name), *launch.to_args()]
         return ProcessHandle(name, command, self.env, log, ready_pipe=False)
 
     def start_monitor(self, kind: str, order_id: int) -> Handle:

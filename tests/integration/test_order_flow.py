@@ -97,7 +97,7 @@ def test_a_killed_monitor_consumer_is_restarted_and_loses_or_duplicates_nothing(
     path = write_order(tmp_path, "long", [{"name": "blur", "fault": "cpu_hog"}, "grayscale"])
     orchestrator = start_orchestrator(settings, str(path), "--keep-topics")
     try:
-        consumer = _wait_for_monitor("consumer", timeout=60)
+        consumer = _wait_for_monitor(settings, "consumer", timeout=60)
         time.sleep(5)  # several batches stored and committed
         consumer.send_signal(signal.SIGKILL)
         out, err = orchestrator.communicate(timeout=180)
@@ -118,7 +118,7 @@ def test_ctrl_c_cancels_and_leaves_nothing_running(settings, tmp_path):
     path = write_order(tmp_path, "cancelled", [{"name": "blur", "fault": "stall"}, "grayscale"])
     orchestrator = start_orchestrator(settings, str(path))
     try:
-        _wait_for_process(lambda cmd: cmd[2:3] == ["services.blur.main"], timeout=60)
+        _wait_for_process(settings, lambda cmd: cmd[2:3] == ["services.blur.main"], timeout=60)
         orchestrator.send_signal(signal.SIGINT)
         out, err = orchestrator.communicate(timeout=90)
     finally:
@@ -130,19 +130,24 @@ def test_ctrl_c_cancels_and_leaves_nothing_running(settings, tmp_path):
     assert pipeline_processes(settings, order.id) == []
 
 
-def _wait_for_process(match, timeout: float) -> psutil.Process:
+def _wait_for_process(settings, match, timeout: float) -> psutil.Process:
+    """A process of this test's run (matched by its DATABASE_URL) whose command line matches."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for process in psutil.process_iter(["cmdline"]):
             cmdline = process.info["cmdline"] or []
-            if len(cmdline) > 2 and match(cmdline):
-                return process
+            try:
+                if (len(cmdline) > 2 and match(cmdline)
+                        and process.environ().get("DATABASE_URL") == settings.database_url):
+                    return process
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
         time.sleep(0.2)
     raise AssertionError("process did not appear")
 
 
-def _wait_for_monitor(kind: str, timeout: float) -> psutil.Process:
-    return _wait_for_process(lambda cmd: cmd[1:4] == ["-m", "monitor", kind], timeout)
+def _wait_for_monitor(settings, kind: str, timeout: float) -> psutil.Process:
+    return _wait_for_process(settings, lambda cmd: cmd[1:4] == ["-m", "monitor", kind], timeout)
 
 
 def _samples_on_topic(settings, order_id: int) -> set[tuple[str, int]]:
@@ -161,3 +166,20 @@ def _samples_on_topic(settings, order_id: int) -> set[tuple[str, int]]:
                 if message.key != "STOP":
                     seen.add((message.key, message.timestamp_ms))
     return seen
+
+
+def test_topics_left_by_an_earlier_database_with_the_same_ids_do_not_confuse_a_new_order(settings, tmp_path):
+    from pipeline.kafka import Producer, TopicAdmin
+    from pipeline.protocol import MonitorTerminated, OrderStopped, order_topics
+
+    # A fresh database hands out order id 1 again; leave behind what an old order 1 said.
+    TopicAdmin(settings).create(list(order_topics(1)))
+    with Producer(settings) as producer:
+        producer.send(OrderStopped(1).encode())
+        producer.send(MonitorTerminated(1).encode())
+    path = write_order(tmp_path, "after-reset", [{"name": "median", "params": {"passes": 2}}])
+    result = run_orchestrator(settings, str(path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    order = stored_orders(settings)["after-reset"]
+    assert order.id == 1
+    assert {s["resource"] for s in order.samples} == set(RESOURCES)

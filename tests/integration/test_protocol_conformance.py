@@ -173,7 +173,10 @@ def run(infra_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> 
         with engine.connect() as conn:
             ids = dict(conn.execute(select(orders.c.name, orders.c.id)).all())
         engine.dispose()
-        progress = _read_topic(settings, ORCHESTRATOR_TOPIC)
+        # The shared topic also holds earlier tests' PROGRESS, whose fresh databases reuse
+        # the same order ids: only this run's window counts.
+        progress = [m for m in _read_topic(settings, ORCHESTRATOR_TOPIC)
+                    if began_ms <= m.timestamp_ms <= ended_ms]
         for order in under_test.values():
             order.id = ids[order.name]
             task_topic, resource_topic = order_topics(order.id)
@@ -343,7 +346,8 @@ def test_concurrent_orders_never_see_each_others_messages(run: Run):
         folders = {Path(unquote(part)).parent.name for m in order.progress for part in m.value.split(":")}
         assert folders == {f"order-{order.id}"}, f"{order.name}'s PROGRESS lists outputs of {folders}"
     all_progress = [m for m in _read_topic(run.settings, ORCHESTRATOR_TOPIC)
-                    if m.header("order_id") in {str(o.id) for o in run.orders.values()}]
+                    if m.header("order_id") in {str(o.id) for o in run.orders.values()}
+                    and run.began_ms <= m.timestamp_ms <= run.ended_ms]
     assert len(all_progress) == sum(len(o.tasks) for o in run.orders.values())
 
 
