@@ -50,7 +50,9 @@ class LocalPostgres:
         self.home = Path(os.environ.get("PIPELINE_PG_DIR") or default_home)
         self.data_dir = self.home / "data"
         self.log_file = self.home / "server.log"
-        self.password_file = settings.state_dir / "postgres.password"
+        # Kept with the cluster, not the state folder: the cluster outlives any one state
+        # folder (CI makes a new one per run), and its password must stay with it.
+        self.password_file = self.home / "client.password"
 
     @property
     def url(self) -> str:
@@ -100,11 +102,10 @@ class LocalPostgres:
 
     def _initdb(self) -> None:
         password = secrets.token_urlsafe(18)
-        self.password_file.parent.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(password)
-        self.home.mkdir(parents=True, exist_ok=True)
         pwfile = self.home / ".initdb-password"
         pwfile.write_text(password)
         if self.as_root:
@@ -149,8 +150,8 @@ class LocalPostgres:
             return self.password_file.read_text().strip()
         except FileNotFoundError:
             raise InfraError(
-                f"{self.password_file} is missing: the cluster in {self.data_dir} was not made by "
-                "this state directory; remove that folder or set PIPELINE_PG_DIR"
+                f"{self.password_file} is missing, so the cluster in {self.data_dir} cannot be "
+                f"used; remove {self.home} to start afresh, or set PIPELINE_PG_DIR"
             ) from None
 
     def _run_tool(self, tool: str, *args: str, check: bool) -> subprocess.CompletedProcess:

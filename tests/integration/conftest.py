@@ -9,6 +9,7 @@ Every test gets fresh topics and consumer groups; database tests get a fresh dat
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import uuid
 from collections.abc import Iterator
@@ -62,6 +63,8 @@ def infra_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
         }
     finally:
         infra.down()
+        # A cluster on a random port is of no use to any later session.
+        shutil.rmtree(infra.postgres.home, ignore_errors=True)
 
 
 @pytest.fixture
