@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -58,10 +60,20 @@ class Fault:
             body(self.stop, time.monotonic() + FAULT_SECONDS)
 
 
+_SPIN = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
+
+
 def _cpu_hog(stop: threading.Event, until: float) -> None:
-    # Pure-Python spinning holds the GIL; the task's numpy work releases it, so both progress.
-    while time.monotonic() < until and not stop.is_set():
-        sum(i * i for i in range(20_000))
+    # A spinning child process, not a thread: it takes a whole core whatever the GIL does, and
+    # it belongs to the task's process tree, which is what the monitor measures.
+    spinner = subprocess.Popen([sys.executable, "-c", _SPIN.format(seconds=until - time.monotonic())])
+    try:
+        while spinner.poll() is None and not stop.wait(0.2):
+            pass
+    finally:
+        if spinner.poll() is None:
+            spinner.kill()
+            spinner.wait()
 
 
 def _memory_leak(stop: threading.Event, until: float) -> None:
