@@ -7,7 +7,7 @@ import logging
 import sys
 
 from pipeline.errors import PipelineError
-from pipeline.infra.manager import DEFAULT_KAFKA_PORT, DEFAULT_POSTGRES_PORT, Infra, Ports
+from pipeline.infra.manager import Infra, Ports
 from pipeline.logs import configure_logging
 from pipeline.settings import Settings
 
@@ -19,8 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     actions = infra.add_subparsers(dest="action", required=True)
     up = actions.add_parser("up", help="start the local broker (and PostgreSQL); idempotent")
     up.add_argument("--postgres", action="store_true", help="also start a PostgreSQL cluster")
-    up.add_argument("--kafka-port", type=int, default=DEFAULT_KAFKA_PORT)
-    up.add_argument("--postgres-port", type=int, default=DEFAULT_POSTGRES_PORT)
+    up.add_argument("--kafka-port", type=int, help="default: $PIPELINE_KAFKA_PORT or 9092")
+    up.add_argument("--postgres-port", type=int, help="default: $PIPELINE_POSTGRES_PORT or 5433")
     actions.add_parser("status", help="what runs where")
     actions.add_parser("down", help="stop what `up` started")
     commands.add_parser("settings", help="print the effective settings (secrets masked)")
@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}={value}")
             return 0
         if args.action == "up":
-            infra = Infra(settings, Ports(kafka=args.kafka_port, postgres=args.postgres_port))
+            infra = Infra(settings, Ports(kafka=args.kafka_port or settings.local_kafka_port,
+                                          postgres=args.postgres_port or settings.local_postgres_port))
             lines = infra.up(with_postgres=args.postgres)
             lines.append(f"settings written to {settings.state_dir / 'infra.env'}")
         elif args.action == "status":

@@ -82,6 +82,9 @@ class Settings:
     state_dir: Path
     cache_dir: Path
     kafka_options: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # Ports of the local services `python -m pipeline infra up` starts (when none is configured).
+    local_kafka_port: int = 9092
+    local_postgres_port: int = 5433
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -121,6 +124,8 @@ class Settings:
             state_dir=state_dir,
             cache_dir=cache_dir,
             kafka_options=_kafka_options(env),
+            local_kafka_port=_port(env, "PIPELINE_KAFKA_PORT", 9092),
+            local_postgres_port=_port(env, "PIPELINE_POSTGRES_PORT", 5433),
         )
 
     def with_kafka(self, bootstrap_servers: str) -> "Settings":
@@ -136,6 +141,8 @@ class Settings:
             "ARTIFACT_DIR": str(self.artifact_dir),
             "PIPELINE_STATE_DIR": str(self.state_dir),
             "PIPELINE_CACHE_DIR": str(self.cache_dir),
+            "PIPELINE_KAFKA_PORT": str(self.local_kafka_port),
+            "PIPELINE_POSTGRES_PORT": str(self.local_postgres_port),
         }
         if self.kafka_bootstrap_servers:
             env["KAFKA_BOOTSTRAP_SERVERS"] = self.kafka_bootstrap_servers
@@ -173,6 +180,15 @@ def _kafka_options(env: Mapping[str, str]) -> dict[str, str]:
             if rest.startswith(_KAFKA_PASSTHROUGH_PREFIXES):
                 options[rest.lower().replace("_", ".")] = value
     return options
+
+
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    text = env.get(name)
+    if not text:
+        return default
+    if not text.isdigit() or not 0 < int(text) < 65535:
+        raise SettingsError(f"{name}={text!r}: expected a port number between 1 and 65534")
+    return int(text)
 
 
 def _check_bootstrap(value: str) -> None:

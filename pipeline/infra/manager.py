@@ -14,16 +14,12 @@ from pipeline.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_KAFKA_PORT = 9092
-DEFAULT_POSTGRES_PORT = 5433
-
-
 @dataclass(frozen=True)
 class Ports:
     """The ports ``up`` used, remembered so that ``status`` and ``down`` need no flags."""
 
-    kafka: int = DEFAULT_KAFKA_PORT
-    postgres: int = DEFAULT_POSTGRES_PORT
+    kafka: int
+    postgres: int
 
 
 class Infra:
@@ -87,7 +83,7 @@ class Infra:
         try:
             return Ports(**json.loads(self._ports_file.read_text()))
         except (FileNotFoundError, ValueError, TypeError):
-            return Ports()
+            return Ports(self.settings.local_kafka_port, self.settings.local_postgres_port)
 
 
 def ensure_kafka(settings: Settings) -> Settings:
