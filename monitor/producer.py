@@ -61,8 +61,8 @@ class MonitorProducer:
     def run(self) -> None:
         # The task topic is replayed from its start, so a restarted producer ends up in the
         # state the messages so far imply; it commits nothing.
-        with Consumer(self.settings, group_id=f"monitor-producer-{self.order_id}",
-                      **{"fetch.wait.max.ms": 10}) as consumer, Producer(self.settings) as producer:
+        with Consumer(self.settings, group_id=f"monitor-producer-{self.order_id}") as consumer, \
+                Producer(self.settings) as producer:
             consumer.assign([task_topic(self.order_id)])
             announce_ready()
             logger.info("order_id=%d monitor-producer ready", self.order_id)

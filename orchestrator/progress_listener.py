@@ -23,7 +23,7 @@ class ProgressListener:
     """A background reader; :meth:`register` before starting an order's first task."""
 
     def __init__(self, settings: Settings) -> None:
-        self._consumer = Consumer(settings, **{"fetch.wait.max.ms": 10})
+        self._consumer = Consumer(settings)
         self._queues: dict[int, queue.Queue[Progress]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()

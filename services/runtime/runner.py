@@ -44,7 +44,10 @@ def output_path(settings: Settings, inv: TaskInvocation, task: ImageTask) -> Pat
 
 def run_task(task: ImageTask, inv: TaskInvocation, settings: Settings, stop: threading.Event) -> int:
     """Announce, work, report; returns the exit status."""
-    with Producer(settings, **{"linger.ms": 0}) as producer:
+    # Not idempotent: an idempotent producer's first message waits ~500 ms for its producer id
+    # (measured, bench/order_flow.py), a delay every task would pay before the monitor hears
+    # of it; a duplicated ORDER or PROGRESS is harmless to their readers.
+    with Producer(settings, **{"linger.ms": 0, "enable.idempotence": False}) as producer:
         started = time.monotonic()
         producer.send_now(TaskStarted(inv.required_tasks, inv.task_name, inv.order_id,
                                       os.getpid(), socket.gethostname(), inv.position).encode())
