@@ -109,7 +109,7 @@ class OrderRun:
             self._say(f"task {position + 1}/{len(self.order.tasks)} {spec.name} started"
                       + (f" (attempt {attempt}/{retry.max_attempts})" if attempt > 1 else ""))
             began = time.monotonic()
-            self.s.store.start_task(self.order_id, position, attempt, spec.name)
+            self.s.store.start_task(self.order_id, position, attempt, spec.name, spec.fault)
             try:
                 outputs = self._attempt(launch)
             except _AttemptFailed as exc:

@@ -84,13 +84,14 @@ class OrderStore:
             return None
         return OrderRecord(**{**row, "status": OrderStatus(row["status"])})
 
-    def start_task(self, order_id: int, position: int, attempt: int, task: str) -> datetime:
+    def start_task(self, order_id: int, position: int, attempt: int, task: str,
+                   fault: str | None = None) -> datetime:
         """Record that attempt ``attempt`` of the task at ``position`` started now."""
         started = utcnow()
         with self.engine.begin() as conn:
             conn.execute(insert(task_runs).values(
                 order_id=order_id, position=position, attempt=attempt,
-                task_id=self._tasks.id_of(conn, task), status="RUNNING", started_at=started,
+                task_id=self._tasks.id_of(conn, task), status="RUNNING", started_at=started, fault=fault,
             ))
         return started
 

@@ -56,6 +56,9 @@ task_runs = Table(
     Column("finished_at", DateTime(timezone=True)),
     Column("output", Text),
     Column("error", Text),
+    # An injected fault (services/runtime/faults.py): such runs are not normal usage, and
+    # training leaves them out.
+    Column("fault", String(16)),
     UniqueConstraint("order_id", "position", "attempt", name="uq_task_runs_attempt"),
 )
 

@@ -1,0 +1,147 @@
+"""The expected-usage network: for a sample of a running task, the P10, P50 and P90 of usage.
+
+Categories go through learned embeddings (never their ids as magnitudes), are joined with the
+standardised numbers and pass an MLP whose head gives the median and two positive offsets, so
+the three quantiles never cross. :class:`ExpectedUsageModel` bundles the network with its
+:class:`~models.features.Preprocessor`; it predicts in original units from a pandas frame.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from models.features import FEATURE_COLUMNS, EncodedBatch, Preprocessor
+
+logger = logging.getLogger(__name__)
+
+QUANTILES = (0.1, 0.5, 0.9)
+PREDICTION_COLUMNS = ["p10", "p50", "p90"]
+_PREPROCESSING_FILE = "preprocessing.json"
+_CONFIG_FILE = "config.json"
+_WEIGHTS_FILE = "weights.pt"
+_PREDICT_CHUNK = 65_536
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Sizes of the network; saved with it so a load rebuilds the same shape."""
+
+    n_tasks: int
+    n_resources: int
+    n_prev_tasks: int
+    n_numeric: int = 3
+    task_dim: int = 8
+    resource_dim: int = 4
+    prev_task_dim: int = 4
+    hidden: int = 64
+    layers: int = 2
+    dropout: float = 0.0
+
+
+class QuantileNet(nn.Module):
+    """Embeddings + MLP -> (rows, 3) standardised quantiles, non-crossing by construction."""
+
+    def __init__(self, config: NetConfig) -> None:
+        super().__init__()
+        self.task = nn.Embedding(config.n_tasks, config.task_dim)
+        self.resource = nn.Embedding(config.n_resources, config.resource_dim)
+        self.prev_task = nn.Embedding(config.n_prev_tasks, config.prev_task_dim)
+        width = config.task_dim + config.resource_dim + config.prev_task_dim + config.n_numeric
+        blocks: list[nn.Module] = []
+        for _ in range(config.layers):
+            blocks += [nn.Linear(width, config.hidden), nn.SiLU()]
+            if config.dropout:
+                blocks.append(nn.Dropout(config.dropout))
+            width = config.hidden
+        self.body = nn.Sequential(*blocks)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, batch: EncodedBatch) -> torch.Tensor:
+        x = torch.cat([self.task(batch.task), self.resource(batch.resource),
+                       self.prev_task(batch.prev_task), batch.numeric], dim=1)
+        median, low, high = self.head(self.body(x)).unbind(dim=1)
+        return torch.stack([median - F.softplus(low), median, median + F.softplus(high)], dim=1)
+
+
+def pinball_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean pinball (quantile) loss over rows and :data:`QUANTILES`; predicted is (rows, 3)."""
+    taus = torch.tensor(QUANTILES, dtype=predicted.dtype, device=predicted.device)
+    error = target.unsqueeze(1) - predicted
+    return torch.maximum(taus * error, (taus - 1) * error).mean()
+
+
+class ExpectedUsageModel:
+    """Preprocessing and network together: ``predict(frame)`` gives p10/p50/p90 in units."""
+
+    def __init__(self, preprocessor: Preprocessor, net: QuantileNet, config: NetConfig,
+                 device: torch.device | str = "cpu") -> None:
+        self.preprocessor = preprocessor
+        self.config = config
+        self.device = torch.device(device)
+        self.net = net.to(self.device).eval()
+
+    @classmethod
+    def create(cls, preprocessor: Preprocessor, device: torch.device | str = "cpu",
+               **sizes) -> "ExpectedUsageModel":
+        """A fresh, untrained model for ``preprocessor``'s vocabularies (seed torch first)."""
+        config = NetConfig(len(preprocessor.tasks), len(preprocessor.resources),
+                           len(preprocessor.prev_tasks), **sizes)
+        return cls(preprocessor, QuantileNet(config), config, device)
+
+    @torch.inference_mode()
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Expected usage for every row of ``frame`` (FEATURE_COLUMNS), in original units.
+
+        Columns ``p10``, ``p50``, ``p90``; the index is ``frame``'s.
+        """
+        missing = [c for c in FEATURE_COLUMNS if c not in frame.columns]
+        if missing:
+            raise ValueError(f"missing feature columns: {', '.join(missing)}")
+        self.net.eval()
+        encoded = self.preprocessor.encode(frame)
+        parts = []
+        for start in range(0, len(encoded), _PREDICT_CHUNK):
+            chunk = encoded.take(slice(start, start + _PREDICT_CHUNK)).to(self.device)
+            parts.append(self.preprocessor.decode_target(self.net(chunk), chunk.resource).cpu())
+        values = torch.cat(parts).numpy() if parts else np.empty((0, 3), dtype=np.float32)
+        return pd.DataFrame(values.astype(np.float64), columns=PREDICTION_COLUMNS, index=frame.index)
+
+    def to(self, device: torch.device | str) -> "ExpectedUsageModel":
+        self.device = torch.device(device)
+        self.net.to(self.device)
+        return self
+
+    def save(self, directory: str | Path) -> Path:
+        """Write preprocessing, sizes and weights to ``directory`` (created); returns it."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / _PREPROCESSING_FILE).write_text(json.dumps(self.preprocessor.to_dict(), indent=1))
+        (directory / _CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=1))
+        state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+        torch.save(state, directory / _WEIGHTS_FILE)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, device: torch.device | str = "cpu") -> "ExpectedUsageModel":
+        """The model :meth:`save` wrote to ``directory``."""
+        directory = Path(directory)
+        preprocessor = Preprocessor.from_dict(json.loads((directory / _PREPROCESSING_FILE).read_text()))
+        config = NetConfig(**json.loads((directory / _CONFIG_FILE).read_text()))
+        net = QuantileNet(config)
+        net.load_state_dict(torch.load(directory / _WEIGHTS_FILE, map_location="cpu", weights_only=True))
+        return cls(preprocessor, net, config, device)
+
+    @staticmethod
+    def is_saved_in(directory: str | Path) -> bool:
+        """Whether ``directory`` holds a model written by :meth:`save`."""
+        return all((Path(directory) / name).is_file()
+                   for name in (_PREPROCESSING_FILE, _CONFIG_FILE, _WEIGHTS_FILE))

@@ -1,0 +1,155 @@
+"""Features of the expected-usage model, built from a pandas frame (no database here).
+
+A row is one sample of one resource of one running task. Only what is known while the task
+runs is used: the task, the resource, seconds since the task started, the task's position in
+its order, the task before it and the input image's size. Categories become indices into
+learned embeddings (index 0 is ``<unk>``, so a task the model never saw still scores); numbers
+are log-scaled where they span orders of magnitude and standardised with training statistics.
+
+The target is ``log1p(value)``, standardised per resource: usage spans orders of magnitude
+(a few KiB/s to hundreds of MiB) and quantiles survive a monotone transform, so predicted
+quantiles map back to original units with ``expm1`` (clipped at 0).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+FEATURE_COLUMNS = ["task", "resource", "seconds", "position", "prev_task", "image_pixels"]
+CATEGORICAL = ("task", "resource", "prev_task")
+NUMERIC = ("log_seconds", "position", "log_pixels")
+UNKNOWN = "<unk>"
+NO_PREVIOUS = "<none>"
+_MIN_STD = 1e-6
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """Model inputs as tensors: three index columns and the standardised numbers."""
+
+    task: torch.Tensor
+    resource: torch.Tensor
+    prev_task: torch.Tensor
+    numeric: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "EncodedBatch":
+        return EncodedBatch(self.task.to(device), self.resource.to(device),
+                            self.prev_task.to(device), self.numeric.to(device))
+
+    def __len__(self) -> int:
+        return int(self.task.shape[0])
+
+    def take(self, index: torch.Tensor | slice) -> "EncodedBatch":
+        """The rows at ``index`` (a slice or an index tensor)."""
+        return EncodedBatch(self.task[index], self.resource[index], self.prev_task[index],
+                            self.numeric[index])
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """Vocabularies and scaling learnt from the training split; saved with the model."""
+
+    tasks: tuple[str, ...]
+    resources: tuple[str, ...]
+    prev_tasks: tuple[str, ...]
+    numeric_mean: tuple[float, ...]
+    numeric_std: tuple[float, ...]
+    log_pixels_fill: float
+    target_mean: tuple[float, ...]  # per resource index, log1p scale
+    target_std: tuple[float, ...]
+
+    @classmethod
+    def fit(cls, frame: pd.DataFrame) -> "Preprocessor":
+        """Learn vocabularies and statistics from ``frame`` (FEATURE_COLUMNS and ``value``)."""
+        resources = (UNKNOWN, *sorted(frame["resource"].astype(str).unique()))
+        pixels = _log_pixels(frame["image_pixels"])
+        fill = float(np.nanmedian(pixels)) if np.isfinite(pixels).any() else 0.0
+        numeric = _numeric(frame, fill)
+        target = np.log1p(frame["value"].to_numpy(dtype=np.float64).clip(min=0))
+        by_resource = pd.Series(target).groupby(frame["resource"].astype(str).to_numpy())
+        overall = (float(target.mean()), _std(target))
+        means = [overall[0]] + [float(by_resource.get_group(r).mean()) for r in resources[1:]]
+        stds = [overall[1]] + [_std(by_resource.get_group(r).to_numpy()) for r in resources[1:]]
+        return cls(
+            tasks=(UNKNOWN, *sorted(frame["task"].astype(str).unique())),
+            resources=resources,
+            prev_tasks=(UNKNOWN, *sorted(set(frame["prev_task"].astype(str)) | {NO_PREVIOUS})),
+            numeric_mean=tuple(float(v) for v in numeric.mean(axis=0)),
+            numeric_std=tuple(_std(column) for column in numeric.T),
+            log_pixels_fill=fill,
+            target_mean=tuple(means),
+            target_std=tuple(stds),
+        )
+
+    def encode(self, frame: pd.DataFrame) -> EncodedBatch:
+        """The model inputs for ``frame``; unknown categories map to ``<unk>``."""
+        numeric = (_numeric(frame, self.log_pixels_fill) - np.asarray(self.numeric_mean)) \
+            / np.asarray(self.numeric_std)
+        return EncodedBatch(
+            task=_indices(frame["task"], self.tasks),
+            resource=_indices(frame["resource"], self.resources),
+            prev_task=_indices(frame["prev_task"], self.prev_tasks),
+            numeric=torch.as_tensor(numeric, dtype=torch.float32),
+        )
+
+    def encode_target(self, values: np.ndarray, resource: torch.Tensor) -> torch.Tensor:
+        """``log1p(value)``, standardised with the statistics of each row's resource."""
+        mean, std = self._target_stats(resource)
+        logged = torch.as_tensor(np.log1p(np.clip(values, 0, None)), dtype=torch.float32)
+        return (logged - mean) / std
+
+    def decode_target(self, standardised: torch.Tensor, resource: torch.Tensor) -> torch.Tensor:
+        """Back to original units; ``standardised`` is (rows, quantiles)."""
+        mean, std = self._target_stats(resource.to(standardised.device), standardised.device)
+        logged = standardised * std.unsqueeze(1) + mean.unsqueeze(1)
+        return torch.expm1(logged).clamp_min(0.0)
+
+    def _target_stats(self, resource: torch.Tensor, device: torch.device | str = "cpu"):
+        mean = torch.tensor(self.target_mean, dtype=torch.float32, device=device)[resource]
+        std = torch.tensor(self.target_std, dtype=torch.float32, device=device)[resource]
+        return mean, std
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (see :meth:`from_dict`)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Preprocessor":
+        return cls(**{key: tuple(value) if isinstance(value, list) else value
+                      for key, value in data.items()})
+
+
+def previous_task(task_list: str, position: int) -> str:
+    """The task run before ``position`` in a ``,``-joined task list, or ``<none>``."""
+    names = task_list.split(",")
+    return names[position - 1] if 0 < position <= len(names) else NO_PREVIOUS
+
+
+def _indices(column: pd.Series, vocabulary: tuple[str, ...]) -> torch.Tensor:
+    lookup = {name: i for i, name in enumerate(vocabulary)}
+    codes = [lookup.get(name, 0) for name in column.astype(str).tolist()]
+    return torch.as_tensor(codes, dtype=torch.long)
+
+
+def _log_pixels(column: pd.Series) -> np.ndarray:
+    pixels = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(pixels > 0, np.log(pixels), np.nan)
+
+
+def _numeric(frame: pd.DataFrame, log_pixels_fill: float) -> np.ndarray:
+    seconds = pd.to_numeric(frame["seconds"], errors="coerce").fillna(0).to_numpy(dtype=np.float64)
+    position = pd.to_numeric(frame["position"], errors="coerce").fillna(0).to_numpy(dtype=np.float64)
+    pixels = _log_pixels(frame["image_pixels"])
+    pixels = np.where(np.isfinite(pixels), pixels, log_pixels_fill)
+    return np.column_stack([np.log1p(seconds.clip(min=0)), position, pixels])
+
+
+def _std(values: np.ndarray) -> float:
+    std = float(np.std(values)) if len(values) > 1 else 1.0
+    return std if math.isfinite(std) and std > _MIN_STD else 1.0

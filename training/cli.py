@@ -1,0 +1,90 @@
+"""Command line of ``python -m training``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import datetime, timezone
+
+from pipeline.errors import PipelineError
+from pipeline.logs import configure_logging
+from pipeline.settings import Settings, mask_url
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
+MAX_TORCH_THREADS = 4  # training shares the machine with the pipeline's tasks and monitors
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training",
+                                     description="Train the expected-usage model from stored measurements.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    fit = commands.add_parser("fit", help="train, compare with the baseline, log and register in MLflow")
+    fit.add_argument("--since", type=_timestamp, metavar="ISO",
+                     help="only orders created at or after this time (e.g. 2026-11-01 or 2026-11-01T08:00)")
+    fit.add_argument("--until", type=_timestamp, metavar="ISO", help="only orders created before this time")
+    fit.add_argument("--epochs", type=_positive, default=200, metavar="N",
+                     help="most epochs; early stopping usually ends sooner (default 200)")
+    fit.add_argument("--seed", type=int, default=0, metavar="N",
+                     help="seed of the split and the training; same data + seed = same model on the CPU")
+    fit.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                     help="where to train (default auto: CUDA when available)")
+    fit.add_argument("--experiment", default="expected-usage", metavar="NAME",
+                     help="MLflow experiment (default expected-usage)")
+    fit.add_argument("--min-orders", type=_positive, default=20, metavar="N",
+                     help="refuse to train on fewer orders with measurements (default 20; at least 3)")
+    fit.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    # MLflow draws a progress bar per artifact download (the champion, the input example).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Imported here: torch and MLflow take seconds to import, --help should not.
+    import torch
+    from mlflow.exceptions import MlflowException
+
+    from training.fit import FitOptions, run_fit
+
+    torch.set_num_threads(max(1, min(MAX_TORCH_THREADS, os.cpu_count() or 1)))
+    try:
+        settings = Settings.from_env()
+        options = FitOptions(since=args.since, until=args.until, epochs=args.epochs, seed=args.seed,
+                             device=args.device, experiment=args.experiment, min_orders=args.min_orders)
+        report = run_fit(settings, options, progress=not args.no_progress)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except MlflowException as exc:
+        print(f"error: MLflow at {mask_url(settings.mlflow_tracking_uri)}: "
+              f"{str(exc.message).splitlines()[0]}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_CANCELLED
+    print(report.table)
+    print(report.verdict)
+    print(report.champion)
+    print(f"training took {report.training_seconds:.1f}s; batched inference "
+          f"{report.predictions_per_second:,.0f} predictions/s on the CPU; MLflow run {report.run_id} "
+          f"in {mask_url(settings.mlflow_tracking_uri)}")
+    return EXIT_OK
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO date or time (e.g. 2026-11-01T08:00)") from None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value

@@ -1,0 +1,144 @@
+"""Training data: stored measurements joined with their task runs and orders; splits by order.
+
+A sample belongs to the SUCCEEDED run of its task in its order whose time window holds it
+(``task_runs.started_at <= ts <= finished_at``): samples carry only the task's name, and the
+runs of one order never overlap, so the window tells apart a task that appears twice. Failed
+attempts and runs with an injected fault are left out, as they are not the usage a healthy
+task should show.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import Engine, and_, inspect, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from models.features import previous_task
+from pipeline.db.schema import measurements, orders, resources, task_runs, tasks
+from pipeline.errors import DatabaseError
+from pipeline.settings import mask_url
+from pipeline.errors import InsufficientDataError
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = ["order_id", "task", "resource", "seconds", "position", "prev_task", "image_pixels",
+           "value", "ts"]
+COLLECT_HINT = ("collect more history first, e.g. `./dev run orders/example-*.json --repeat 20` "
+                "(each run of an order adds its tasks' samples)")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Rows of disjoint sets of orders: train, validation, test."""
+
+    train: pd.DataFrame
+    validation: pd.DataFrame
+    test: pd.DataFrame
+
+    def orders(self) -> dict[str, int]:
+        return {name: int(part["order_id"].nunique()) for name, part in self.parts().items()}
+
+    def parts(self) -> dict[str, pd.DataFrame]:
+        return {"train": self.train, "validation": self.validation, "test": self.test}
+
+
+def load_measurements(engine: Engine, since: datetime | None = None,
+                      until: datetime | None = None) -> pd.DataFrame:
+    """Every sample of a SUCCEEDED task run, with its features (columns :data:`COLUMNS`).
+
+    ``since``/``until`` select orders by their creation time (``since <= created_at <
+    until``), so an order is never cut in half. An empty database gives an empty frame.
+    """
+    try:
+        if not inspect(engine).has_table(measurements.name):
+            return pd.DataFrame(columns=COLUMNS)
+        with engine.connect() as conn:
+            rows = conn.execute(_query(since, until)).mappings().all()
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"cannot read measurements from {mask_url(str(engine.url))}: "
+                            f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}") from exc
+    return _frame(pd.DataFrame(rows))
+
+
+def _query(since: datetime | None, until: datetime | None):
+    run = and_(task_runs.c.order_id == measurements.c.order_id,
+               task_runs.c.task_id == measurements.c.task_id,
+               task_runs.c.status == "SUCCEEDED",
+               task_runs.c.fault.is_(None),  # injected faults are not normal usage
+               measurements.c.ts >= task_runs.c.started_at,
+               measurements.c.ts <= task_runs.c.finished_at)
+    query = (
+        select(measurements.c.order_id, tasks.c.name.label("task"),
+               resources.c.name.label("resource"), measurements.c.value, measurements.c.ts,
+               task_runs.c.position, task_runs.c.started_at, orders.c.task_list,
+               orders.c.image_width, orders.c.image_height)
+        .select_from(measurements)
+        .join(task_runs, run)
+        .join(orders, orders.c.id == measurements.c.order_id)
+        .join(tasks, tasks.c.id == measurements.c.task_id)
+        .join(resources, resources.c.id == measurements.c.resource_id)
+        .order_by(measurements.c.order_id, measurements.c.ts, resources.c.name)
+    )
+    if since is not None:
+        query = query.where(orders.c.created_at >= since)
+    if until is not None:
+        query = query.where(orders.c.created_at < until)
+    return query
+
+
+def _frame(raw: pd.DataFrame) -> pd.DataFrame:
+    if raw.empty:
+        return pd.DataFrame(columns=COLUMNS)
+    ts = _utc(raw["ts"])
+    frame = pd.DataFrame({
+        "order_id": raw["order_id"].astype("int64"),
+        "task": raw["task"].astype(str),
+        "resource": raw["resource"].astype(str),
+        "seconds": (ts - _utc(raw["started_at"])).dt.total_seconds().clip(lower=0.0),
+        "position": raw["position"].astype("int64"),
+        "prev_task": [previous_task(tl, int(p)) for tl, p in zip(raw["task_list"], raw["position"])],
+        "image_pixels": pd.to_numeric(raw["image_width"], errors="coerce")
+        * pd.to_numeric(raw["image_height"], errors="coerce"),
+        "value": raw["value"].astype("float64"),
+        "ts": ts,
+    })
+    return frame[COLUMNS]
+
+
+def _utc(column: pd.Series) -> pd.Series:
+    # SQLite hands back naive datetimes (stored in UTC), PostgreSQL aware ones.
+    return pd.to_datetime(column, utc=True)
+
+
+def require_enough(frame: pd.DataFrame, min_orders: int) -> None:
+    """Raise :class:`InsufficientDataError` unless ``frame`` holds ``min_orders`` orders."""
+    found = int(frame["order_id"].nunique()) if len(frame) else 0
+    needed = max(min_orders, 3)  # one order at least in each of train, validation and test
+    if found < needed:
+        raise InsufficientDataError(
+            f"not enough history to train: {found} order(s) with measurements in the data "
+            f"window, at least {needed} needed; {COLLECT_HINT}"
+        )
+
+
+def split_by_order(frame: pd.DataFrame, seed: int, validation: float = 0.15,
+                   test: float = 0.15) -> Split:
+    """Assign whole orders at random (seeded) to train, validation and test, never rows."""
+    order_ids = np.sort(frame["order_id"].unique())
+    shuffled = np.random.default_rng(seed).permutation(order_ids)
+    n = len(shuffled)
+    n_test = max(1, round(n * test))
+    n_val = max(1, round(n * validation))
+    if n - n_test - n_val < 1:
+        raise InsufficientDataError(f"{n} order(s) cannot be split into train, validation and "
+                                    f"test; {COLLECT_HINT}")
+    test_ids, val_ids = set(shuffled[:n_test]), set(shuffled[n_test:n_test + n_val])
+    in_test, in_val = frame["order_id"].isin(test_ids), frame["order_id"].isin(val_ids)
+    return Split(train=frame[~in_test & ~in_val].reset_index(drop=True),
+                 validation=frame[in_val].reset_index(drop=True),
+                 test=frame[in_test].reset_index(drop=True))
