@@ -28,14 +28,20 @@ class Infra:
     def __init__(self, settings: Settings, ports: Ports | None = None) -> None:
         self.settings = settings
         self._ports_file = settings.state_dir / "infra.json"
-        self.ports = ports or self._remembered_ports()
+        remembered = self._remembered()
+        self.ports = ports or Ports(remembered.get("kafka", settings.local_kafka_port),
+                                    remembered.get("postgres", settings.local_postgres_port))
+        # Whether this state folder's `up` started the PostgreSQL cluster (rather than finding
+        # it running): `down` stops only what its own `up` started.
+        self._started_postgres = bool(remembered.get("started_postgres")) and \
+            remembered.get("postgres") == self.ports.postgres
         self.kafka = KafkaBroker(settings, port=self.ports.kafka)
         self.postgres = LocalPostgres(settings, port=self.ports.postgres)
 
     def up(self, with_postgres: bool) -> list[str]:
         """Start what is not running yet; returns one report line per service."""
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
-        self._ports_file.write_text(json.dumps(self.ports.__dict__))
+        self._remember()
         lines = []
         cached = self.kafka.jars_cached()
         began = time.monotonic()
@@ -50,6 +56,8 @@ class Infra:
         if with_postgres:
             began = time.monotonic()
             if self.postgres.start():
+                self._started_postgres = True
+                self._remember()
                 lines.append(f"postgres: started on 127.0.0.1:{self.postgres.port} in "
                              f"{time.monotonic() - began:.1f}s")
             else:
@@ -75,15 +83,28 @@ class Infra:
     def down(self) -> list[str]:
         """Stop what ``up`` started, and nothing else."""
         lines = ["kafka: stopped" if self.kafka.stop() else "kafka: was not running"]
-        lines.append("postgres: stopped" if self.postgres.stop() else "postgres: was not running")
+        if not self._started_postgres:
+            running = self.postgres.status().running
+            lines.append("postgres: left running (not started by this state folder's `up`)"
+                         if running else "postgres: was not running")
+        else:
+            lines.append("postgres: stopped" if self.postgres.stop() else "postgres: was not running")
+            self._started_postgres = False
+            if self._ports_file.exists():
+                self._remember()
         publish(self.settings, KAFKA_BOOTSTRAP_SERVERS=None, DATABASE_URL=None)
         return lines
 
-    def _remembered_ports(self) -> Ports:
+    def _remember(self) -> None:
+        self._ports_file.write_text(json.dumps({"kafka": self.ports.kafka, "postgres": self.ports.postgres,
+                                                "started_postgres": self._started_postgres}))
+
+    def _remembered(self) -> dict:
         try:
-            return Ports(**json.loads(self._ports_file.read_text()))
-        except (FileNotFoundError, ValueError, TypeError):
-            return Ports(self.settings.local_kafka_port, self.settings.local_postgres_port)
+            remembered = json.loads(self._ports_file.read_text())
+            return remembered if isinstance(remembered, dict) else {}
+        except (FileNotFoundError, ValueError):
+            return {}
 
 
 def ensure_kafka(settings: Settings) -> Settings:

@@ -102,3 +102,26 @@ def test_the_readme_first_command_runs_on_the_embedded_default(tmp_path):
         down = _pipeline(env, "infra", "down")
     assert "kafka: stopped" in down.stdout
     assert _running_under(state_dir, tmp_path / "none") == []
+
+
+def test_down_leaves_a_cluster_it_did_not_start_running(tmp_path):
+    """Two state folders on one PostgreSQL port: only the one whose `up` started it stops it."""
+    kafka_a, kafka_b, postgres_port = _free_port_pair(), _free_port_pair(), _free_port()
+    owner = _env(tmp_path / "owner", kafka_a, postgres_port)
+    guest = _env(tmp_path / "guest", kafka_b, postgres_port)
+    postgres_home = Path(f"/var/lib/image-pipeline/postgres-{postgres_port}") if os.geteuid() == 0 \
+        else None
+    if postgres_home is None:  # unprivileged clusters live in their state folder: nothing shared
+        owner["PIPELINE_PG_DIR"] = guest["PIPELINE_PG_DIR"] = str(tmp_path / "shared-pg")
+        postgres_home = tmp_path / "shared-pg"
+    try:
+        assert "postgres: started" in _pipeline(owner, "infra", "up", "--postgres").stdout
+        assert "postgres: already running" in _pipeline(guest, "infra", "up", "--postgres").stdout
+        down = _pipeline(guest, "infra", "down")
+        assert "postgres: left running" in down.stdout
+        assert "postgres: running" in _pipeline(owner, "infra", "status").stdout
+        assert "postgres: stopped" in _pipeline(owner, "infra", "down").stdout
+    finally:
+        _pipeline(guest, "infra", "down")
+        _pipeline(owner, "infra", "down")
+        shutil.rmtree(postgres_home, ignore_errors=True)
