@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from orchestrator.runtime.base import Handle, Runtime, RuntimeFailure, TaskLaunch
+from pipeline.lifetime import PARENT_PID_VARIABLE
 from pipeline.settings import Settings
 from services.catalog import task_module
 
@@ -98,6 +99,7 @@ class LocalRuntime(Runtime):
         env.update(settings.to_env())
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT), env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"
+        env[PARENT_PID_VARIABLE] = str(os.getpid())
         self.env = env
 
     def start_task(self, launch: TaskLaunch) -> Handle:

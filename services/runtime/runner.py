@@ -21,6 +21,7 @@ from PIL import Image
 
 from pipeline.errors import PipelineError
 from pipeline.kafka import Producer
+from pipeline.lifetime import stop_with_parent
 from pipeline.logs import configure_logging
 from pipeline.invocation import TaskInvocation
 from pipeline.protocol import OrderStopped, Progress, TaskHalted, TaskStarted, TaskStatus
@@ -98,6 +99,7 @@ def main(task: ImageTask, argv: list[str] | None = None) -> int:
     stop = threading.Event()
     # SIGTERM (Kubernetes, the orchestrator's timeout) ends a stalled task cleanly.
     signal.signal(signal.SIGTERM, lambda *_: (stop.set(), sys.exit(143)))
+    stop_with_parent()
     try:
         inv = TaskInvocation.from_args(argv)
         if inv.task_name != task.name:

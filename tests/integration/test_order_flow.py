@@ -183,3 +183,19 @@ def test_topics_left_by_an_earlier_database_with_the_same_ids_do_not_confuse_a_n
     order = stored_orders(settings)["after-reset"]
     assert order.id == 1
     assert {s["resource"] for s in order.samples} == set(RESOURCES)
+
+
+def test_a_killed_orchestrator_leaves_no_task_or_monitor_behind(settings, tmp_path):
+    path = write_order(tmp_path, "orphaned", [{"name": "blur", "fault": "stall"}, "grayscale"])
+    orchestrator = start_orchestrator(settings, str(path))
+    try:
+        _wait_for_process(settings, lambda cmd: cmd[2:3] == ["services.blur.main"], timeout=60)
+        orchestrator.send_signal(signal.SIGKILL)
+        orchestrator.wait(10)
+        deadline = time.monotonic() + 45  # the monitor-producer waits up to 30 s for TERMINATE
+        while pipeline_processes(settings) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert pipeline_processes(settings) == []
+    finally:
+        for process in pipeline_processes(settings):
+            process.kill()

@@ -1,0 +1,33 @@
+"""Child processes that do not outlive the orchestrator that started them.
+
+The local runtime starts tasks and monitors in sessions of their own (so that a Ctrl-C in the
+terminal reaches only the orchestrator, which then stops them in order). If the orchestrator
+is killed outright (SIGKILL, OOM), nothing would stop them; so each child asks the kernel for
+SIGTERM when its parent goes, which its signal handling turns into a clean stop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+
+logger = logging.getLogger(__name__)
+
+PARENT_PID_VARIABLE = "PIPELINE_PARENT_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def stop_with_parent() -> None:
+    """Arrange SIGTERM on the parent's death, when started by the local runtime on Linux."""
+    parent = os.environ.get(PARENT_PID_VARIABLE)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        logger.warning("cannot ask for SIGTERM on parent death (errno %d)", ctypes.get_errno())
+        return
+    if os.getppid() != int(parent):  # the parent died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
