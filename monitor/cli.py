@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.lifetime import stop_with_parent
 from pipeline.logs import configure_logging
 from pipeline.settings import Settings
 from monitor.signals import StopSignals
@@ -15,9 +17,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m monitor", description="Per-order monitoring services.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("producer", "sample the order's running task every second"),
-                       ("consumer", "store the order's samples in the database")):
+                       ("consumer", "store and score the order's samples"),
+                       ("rescore", "recompute an order's deviations with any model version"),
+                       ("plot", "one deviation plot per task of an order")):
         command = commands.add_parser(name, help=text)
         command.add_argument("order_id", type=int, help="the numeric orderID")
+        if name in ("rescore", "plot"):
+            command.add_argument("--model", metavar="VERSION", default=None,
+                                 help="expected-usage version (rescore: default the champion; "
+                                      "plot: default the newest that scored the order)")
+        if name == "plot":
+            command.add_argument("--out", type=Path, default=Path("plots"), help="folder for the PNGs")
     return parser
 
 
@@ -25,16 +35,34 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
     signals = StopSignals().install()
+    stop_with_parent()
     try:
         settings = Settings.from_env()
         if args.command == "producer":
             from monitor.producer import MonitorProducer
 
             MonitorProducer(settings, args.order_id, signals).run()
-        else:
+        elif args.command == "consumer":
             from monitor.consumer import MonitorConsumer
 
             MonitorConsumer(settings, args.order_id, signals).run()
+        elif args.command == "rescore":
+            from monitor.rescore import rescore
+
+            result = rescore(settings, args.order_id, args.model)
+            print(f"order {result.order_id}: {result.scored} samples scored with expected-usage "
+                  f"version {result.model_version}; {sum(result.anomalies.values())} anomalous")
+            for (task, position, resource), count in sorted(result.anomalies.items(), key=lambda i: i[0][1]):
+                print(f"  task {position + 1} {task}: {resource} anomalous for {count} samples")
+        else:
+            from monitor.plots import log_to_mlflow, plot_order
+
+            result = plot_order(settings, args.order_id, args.out, args.model)
+            print("\n".join(str(path) for path in result.files))
+            print(result.summary)
+            run_id = log_to_mlflow(settings, args.order_id, result, args.out)
+            if run_id:
+                print(f"logged to MLflow run {run_id} (experiment deviation-plots)")
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

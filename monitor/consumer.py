@@ -12,10 +12,11 @@ import logging
 import time
 
 from pipeline.db import Measurement, MeasurementWriter, connect, create_schema
-from pipeline.errors import ProtocolError
+from pipeline.errors import DatabaseError, ProtocolError
 from pipeline.kafka import Consumer, Producer
 from pipeline.protocol import Message, MonitorStopped, MonitorTerminated, decode_resource_topic, resource_topic
 from pipeline.settings import Settings
+from monitor.live_scoring import LiveScorer
 from monitor.signals import StopSignals, announce_ready
 
 logger = logging.getLogger(__name__)
@@ -37,20 +38,31 @@ class MonitorConsumer:
         self.stored = 0
         self.received = 0
         self.malformed = 0
+        self.scorer: LiveScorer | None = None
 
     def run(self) -> bool:
         """Consume until STOP (True) or a stop signal (False: TERMINATE is not sent)."""
         engine = connect(self.settings.database_url)
         create_schema(engine)
         writer = MeasurementWriter(engine)
-        with Consumer(self.settings, group_id=f"monitor-consumer-{self.order_id}") as consumer:
+        with Consumer(self.settings, group_id=f"monitor-consumer-{self.order_id}") as consumer, \
+                Producer(self.settings, **{"enable.idempotence": False}) as producer:
+            # (not idempotent: its first message would wait ~500 ms for a producer id, and a
+            # duplicated TERMINATE or anomaly harms nobody)
             consumer.assign([resource_topic(self.order_id)])
             announce_ready()
             logger.info("order_id=%d monitor-consumer ready", self.order_id)
+            if self.settings.live_scoring:
+                self.scorer = LiveScorer(self.settings, engine, self.order_id, producer).start()
+            else:
+                logger.info("order_id=%d live scoring is off (LIVE_SCORING=off)", self.order_id)
             pending: list[tuple[Message, Measurement | None]] = []
             flush_at = time.monotonic() + self.batch_seconds
             while not self.signals.requested.is_set():
                 messages = consumer.consume(self.batch_size, timeout=0.2)
+                if self.scorer is not None:
+                    # Score in the pauses between arrivals: live, that is within a second.
+                    self.scorer.consumer_busy(bool(messages))
                 stopped = False
                 for message in messages:
                     measurement, stopped = self._decode(message)
@@ -62,9 +74,11 @@ class MonitorConsumer:
                     pending = []
                     flush_at = time.monotonic() + self.batch_seconds
                 if stopped:
-                    self._terminate()
+                    self._terminate(producer)
                     return True
             self._flush(writer, consumer, pending)
+            if self.scorer is not None:
+                self.scorer.close(timeout=10.0)
             logger.info("order_id=%d stopped by signal after storing %d samples", self.order_id, self.stored)
             return False
 
@@ -87,13 +101,32 @@ class MonitorConsumer:
         if not pending:
             return
         batch = [m for _, m in pending if m is not None]
-        self.stored += writer.write(batch)  # raises on failure: offsets stay uncommitted
+        self.stored += self._write(writer, batch)
+        if self.scorer is not None:
+            self.scorer.submit(batch)
         for message, _ in pending:
             consumer.mark_processed(message)
         consumer.commit()
 
-    def _terminate(self) -> None:
-        with Producer(self.settings) as producer:
-            producer.send_now(MonitorTerminated(self.order_id).encode())
-        logger.info("order_id=%d STOP received: %d samples stored, %d malformed; TERMINATE sent",
-                    self.order_id, self.stored, self.malformed)
+    def _write(self, writer: MeasurementWriter, batch: list[Measurement]) -> int:
+        """Write, retrying with backoff while the database is unavailable; the offsets stay
+        uncommitted meanwhile, so a stop in between loses nothing either."""
+        delay = 0.5
+        while True:
+            try:
+                return writer.write(batch)
+            except DatabaseError as exc:
+                if self.signals.requested.is_set():
+                    raise
+                logger.warning("order_id=%d storing %d samples failed, retrying in %.1fs: %s",
+                               self.order_id, len(batch), delay, exc)
+                self.signals.requested.wait(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _terminate(self, producer: Producer) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
+        producer.send_now(MonitorTerminated(self.order_id).encode())
+        scored = self.scorer.summary() if self.scorer else "scoring off"
+        logger.info("order_id=%d STOP received: %d samples stored (%s), %d malformed; TERMINATE sent",
+                    self.order_id, self.stored, scored, self.malformed)

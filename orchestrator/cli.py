@@ -20,7 +20,7 @@ from pipeline.errors import PipelineError
 from pipeline.infra.manager import ensure_kafka
 from pipeline.kafka import Producer, TopicAdmin
 from pipeline.logs import configure_logging
-from pipeline.protocol import ORCHESTRATOR_TOPIC
+from pipeline.protocol import ANOMALIES_TOPIC, ORCHESTRATOR_TOPIC
 from pipeline.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def run_orders(settings: Settings, orders, keep_topics: bool = False, max_concur
     engine = connect(settings.database_url)
     create_schema(engine)
     admin = TopicAdmin(settings)
-    admin.create([ORCHESTRATOR_TOPIC])
+    admin.create([ORCHESTRATOR_TOPIC, ANOMALIES_TOPIC])
     cancel = threading.Event()
     reporter = Reporter()
     _install_cancel(cancel, reporter)

@@ -13,11 +13,16 @@ protocol; nothing received is ever evaluated.
 | 5 | monitor-producer, 1/s | ``resource<ID>`` | ``required_tasks:task_name:orderID:resource`` | usage |
 | 6 | monitor-producer, on STOP | ``resource<ID>`` | ``STOP`` | ``STOP`` |
 | 7 | monitor-consumer, on exit | ``task<ID>`` | ``TERMINATE`` | ``TERMINATE`` |
+
+Added with live scoring (not in the original system), on the shared ``anomalies`` topic:
+key ``orderID:task_name:resource_name``, value a JSON object of numbers (see :class:`Anomaly`),
+headers ``order_id``, ``task``, ``index``, ``resource``, ``model_version``.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 import math
 import re
 from collections.abc import Sequence
@@ -28,6 +33,7 @@ from urllib.parse import quote, unquote
 from pipeline.errors import ProtocolError
 
 ORCHESTRATOR_TOPIC = "orchestrator"
+ANOMALIES_TOPIC = "anomalies"
 TASK_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]*")
 RESOURCE_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
 RESOURCES = ("cpu", "memory", "disk_read", "disk_write")
@@ -305,6 +311,50 @@ class Sample:
                      _parse_order_id(order_id), resource, value, message.timestamp_ms)
         _expect_topic(message, resource_topic(sample.order_id))
         return sample
+
+
+@dataclass(frozen=True)
+class Anomaly:
+    """A resource of a running task stayed outside its expected band."""
+
+    order_id: int
+    task: str
+    index: int
+    resource: str
+    timestamp_ms: int
+    value: float
+    expected: float
+    lower: float
+    upper: float
+    score: float
+    model_version: str
+
+    _NUMBERS = ("value", "expected", "lower", "upper", "score")
+
+    def encode(self) -> Message:
+        key = f"{_check_order_id(self.order_id)}:{check_task_name(self.task)}:{self.resource}"
+        value = json.dumps({name: round(float(getattr(self, name)), 6) for name in self._NUMBERS},
+                           sort_keys=True)
+        headers = _headers(order_id=self.order_id, task=self.task, index=self.index,
+                           resource=self.resource, model_version=self.model_version)
+        return Message(ANOMALIES_TOPIC, key, value, headers, timestamp_ms=self.timestamp_ms)
+
+    @classmethod
+    def decode(cls, message: Message) -> "Anomaly":
+        _expect_topic(message, ANOMALIES_TOPIC)
+        parts = message.key.split(":")
+        if len(parts) != 3:
+            raise ProtocolError(f"anomaly key {message.key!r}: expected orderID:task_name:resource_name")
+        try:
+            numbers = json.loads(message.value)
+            values = {name: float(numbers[name]) for name in cls._NUMBERS}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ProtocolError(f"anomaly value {message.value!r}: {exc}") from None
+        if message.timestamp_ms is None:
+            raise ProtocolError("anomaly without a timestamp")
+        return cls(_parse_order_id(parts[0]), check_task_name(parts[1]), _int_header(message, "index"),
+                   parts[2], message.timestamp_ms, model_version=message.header("model_version") or "",
+                   **values)
 
 
 TaskTopicMessage = TaskStarted | TaskHalted | OrderStopped | MonitorTerminated

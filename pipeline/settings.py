@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -85,6 +86,10 @@ class Settings:
     # Ports of the local services `python -m pipeline infra up` starts (when none is configured).
     local_kafka_port: int = 9092
     local_postgres_port: int = 5433
+    # Live deviation scoring in the monitor-consumer (see monitor/scoring.py).
+    live_scoring: bool = True
+    anomaly_threshold: float = 2.5
+    anomaly_consecutive: int = 3
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -126,6 +131,9 @@ class Settings:
             kafka_options=_kafka_options(env),
             local_kafka_port=_port(env, "PIPELINE_KAFKA_PORT", 9092),
             local_postgres_port=_port(env, "PIPELINE_POSTGRES_PORT", 5433),
+            live_scoring=_flag(env, "LIVE_SCORING", True),
+            anomaly_threshold=_number(env, "ANOMALY_THRESHOLD", 2.5, minimum=0.1),
+            anomaly_consecutive=int(_number(env, "ANOMALY_CONSECUTIVE", 3, minimum=1, integer=True)),
         )
 
     def with_kafka(self, bootstrap_servers: str) -> "Settings":
@@ -143,6 +151,9 @@ class Settings:
             "PIPELINE_CACHE_DIR": str(self.cache_dir),
             "PIPELINE_KAFKA_PORT": str(self.local_kafka_port),
             "PIPELINE_POSTGRES_PORT": str(self.local_postgres_port),
+            "LIVE_SCORING": "on" if self.live_scoring else "off",
+            "ANOMALY_THRESHOLD": repr(self.anomaly_threshold),
+            "ANOMALY_CONSECUTIVE": str(self.anomaly_consecutive),
         }
         if self.kafka_bootstrap_servers:
             env["KAFKA_BOOTSTRAP_SERVERS"] = self.kafka_bootstrap_servers
@@ -160,6 +171,9 @@ class Settings:
             "ARTIFACT_DIR": str(self.artifact_dir),
             "PIPELINE_STATE_DIR": str(self.state_dir),
             "PIPELINE_CACHE_DIR": str(self.cache_dir),
+            "LIVE_SCORING": "on" if self.live_scoring else "off",
+            "ANOMALY_THRESHOLD": repr(self.anomaly_threshold),
+            "ANOMALY_CONSECUTIVE": str(self.anomaly_consecutive),
         }
         for name, value in sorted(self.kafka_options.items()):
             shown[f"kafka option {name}"] = "***" if _is_secret(name) else value
@@ -180,6 +194,32 @@ def _kafka_options(env: Mapping[str, str]) -> dict[str, str]:
             if rest.startswith(_KAFKA_PASSTHROUGH_PREFIXES):
                 options[rest.lower().replace("_", ".")] = value
     return options
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    text = env.get(name, "").strip().lower()
+    if not text:
+        return default
+    if text in ("1", "true", "on", "yes"):
+        return True
+    if text in ("0", "false", "off", "no"):
+        return False
+    raise SettingsError(f"{name}={text!r}: expected on or off")
+
+
+def _number(env: Mapping[str, str], name: str, default: float, minimum: float,
+            integer: bool = False) -> float:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < minimum:
+        kind = "an integer" if integer else "a number"
+        raise SettingsError(f"{name}={text!r}: expected {kind} >= {minimum:g}")
+    return value
 
 
 def _port(env: Mapping[str, str], name: str, default: int) -> int:

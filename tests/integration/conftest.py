@@ -8,6 +8,7 @@ Every test gets fresh topics and consumer groups; database tests get a fresh dat
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -67,10 +68,10 @@ def infra_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
         shutil.rmtree(infra.postgres.home, ignore_errors=True)
 
 
-@pytest.fixture
-def database_url(infra_env: dict[str, str]) -> Iterator[str]:
-    """A fresh, empty PostgreSQL database, dropped after the test."""
-    server = make_url(infra_env["DATABASE_URL"])
+@contextlib.contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    """A new, empty database on the server of ``server_url``, dropped afterwards."""
+    server = make_url(server_url)
     name = f"test_{uuid.uuid4().hex[:12]}"
     admin = dict(host=server.host, port=server.port, user=server.username,
                  password=server.password, dbname="postgres")
@@ -86,16 +87,28 @@ def database_url(infra_env: dict[str, str]) -> Iterator[str]:
         conn.close()
 
 
-@pytest.fixture
-def settings(infra_env: dict[str, str], database_url: str, tmp_path: Path) -> Settings:
-    """Settings for one test: the real broker, a fresh database, private folders."""
+def settings_for(infra_env: dict[str, str], database_url: str, folder: Path) -> Settings:
+    """Settings with the real broker, ``database_url`` and private folders under ``folder``."""
     return Settings.from_env({
         "KAFKA_BOOTSTRAP_SERVERS": infra_env["KAFKA_BOOTSTRAP_SERVERS"],
         "DATABASE_URL": database_url,
-        "PIPELINE_STATE_DIR": str(tmp_path / "state"),
-        "ARTIFACT_DIR": str(tmp_path / "artifacts"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "PIPELINE_STATE_DIR": str(folder / "state"),
+        "ARTIFACT_DIR": str(folder / "artifacts"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
     })
+
+
+@pytest.fixture
+def database_url(infra_env: dict[str, str]) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database, dropped after the test."""
+    with fresh_database(infra_env["DATABASE_URL"]) as url:
+        yield url
+
+
+@pytest.fixture
+def settings(infra_env: dict[str, str], database_url: str, tmp_path: Path) -> Settings:
+    """Settings for one test: the real broker, a fresh database, private folders."""
+    return settings_for(infra_env, database_url, tmp_path)
 
 
 @pytest.fixture

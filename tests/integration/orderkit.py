@@ -56,6 +56,11 @@ class StoredOrder:
 
 def stored_orders(settings: Settings) -> dict[str, StoredOrder]:
     """Every order in the database by name (names are unique within a test)."""
+    return {order.name: order for order in all_stored_orders(settings)}
+
+
+def all_stored_orders(settings: Settings) -> list[StoredOrder]:
+    """Every order in the database, in id order (a repeated order appears once per run)."""
     engine = connect(settings.database_url)
     with engine.connect() as conn:
         order_rows = conn.execute(select(orders)).mappings().all()
@@ -70,14 +75,14 @@ def stored_orders(settings: Settings) -> dict[str, StoredOrder]:
             .join(resources, resources.c.id == measurements.c.resource_id)
             .order_by(measurements.c.ts)
         ).mappings().all()
-    return {
-        row["name"]: StoredOrder(
+    return [
+        StoredOrder(
             row["id"], row["name"], row["status"],
             [dict(r) for r in runs if r["order_id"] == row["id"]],
             [dict(s) for s in samples if s["order_id"] == row["id"]],
         )
-        for row in order_rows
-    }
+        for row in sorted(order_rows, key=lambda r: r["id"])
+    ]
 
 
 def pipeline_processes(settings: Settings, order_id: int | None = None) -> list[psutil.Process]:

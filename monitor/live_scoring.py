@@ -1,0 +1,152 @@
+"""Live scoring in the monitor-consumer: every stored batch of samples is scored against the
+``champion`` expected-usage model, written to ``deviations`` and, when a resource stays out of
+its band, published on the ``anomalies`` topic and logged.
+
+Scoring runs on a thread of its own, fed batches after their samples are stored, so storage
+and offset commits never wait for it. It works only in the pauses between arrivals: while the
+consumer drains a backlog, the scorer waits, since on a small machine it would otherwise take
+CPU from storing. Live, with a few samples a second per order, the consumer is idle most of
+every second, so samples are scored within about a second; after a backlog they are scored
+once it is stored (bench/detection.py measures both). Deviations lost with a killed consumer can be
+recomputed with ``python -m monitor rescore``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+
+from sqlalchemy import Engine
+
+from monitor.order_context import OrderContext
+from monitor.scoring import ConsecutiveFilter, Detector, ModelBandScorer, Scored
+from pipeline.db import Measurement
+from pipeline.db.deviations import DeviationRow, DeviationStore
+from pipeline.kafka import Producer, TopicAdmin
+from pipeline.protocol import ANOMALIES_TOPIC, Anomaly
+from pipeline.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class LiveScorer:
+    """Scores one order's samples, batch by batch, with the champion model."""
+
+    def __init__(self, settings: Settings, engine: Engine, order_id: int, producer: Producer) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.order_id = order_id
+        self.producer = producer
+        self.detector: Detector | None = None
+        self.model_version: str | None = None
+        self.scored = self.anomalies = self.errors = 0
+        self._batches: queue.Queue[list[Measurement] | None] = queue.Queue()
+        self._caught_up = threading.Event()
+        self._caught_up.set()
+        self._worker = threading.Thread(target=self._work, name="live-scoring", daemon=True)
+
+    def start(self) -> "LiveScorer":
+        self._worker.start()
+        return self
+
+    def submit(self, batch: Sequence[Measurement]) -> None:
+        """Queue a stored batch for scoring; returns at once."""
+        if batch:
+            self._batches.put(list(batch))
+
+    def consumer_busy(self, busy: bool) -> None:
+        """Messages are arriving (True) or the consumer is idle (False)."""
+        if busy:
+            self._caught_up.clear()
+        else:
+            self._caught_up.set()
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Score what is queued, then stop."""
+        self._caught_up.set()
+        self._batches.put(None)
+        self._worker.join(timeout)
+        if self._worker.is_alive():
+            logger.warning("order_id=%d scoring did not finish within %gs", self.order_id, timeout)
+
+    def summary(self) -> str:
+        if self.detector is None:
+            return "not scored"
+        return f"{self.scored} scored with version {self.model_version}, {self.anomalies} anomalies"
+
+    def _work(self) -> None:
+        self._caught_up.wait()
+        self._load()
+        while (batch := self._batches.get()) is not None:
+            if self.detector is None:
+                continue
+            self._caught_up.wait()
+            try:
+                self.score(batch)
+            except Exception:  # noqa: BLE001 - a scoring fault must never stop ingestion
+                self.errors += 1
+                if self.errors == 1 or self.errors % 100 == 0:
+                    logger.exception("order_id=%d scoring a batch failed (%d so far); its samples are "
+                                     "stored", self.order_id, self.errors)
+
+    def _load(self) -> None:
+        try:
+            import torch
+
+            from training.registry import load_expected_usage
+
+            # One thread: a batch is a few hundred rows, and idle OpenMP workers spinning after
+            # each call would take the cores that storing needs.
+            torch.set_num_threads(1)
+            loaded = load_expected_usage(self.settings.mlflow_tracking_uri)
+            if loaded is not None:
+                TopicAdmin(self.settings).create([ANOMALIES_TOPIC])
+        except Exception as exc:  # noqa: BLE001 - scoring is optional; storing samples is not
+            logger.warning("order_id=%d cannot load the expected-usage model (%s); samples are "
+                           "stored but not scored", self.order_id, exc)
+            return
+        if loaded is None:
+            logger.warning("order_id=%d no 'champion' expected-usage model registered yet; samples are "
+                           "stored but not scored (train one with `python -m training fit`)", self.order_id)
+            return
+        model, self.model_version = loaded
+        self._context = OrderContext(self.engine, self.order_id)
+        self._store = DeviationStore(self.engine)
+        self.detector = Detector(ModelBandScorer(model), ConsecutiveFilter(
+            self.settings.anomaly_threshold, self.settings.anomaly_consecutive))
+        logger.info("order_id=%d scoring with expected-usage version %s", self.order_id, self.model_version)
+
+    def score(self, batch: Sequence[Measurement]) -> list[Scored]:
+        """Score, store and publish one batch (already stored as measurements)."""
+        contexts = []
+        for m in sorted(batch, key=lambda m: m.timestamp_ms):
+            context = self._context.context(m.task, m.resource, m.timestamp_ms, m.value)
+            if context is not None:
+                contexts.append(context)
+        results = self.detector.process(contexts)
+        self._store.write([to_row(r) for r in results], self.model_version)
+        for result in results:
+            if result.first_of_episode:
+                self._raise(result)
+        self.scored += len(results)
+        return results
+
+    def _raise(self, result: Scored) -> None:
+        s = result.sample
+        self.anomalies += 1
+        logger.warning(
+            "ANOMALY order_id=%d task=%s index=%d resource=%s value=%.1f expected=%.1f band=[%.1f, %.1f] "
+            "score=%+.1f model_version=%s", s.order_id, s.task, s.position, s.resource, s.value,
+            result.expected, result.lower, result.upper, result.score, self.model_version)
+        self.producer.send(Anomaly(s.order_id, s.task, s.position, s.resource, s.timestamp_ms, s.value,
+                                   result.expected, result.lower, result.upper, result.score,
+                                   self.model_version).encode())
+
+
+def to_row(result: Scored) -> DeviationRow:
+    """The row ``deviations`` stores for a scored sample."""
+    s = result.sample
+    return DeviationRow(s.order_id, s.task, s.position, s.resource, s.timestamp_ms, s.value,
+                        result.expected, result.lower, result.upper, result.score, result.anomaly)

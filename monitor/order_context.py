@@ -1,0 +1,91 @@
+"""What a sample's scoring needs to know beyond the sample: which run of its task it belongs
+to (position, start time), the task before it, and the order's input image size."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, select
+
+from pipeline.db.deviations import to_ms
+from pipeline.db.schema import orders, task_runs, tasks
+from monitor.scoring import SampleContext
+
+NO_PREVIOUS_TASK = "<none>"
+
+
+@dataclass(frozen=True)
+class _Run:
+    position: int
+    task: str
+    started_ms: int
+    finished_ms: int | None
+
+
+class OrderContext:
+    """Matches samples to task runs of one order, reading ``task_runs`` as runs appear."""
+
+    def __init__(self, engine: Engine, order_id: int) -> None:
+        self.engine = engine
+        self.order_id = order_id
+        self.task_list: list[str] = []
+        self.image_pixels = math.nan
+        self._runs: list[_Run] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the order and its task runs again (a new task run has started)."""
+        with self.engine.connect() as conn:
+            order = conn.execute(select(orders).where(orders.c.id == self.order_id)).mappings().first()
+            runs = conn.execute(
+                select(task_runs.c.position, tasks.c.name, task_runs.c.started_at, task_runs.c.finished_at)
+                .join(tasks, tasks.c.id == task_runs.c.task_id)
+                .where(task_runs.c.order_id == self.order_id)
+                .order_by(task_runs.c.started_at)
+            ).all()
+        if order is not None:
+            self.task_list = order["task_list"].split(",")
+            if order["image_width"] and order["image_height"]:
+                self.image_pixels = float(order["image_width"] * order["image_height"])
+        self._runs = [_Run(p, name, to_ms(s), to_ms(f) if f else None) for p, name, s, f in runs]
+
+    def context(self, task: str, resource: str, timestamp_ms: int, value: float) -> SampleContext | None:
+        """The sample with its run's facts, or None when no run of ``task`` covers it."""
+        run = self._match(task, timestamp_ms)
+        if run is None:
+            self.refresh()
+            run = self._match(task, timestamp_ms)
+            if run is None:
+                return None
+        previous = self.task_list[run.position - 1] if 0 < run.position <= len(self.task_list) else NO_PREVIOUS_TASK
+        return SampleContext(self.order_id, task, run.position, resource, timestamp_ms, value,
+                             max(timestamp_ms - run.started_ms, 0) / 1000.0, previous, self.image_pixels)
+
+    def _match(self, task: str, timestamp_ms: int) -> _Run | None:
+        # The latest run of this task that started before the sample: runs of one order never
+        # overlap, so that is the one that was running. A sample stamped before every run of
+        # its task can only come from a clock running behind the orchestrator's: the first run.
+        candidates = [run for run in self._runs if run.task == task]
+        for run in reversed(candidates):
+            if run.started_ms <= timestamp_ms:
+                return run
+        return candidates[0] if candidates else None
+
+
+def order_samples(engine: Engine, order_id: int) -> list[SampleContext]:
+    """Every stored sample of an order with its run's facts, in time order."""
+    from pipeline.db.schema import measurements, resources
+
+    query = (
+        select(tasks.c.name, resources.c.name, measurements.c.ts, measurements.c.value)
+        .join(tasks, tasks.c.id == measurements.c.task_id)
+        .join(resources, resources.c.id == measurements.c.resource_id)
+        .where(measurements.c.order_id == order_id)
+        .order_by(measurements.c.ts, resources.c.name)
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    context = OrderContext(engine, order_id)
+    samples = (context.context(task, resource, to_ms(ts), value) for task, resource, ts, value in rows)
+    return [s for s in samples if s is not None]

@@ -1,0 +1,149 @@
+"""Live deviation scoring end to end: train on normal runs, inject faults, find them.
+
+One module-wide set-up (it takes a few minutes on two cores): a fresh database and MLflow
+store, a history of normal orders, one fitted model; then orders with an injected CPU hog and
+memory leak, and a normal order, run with live scoring in the monitor-consumer.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline.db import connect
+from pipeline.db.deviations import DeviationStore
+from pipeline.kafka import Consumer
+from pipeline.protocol import ANOMALIES_TOPIC, Anomaly
+from pipeline.settings import Settings
+from tests.integration.conftest import fresh_database, settings_for
+from tests.integration.orderkit import REPO, child_env, run_orchestrator, stored_orders, write_order
+
+# About 7 s of one core on the colour image: long enough that the fault starts well inside
+# the task's normal life, where the model has seen what to expect.
+HEAVY = {"name": "median", "params": {"size": 9, "passes": 8}}
+NORMAL_TASKS = [HEAVY, "grayscale", "sharpen"]
+FAULT_AT = 2.0
+DETECTION_LIMIT_S = 10.0
+
+
+@dataclass
+class Trained:
+    settings: Settings
+    folder: Path
+    orders: dict  # name -> StoredOrder of the scored orders
+    run_began_ms: int
+
+
+def _python(settings: Settings, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=child_env(settings),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trained(infra_env, tmp_path_factory) -> Trained:
+    folder = tmp_path_factory.mktemp("detection")
+    with fresh_database(infra_env["DATABASE_URL"]) as database_url:
+        settings = settings_for(infra_env, database_url, folder)
+        normal = write_order(folder, "history", NORMAL_TASKS, image="scene-1024x768.jpg")
+        collected = run_orchestrator(settings, str(normal), "--repeat", "10", "--max-concurrent", "1", timeout=900)
+        assert collected.returncode == 0, collected.stderr[-3000:]
+        fit = _python(settings, "-m", "training", "fit", "--min-orders", "6", "--no-progress", "--seed", "1")
+        assert fit.returncode == 0, fit.stdout[-2000:] + fit.stderr[-3000:]
+
+        import time
+
+        began = int(time.time() * 1000)
+        files = [
+            write_order(folder, "cpu-hog", [{**HEAVY, "fault": "cpu_hog", "fault_at": FAULT_AT}, "grayscale", "sharpen"],
+                        image="scene-1024x768.jpg", retry={"max_attempts": 1}),
+            write_order(folder, "memory-leak", [{**HEAVY, "fault": "memory_leak", "fault_at": FAULT_AT}, "grayscale",
+                                                "sharpen"], image="scene-1024x768.jpg", retry={"max_attempts": 1}),
+            write_order(folder, "normal", NORMAL_TASKS, image="scene-1024x768.jpg"),
+        ]
+        scored = run_orchestrator(settings, *map(str, files), "--max-concurrent", "1", timeout=600)
+        assert scored.returncode == 0, scored.stderr[-3000:]
+        orders = {name: order for name, order in stored_orders(settings).items() if name != "history"}
+        yield Trained(settings, folder, orders, began)
+
+
+def _deviations(trained: Trained, name: str, version: str = "1"):
+    return DeviationStore(connect(trained.settings.database_url)).read(trained.orders[name].id, version)
+
+
+@pytest.mark.parametrize("order, resource", [("cpu-hog", "cpu"), ("memory-leak", "memory")])
+def test_an_injected_fault_is_flagged_on_the_faulty_task_and_resource_within_10_s(trained, order, resource):
+    stored = trained.orders[order]
+    rows = _deviations(trained, order)
+    assert rows, "live scoring stored no deviations"
+    faulty_run = next(r for r in stored.runs if r["position"] == 0)
+    fault_start_ms = faulty_run["started_at"].timestamp() * 1000 + FAULT_AT * 1000
+    flagged = [r for r in rows if r.anomaly and r.position == 0 and r.resource == resource]
+    assert flagged, f"no anomaly on {resource} of the faulty task; scores: " + \
+        str([round(r.score, 1) for r in rows if r.position == 0 and r.resource == resource])
+    first = min(r.timestamp_ms for r in flagged)
+    assert 0 <= (first - fault_start_ms) / 1000 <= DETECTION_LIMIT_S
+    # The healthy tasks after it raise nothing.
+    assert not [r for r in rows if r.anomaly and r.position != 0]
+
+
+def test_a_normal_order_raises_no_anomaly(trained):
+    rows = _deviations(trained, "normal")
+    assert rows and not [r for r in rows if r.anomaly]
+
+
+def test_anomalies_are_published_with_order_task_and_resource(trained):
+    ids = {str(o.id) for o in trained.orders.values()}
+    found = []
+    with Consumer(trained.settings) as consumer:
+        consumer.assign([ANOMALIES_TOPIC])
+        idle = 0
+        while idle < 6:
+            message = consumer.poll(0.5)
+            if message is None:
+                idle += 1
+                continue
+            if message.header("order_id") in ids and message.timestamp_ms >= trained.run_began_ms:
+                found.append(Anomaly.decode(message))
+    raised = {(a.order_id, a.task, a.index, a.resource) for a in found}
+    assert (trained.orders["cpu-hog"].id, "median", 0, "cpu") in raised
+    assert (trained.orders["memory-leak"].id, "median", 0, "memory") in raised
+    assert all(a.model_version == "1" for a in found)
+
+
+def test_rescoring_with_two_model_versions_keeps_rows_for_both(trained):
+    refit = _python(trained.settings, "-m", "training", "fit", "--min-orders", "6", "--no-progress", "--seed", "2")
+    assert refit.returncode == 0, refit.stderr[-3000:]
+    order_id = trained.orders["cpu-hog"].id
+    for version in ("1", "2"):
+        result = _python(trained.settings, "-m", "monitor", "rescore", str(order_id), "--model", version)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"version {version}" in result.stdout
+    store = DeviationStore(connect(trained.settings.database_url))
+    assert store.versions(order_id) == ["1", "2"]
+    first, second = store.read(order_id, "1"), store.read(order_id, "2")
+    assert len(first) == len(second) == len(trained.orders["cpu-hog"].samples)
+    missing = _python(trained.settings, "-m", "monitor", "rescore", str(order_id), "--model", "99")
+    assert missing.returncode == 2 and "no version 99" in missing.stderr
+
+
+def test_the_plot_command_draws_one_png_per_task_with_a_panel_per_resource(trained):
+    order = trained.orders["cpu-hog"]
+    out = trained.folder / "plots"
+    result = _python(trained.settings, "-m", "monitor", "plot", str(order.id), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 3
+    for png in pngs:
+        with Image.open(png) as image:
+            assert image.format == "PNG" and image.size[0] > 300
+            assert image.text["Panels"] == "cpu,memory,disk_read,disk_write"
+    assert "deviated first: task 1 median" in result.stdout
+    assert "logged to MLflow run" in result.stdout
+    # Artifacts go beside the store, never into the working folder.
+    assert not (REPO / "mlruns").exists()
+    assert list((trained.folder / "mlartifacts" / "deviation-plots").rglob("*.png"))
