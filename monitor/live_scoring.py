@@ -114,8 +114,7 @@ class LiveScorer:
         model, self.model_version = loaded
         self._context = OrderContext(self.engine, self.order_id)
         self._store = DeviationStore(self.engine)
-        self.detector = Detector(ModelBandScorer(model), ConsecutiveFilter(
-            self.settings.anomaly_threshold, self.settings.anomaly_consecutive))
+        self.detector = model_detector(model, self.settings)
         logger.info("order_id=%d scoring with expected-usage version %s", self.order_id, self.model_version)
 
     def score(self, batch: Sequence[Measurement]) -> list[Scored]:
@@ -143,6 +142,13 @@ class LiveScorer:
         self.producer.send(Anomaly(s.order_id, s.task, s.position, s.resource, s.timestamp_ms, s.value,
                                    result.expected, result.lower, result.upper, result.score,
                                    self.model_version).encode())
+
+
+def model_detector(model, settings: Settings) -> Detector:
+    """The model-band detector with the anomaly rule of ``settings``: what live scoring and
+    re-scoring both run."""
+    return Detector(ModelBandScorer(model),
+                    ConsecutiveFilter(settings.anomaly_threshold, settings.anomaly_consecutive))
 
 
 def to_row(result: Scored) -> DeviationRow:

@@ -7,9 +7,8 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
-from monitor.live_scoring import to_row
+from monitor.live_scoring import model_detector, to_row
 from monitor.order_context import order_samples
-from monitor.scoring import ConsecutiveFilter, Detector, ModelBandScorer
 from pipeline.db import connect, create_schema
 from pipeline.db.deviations import DeviationStore
 from pipeline.errors import PipelineError
@@ -47,9 +46,7 @@ def rescore(settings: Settings, order_id: int, version: str | None = None) -> Re
     samples = order_samples(engine, order_id)
     if not samples:
         raise RescoreError(f"order {order_id} has no stored samples in {settings.database_url.split('@')[-1]}")
-    detector = Detector(ModelBandScorer(model),
-                        ConsecutiveFilter(settings.anomaly_threshold, settings.anomaly_consecutive))
-    results = detector.process(samples)
+    results = model_detector(model, settings).process(samples)
     DeviationStore(engine).replace(order_id, [to_row(r) for r in results], model_version)
     anomalies = Counter((r.sample.task, r.sample.position, r.sample.resource) for r in results if r.anomaly)
     logger.info("order_id=%d rescored %d samples with version %s: %d anomalous",
