@@ -22,6 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
                        ("plot", "one deviation plot per task of an order")):
         command = commands.add_parser(name, help=text)
         command.add_argument("order_id", type=int, help="the numeric orderID")
+        if name == "producer":
+            command.add_argument("--mode", choices=("order", "sidecar", "stop-only"), default="order",
+                                 help="order: sample every task of the order (local runtime); "
+                                      "sidecar: sample only the task of this pod (Kubernetes); "
+                                      "stop-only: only the STOP/TERMINATE handshake")
         if name in ("rescore", "plot"):
             command.add_argument("--model", metavar="VERSION", default=None,
                                  help="expected-usage version (rescore: default the champion; "
@@ -39,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         if args.command == "producer":
-            from monitor.producer import MonitorProducer
+            from monitor.producer import Mode, MonitorProducer
 
-            MonitorProducer(settings, args.order_id, signals).run()
+            MonitorProducer(settings, args.order_id, signals, mode=Mode(args.mode)).run()
         elif args.command == "consumer":
             from monitor.consumer import MonitorConsumer
 

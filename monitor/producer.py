@@ -3,12 +3,26 @@
 States (DESIGN.md): idle -> ORDER: sample the task's process tree every second -> HALT: stop
 sampling, wait for the next ORDER -> STOP: send STOP on ``resource<ID>``, wait (bounded) for
 TERMINATE, exit. TERMINATE at any time: exit.
+
+Three modes share that state machine (:class:`Mode`):
+
+- ``order`` (local runtime): one producer per order samples every task of it.
+- ``sidecar`` (Kubernetes): a monitor in another pod cannot see a task's processes, so every
+  task pod carries its own producer as a native sidecar sharing the pod's process namespace.
+  It samples only the task whose ORDER names its pod (the ``host`` header), exits after that
+  task's HALT, and, when its task was the order's last, sends the resource STOP after the
+  task's STOP: the same producer that sent the last sample, so the STOP can never overtake it.
+- ``stop-only`` (Kubernetes): when an order ends without its last task's STOP (a failure or a
+  cancel), the orchestrator sends STOP itself and starts a producer in this mode, which
+  samples nothing and only completes the STOP/TERMINATE handshake with the consumer.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass
 
@@ -26,6 +40,17 @@ logger = logging.getLogger(__name__)
 
 INTERVAL = 1.0
 TERMINATE_WAIT = 30.0
+# A sidecar asked to stop while its task's HALT (or, for the last task, STOP) is still on
+# its way waits this long for it: the task has just exited, its messages are flushed.
+SIDECAR_DRAIN = 10.0
+
+
+class Mode(str, enum.Enum):
+    """What one producer process is responsible for (see the module docstring)."""
+
+    ORDER = "order"
+    SIDECAR = "sidecar"
+    STOP_ONLY = "stop-only"
 
 
 class State(str, enum.Enum):
@@ -46,17 +71,24 @@ class MonitorProducer:
     """The state machine; :meth:`run` returns when the order is over."""
 
     def __init__(self, settings: Settings, order_id: int, signals: StopSignals,
-                 interval: float = INTERVAL, terminate_wait: float = TERMINATE_WAIT) -> None:
+                 interval: float = INTERVAL, terminate_wait: float = TERMINATE_WAIT,
+                 mode: Mode = Mode.ORDER, host: str | None = None) -> None:
         self.settings = settings
         self.order_id = order_id
         self.signals = signals
         self.interval = interval
         self.terminate_wait = terminate_wait
+        self.mode = mode
+        # A sidecar's pod: the name its task writes in ORDER's host header.
+        self.host = host or os.environ.get("POD_NAME") or socket.gethostname()
         self.state = State.IDLE
         self.current: _Current | None = None
         self.malformed = 0
         self.samples_sent = 0
         self._stop_deadline = 0.0
+        self._mine: TaskStarted | None = None  # sidecar: its task's ORDER, once seen
+        self._halted = False  # sidecar: its task's HALT seen
+        self._exit_deadline: float | None = None  # sidecar: leave at this time at the latest
 
     def run(self) -> None:
         # The task topic is replayed from its start, so a restarted producer ends up in the
@@ -68,8 +100,23 @@ class MonitorProducer:
             logger.info("order_id=%d monitor-producer ready", self.order_id)
             while True:
                 if self.signals.requested.is_set() and self.state is not State.STOPPING:
-                    logger.info("order_id=%d stop requested", self.order_id)
-                    self._begin_stop(producer)
+                    if self.mode is not Mode.SIDECAR:
+                        logger.info("order_id=%d stop requested", self.order_id)
+                        self._begin_stop(producer)
+                    elif self._mine is None:
+                        logger.info("order_id=%d stop requested before this pod's task started",
+                                    self.order_id)
+                        return
+                    elif self._exit_deadline is None:
+                        # The task has exited (that is why the kubelet stops its sidecar):
+                        # read on until its HALT/STOP, so its last samples and the resource
+                        # STOP still go out, but not for ever.
+                        self._exit_deadline = time.monotonic() + SIDECAR_DRAIN
+                if self._exit_deadline is not None and self.state is not State.STOPPING \
+                        and time.monotonic() > self._exit_deadline:
+                    logger.warning("order_id=%d this pod's task sent no HALT/STOP within %gs; "
+                                   "exiting", self.order_id, SIDECAR_DRAIN)
+                    return
                 if self.state is State.STOPPING and time.monotonic() > self._stop_deadline:
                     logger.warning("order_id=%d no TERMINATE within %gs; exiting",
                                    self.order_id, self.terminate_wait)
@@ -98,12 +145,37 @@ class MonitorProducer:
             return True
         if self.state is State.STOPPING:
             return False
+        if self.mode is Mode.SIDECAR:
+            return self._handle_as_sidecar(decoded, producer)
         if isinstance(decoded, TaskStarted):
-            self._start_sampling(decoded, producer)
+            if self.mode is Mode.ORDER:
+                self._start_sampling(decoded, producer)
         elif isinstance(decoded, TaskHalted):
             self._stop_sampling("HALT")
         elif isinstance(decoded, OrderStopped):
             self._stop_sampling("STOP")
+            self._begin_stop(producer)
+        return False
+
+    def _handle_as_sidecar(self, decoded, producer: Producer) -> bool:
+        """Messages before this pod's ORDER (earlier tasks, earlier attempts) are history."""
+        if isinstance(decoded, TaskStarted):
+            if self._mine is None and decoded.host == self.host:
+                self._mine = decoded
+                self._start_sampling(decoded, producer)
+            return False
+        if self._mine is None:
+            return False
+        last = self._mine.index == len(self._mine.required_tasks) - 1
+        if isinstance(decoded, TaskHalted) and not self._halted:
+            self._halted = True
+            self._stop_sampling("HALT")
+            if not last:
+                return True
+            # The order's last task sends STOP right after HALT if it succeeded.
+            self._exit_deadline = min(self._exit_deadline or float("inf"),
+                                      time.monotonic() + SIDECAR_DRAIN)
+        elif isinstance(decoded, OrderStopped) and self._halted and last:
             self._begin_stop(producer)
         return False
 

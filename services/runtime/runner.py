@@ -43,6 +43,12 @@ def output_path(settings: Settings, inv: TaskInvocation, task: ImageTask) -> Pat
     return settings.artifact_dir / f"order-{inv.order_id}" / f"{inv.position:02d}-{inv.task_name}.{extension}"
 
 
+def task_host() -> str:
+    """The ``host`` header of ORDER: the pod's name on Kubernetes (the sampler sidecar of the
+    pod recognises its task by it), the machine's name elsewhere."""
+    return os.environ.get("POD_NAME") or socket.gethostname()
+
+
 def run_task(task: ImageTask, inv: TaskInvocation, settings: Settings, stop: threading.Event) -> int:
     """Announce, work, report; returns the exit status."""
     # Not idempotent: an idempotent producer's first message waits ~500 ms for its producer id
@@ -51,7 +57,7 @@ def run_task(task: ImageTask, inv: TaskInvocation, settings: Settings, stop: thr
     with Producer(settings, **{"linger.ms": 0, "enable.idempotence": False}) as producer:
         started = time.monotonic()
         producer.send_now(TaskStarted(inv.required_tasks, inv.task_name, inv.order_id,
-                                      os.getpid(), socket.gethostname(), inv.position).encode())
+                                      os.getpid(), task_host(), inv.position).encode())
         try:
             output = _work(task, inv, settings, stop)
         except Exception as exc:  # noqa: BLE001 - the job boundary: report, never swallow
