@@ -81,6 +81,8 @@ class TaskSpec:
     params: Mapping[str, Any] = field(default_factory=dict)
     fault: str | None = None
     fault_at: float = 0.0
+    # Kubernetes requests/limits over the task's defaults: {"requests": {"cpu": "500m"}, ...}.
+    resources: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not TASK_NAME_PATTERN.fullmatch(self.name):
@@ -269,7 +271,8 @@ def _task_spec(path: Path, number: int, item: str | dict[str, Any]) -> TaskSpec:
         # The catalog's message starts with "task 'blur': "; the prefix here says that.
         message = str(exc).removeprefix(f"task {name!r}: ")
         _fail(path, f"{where}: {message}", exc)
-    return TaskSpec(name=name, params=resolved, fault=fault, fault_at=fault_at)
+    return TaskSpec(name=name, params=resolved, fault=fault, fault_at=fault_at,
+                    resources=item.get("resources", {}))
 
 
 def _checked_image(path: Path, folder: Path, given: str) -> tuple[Path, tuple[int, int]]:

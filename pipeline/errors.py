@@ -43,3 +43,9 @@ class TrainingError(PipelineError):
 
 class InsufficientDataError(TrainingError):
     """Too few stored orders with measurements to train, validate and test a model."""
+
+
+class ClusterError(PipelineError):
+    """The Kubernetes API server is unreachable, refused a request or is missing something."""
+
+    exit_code = 2

@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from pipeline import __version__
 from pipeline.errors import SettingsError
 
 # librdkafka properties that may be passed through, written as KAFKA_<PROPERTY> with dots
@@ -22,6 +23,9 @@ from pipeline.errors import SettingsError
 _KAFKA_PASSTHROUGH_PREFIXES = ("SECURITY_", "SASL_", "SSL_", "CLIENT_ID")
 _SECRET_WORDS = ("password", "secret", "key", "token")
 _URL_PASSWORD = re.compile(r"(?P<head>://[^:/@]+:)(?P<password>[^@]+)(?P<tail>@)")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_IMAGE_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_IMAGE_REGISTRY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
 
 
 class Runtime(str, enum.Enum):
@@ -90,6 +94,10 @@ class Settings:
     live_scoring: bool = True
     anomaly_threshold: float = 2.5
     anomaly_consecutive: int = 3
+    # RUNTIME=kubernetes: where Jobs go and which images they run (see docs/kubernetes.md).
+    k8s_namespace: str = "image-pipeline"
+    image_registry: str = ""
+    image_tag: str = __version__
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -134,7 +142,15 @@ class Settings:
             live_scoring=_flag(env, "LIVE_SCORING", True),
             anomaly_threshold=_number(env, "ANOMALY_THRESHOLD", 2.5, minimum=0.1),
             anomaly_consecutive=int(_number(env, "ANOMALY_CONSECUTIVE", 3, minimum=1, integer=True)),
+            k8s_namespace=_namespace(env),
+            image_registry=_image_registry(env),
+            image_tag=_image_tag(env),
         )
+
+    def image(self, name: str) -> str:
+        """The full image reference of ``image-pipeline-<name>``, always with an explicit tag."""
+        registry = f"{self.image_registry}/" if self.image_registry else ""
+        return f"{registry}image-pipeline-{name}:{self.image_tag}"
 
     def with_kafka(self, bootstrap_servers: str) -> "Settings":
         """A copy pointing at ``bootstrap_servers`` (used once a local broker is started)."""
@@ -154,6 +170,9 @@ class Settings:
             "LIVE_SCORING": "on" if self.live_scoring else "off",
             "ANOMALY_THRESHOLD": repr(self.anomaly_threshold),
             "ANOMALY_CONSECUTIVE": str(self.anomaly_consecutive),
+            "K8S_NAMESPACE": self.k8s_namespace,
+            "IMAGE_REGISTRY": self.image_registry,
+            "IMAGE_TAG": self.image_tag,
         }
         if self.kafka_bootstrap_servers:
             env["KAFKA_BOOTSTRAP_SERVERS"] = self.kafka_bootstrap_servers
@@ -174,6 +193,9 @@ class Settings:
             "LIVE_SCORING": "on" if self.live_scoring else "off",
             "ANOMALY_THRESHOLD": repr(self.anomaly_threshold),
             "ANOMALY_CONSECUTIVE": str(self.anomaly_consecutive),
+            "K8S_NAMESPACE": self.k8s_namespace,
+            "IMAGE_REGISTRY": self.image_registry or "(none: images by name only)",
+            "IMAGE_TAG": self.image_tag,
         }
         for name, value in sorted(self.kafka_options.items()):
             shown[f"kafka option {name}"] = "***" if _is_secret(name) else value
@@ -229,6 +251,32 @@ def _port(env: Mapping[str, str], name: str, default: int) -> int:
     if not text.isdigit() or not 0 < int(text) < 65535:
         raise SettingsError(f"{name}={text!r}: expected a port number between 1 and 65534")
     return int(text)
+
+
+def _namespace(env: Mapping[str, str]) -> str:
+    value = env.get("K8S_NAMESPACE", "").strip() or "image-pipeline"
+    if not _DNS_LABEL.fullmatch(value):
+        raise SettingsError(f"K8S_NAMESPACE={value!r}: expected a Kubernetes namespace name "
+                            "(lowercase letters, digits and '-', at most 63)")
+    return value
+
+
+def _image_registry(env: Mapping[str, str]) -> str:
+    value = env.get("IMAGE_REGISTRY", "").strip().rstrip("/")
+    if value and not _IMAGE_REGISTRY.fullmatch(value):
+        raise SettingsError(f"IMAGE_REGISTRY={value!r}: expected a registry host[:port][/path]")
+    return value
+
+
+def _image_tag(env: Mapping[str, str]) -> str:
+    value = env.get("IMAGE_TAG", "").strip() or __version__
+    if value == "latest":
+        # A moving tag makes a retried task run different code than its first attempt.
+        raise SettingsError("IMAGE_TAG='latest': give an explicit version tag, e.g. "
+                            f"{__version__}")
+    if not _IMAGE_TAG.fullmatch(value):
+        raise SettingsError(f"IMAGE_TAG={value!r}: not a valid image tag")
+    return value
 
 
 def _check_bootstrap(value: str) -> None:

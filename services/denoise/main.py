@@ -64,6 +64,7 @@ TASK = ImageTask(
         "patch": Param(int, 1, minimum=1, maximum=3, help="patch radius in pixels"),
     },
     apply=denoise,
+    resources={"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
 )
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ TASK = ImageTask(
         "passes": Param(int, 2, minimum=1, maximum=10, help="how many times to filter"),
     },
     apply=median,
+    resources={"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
 )
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ TASK = ImageTask(
         "iterations": Param(int, 10, minimum=0, maximum=50, help="refinement passes"),
     },
     apply=upscale,
+    resources={"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
 )
 
 if __name__ == "__main__":
