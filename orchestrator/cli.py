@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep each order's task<ID>/resource<ID> topics after it ends")
     run.add_argument("--max-concurrent", type=int, default=4, metavar="N",
                      help="orders running at the same time; default 4")
+    submit = commands.add_parser(
+        "submit", help="run orders inside the cluster: one orchestrator Job per order (RUNTIME=kubernetes)")
+    submit.add_argument("orders", nargs="+", metavar="ORDER.json")
+    submit.add_argument("--wait", action="store_true",
+                        help="wait until the orchestrator Jobs finish; exit 1 if one failed")
+    submit.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
+                        help="with --wait: give up waiting after this long; default 3600")
     return parser
 
 
@@ -51,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    if args.command == "submit":
+        return submit_orders(settings, args.orders, args.wait, args.timeout)
     if args.repeat < 1 or args.max_concurrent < 1:
         print("error: --repeat and --max-concurrent must be at least 1", file=sys.stderr)
         return EXIT_INVALID
@@ -68,23 +77,53 @@ def run_orders(settings: Settings, orders, keep_topics: bool = False, max_concur
     create_schema(engine)
     admin = TopicAdmin(settings)
     admin.create([ORCHESTRATOR_TOPIC, ANOMALIES_TOPIC])
+    runtime = make_runtime(settings, settings.state_dir / "logs")
     cancel = threading.Event()
     reporter = Reporter()
     _install_cancel(cancel, reporter)
     listener = ProgressListener(settings)
     listener.start()
     with Producer(settings) as producer:
-        services = Services(make_runtime(settings, settings.state_dir / "logs"), OrderStore(engine),
-                            admin, producer, listener, reporter, cancel, keep_topics)
+        services = Services(runtime, OrderStore(engine), admin, producer, listener, reporter,
+                            cancel, keep_topics)
         try:
             with ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="order") as pool:
                 results = list(pool.map(lambda order: OrderRun(order, services).run(), orders))
         finally:
             listener.close()
+            runtime.close()
     print(format_summary(results))
     if cancel.is_set():
         return EXIT_CANCELLED
     return EXIT_OK if all(r.status == "SUCCEEDED" for r in results) else EXIT_FAILED
+
+
+def submit_orders(settings: Settings, paths: list[str], wait: bool, timeout: float) -> int:
+    """Start one in-cluster orchestrator Job per order; with ``wait``, report their ends."""
+    from orchestrator.submit import Submitter
+
+    try:
+        submitter = Submitter(settings)
+        submitted = []
+        for path in paths:
+            item = submitter.submit(path)
+            submitted.append(item)
+            print(f"order {item.order.name} ({path}) submitted: Job {settings.k8s_namespace}/{item.job} "
+                  f"runs it as service account orchestrator")
+            print(f"  follow it: kubectl -n {settings.k8s_namespace} logs -f job/{item.job}")
+        if not wait:
+            return EXIT_OK
+        print(f"waiting for {len(submitted)} orchestrator Job(s) (at most {timeout:g}s)")
+        outcomes = submitter.wait(submitted, timeout)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        # The Jobs run on in the cluster; only the waiting stops.
+        return EXIT_CANCELLED
+    for job, outcome in outcomes.items():
+        print(f"Job {job}: {outcome}")
+    return EXIT_OK if all(o == "succeeded" for o in outcomes.values()) else EXIT_FAILED
 
 
 def _install_cancel(cancel: threading.Event, reporter: Reporter) -> None:

@@ -21,7 +21,6 @@ from pipeline.protocol import OrderStopped, Progress, TaskStatus, order_topics
 logger = logging.getLogger(__name__)
 
 MONITOR_KINDS = ("producer", "consumer")
-MONITOR_READY_TIMEOUT = 60.0
 MONITOR_EXIT_TIMEOUT = 60.0
 EXIT_AFTER_PROGRESS_TIMEOUT = 30.0
 LATE_PROGRESS_WAIT = 3.0
@@ -56,6 +55,7 @@ class OrderRun:
         self.order_id: int | None = None
         self._monitors: dict[str, Handle] = {}
         self._progress: queue.Queue[Progress] | None = None
+        self._image = order.image  # where the tasks read it (see Runtime.stage_input)
 
     def run(self) -> OrderResult:
         began = time.monotonic()
@@ -81,7 +81,10 @@ class OrderRun:
         order_id = self.order_id
         self._fresh_topics()
         self._progress = self.s.listener.register(order_id)
-        for kind in MONITOR_KINDS:
+        self._image = self.s.runtime.stage_input(self.order.image, order_id)
+        # Where each task pod samples itself, the order needs no producer of its own.
+        kinds = ("consumer",) if self.s.runtime.samples_in_task_pods else MONITOR_KINDS
+        for kind in kinds:
             self._start_monitor(kind)
         self.s.store.set_status(order_id, OrderStatus.RUNNING)
         self._say(f"monitors ready; running {len(self.order.tasks)} task(s) on {self.order.image.name}")
@@ -105,13 +108,13 @@ class OrderRun:
         for attempt in range(1, retry.max_attempts + 1):
             result.attempts = attempt
             launch = TaskLaunch(self.order_id, self.order.task_names, spec.name, progress,
-                                self.order.image, dict(spec.params), spec.fault, spec.fault_at, attempt)
+                                self._image, dict(spec.params), spec.fault, spec.fault_at, attempt)
             self._say(f"task {position + 1}/{len(self.order.tasks)} {spec.name} started"
                       + (f" (attempt {attempt}/{retry.max_attempts})" if attempt > 1 else ""))
             began = time.monotonic()
             self.s.store.start_task(self.order_id, position, attempt, spec.name, spec.fault)
             try:
-                outputs = self._attempt(launch)
+                outputs = self._attempt(launch, spec)
             except _AttemptFailed as exc:
                 result.status, result.error = "FAILED", str(exc)
                 result.seconds = time.monotonic() - began
@@ -130,8 +133,8 @@ class OrderRun:
             return outputs
         return None
 
-    def _attempt(self, launch: TaskLaunch) -> tuple[str, ...]:
-        handle = self.s.runtime.start_task(launch)
+    def _attempt(self, launch: TaskLaunch, spec: TaskSpec) -> tuple[str, ...]:
+        handle = self.s.runtime.start_task(launch, spec.resources, self.order.retry.task_timeout_seconds)
         started = time.monotonic()
         deadline = started + self.order.retry.task_timeout_seconds
         exited_at: float | None = None
@@ -156,7 +159,7 @@ class OrderRun:
                     # PROGRESS may still be on its way; give it a moment before calling it lost.
                     exited_at = exited_at or now
                     if now - exited_at > LATE_PROGRESS_WAIT:
-                        raise _AttemptFailed(f"exited with status {code} without reporting PROGRESS")
+                        raise _AttemptFailed(f"{handle.end_reason()} without reporting PROGRESS")
                 elif now > deadline:
                     raise _AttemptFailed(f"no PROGRESS within {self.order.retry.task_timeout_seconds:g}s; stopped")
                 self._supervise_monitors()
@@ -181,7 +184,7 @@ class OrderRun:
     def _start_monitor(self, kind: str) -> None:
         handle = self.s.runtime.start_monitor(kind, self.order_id)
         self._monitors[kind] = handle
-        handle.wait_ready(MONITOR_READY_TIMEOUT)
+        handle.wait_ready(self.s.runtime.monitor_ready_timeout)
 
     def _supervise_monitors(self) -> None:
         """Restart a monitor that died mid-order. Nothing is lost: the consumer resumes from its
@@ -215,6 +218,13 @@ class OrderRun:
                 self.s.producer.send_now(OrderStopped(self.order_id).encode())
             except PipelineError as exc:
                 logger.error("order_id=%d could not send STOP: %s", self.order_id, exc)
+            if self.s.runtime.samples_in_task_pods:
+                # No task pod will relay this STOP to the consumer; a stop-only producer does.
+                try:
+                    self._monitors["producer"] = self.s.runtime.start_monitor("producer", self.order_id)
+                except RuntimeFailure as exc:
+                    logger.error("order_id=%d could not start the stop-only producer: %s",
+                                 self.order_id, exc)
         grace = 10.0 if self.s.cancel.is_set() else MONITOR_EXIT_TIMEOUT
         for handle in self._monitors.values():
             if handle.wait(grace) is None:

@@ -13,6 +13,6 @@ def make_runtime(settings, log_dir) -> Runtime:
         from orchestrator.runtime.local import LocalRuntime
 
         return LocalRuntime(settings, log_dir)
-    from pipeline.errors import SettingsError
+    from orchestrator.runtime.kubernetes import KubernetesRuntime
 
-    raise SettingsError(f"RUNTIME={settings.runtime.value} is not available in this version")
+    return KubernetesRuntime(settings)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
+from pathlib import Path
 
 from pipeline.invocation import TaskInvocation
 
@@ -31,6 +33,10 @@ class Handle(abc.ABC):
     def stop(self, grace: float = 10.0) -> int | None:
         """Ask it to stop (SIGTERM), force it after ``grace`` seconds; the exit status."""
 
+    def end_reason(self) -> str:
+        """How it ended, in words, for a failure message (call once it has ended)."""
+        return f"exited with status {self.exit_code()}"
+
 
 class RuntimeFailure(Exception):
     """A task or monitor could not be started or ended badly."""
@@ -39,10 +45,28 @@ class RuntimeFailure(Exception):
 class Runtime(abc.ABC):
     """Starts tasks and monitors."""
 
+    # True where a monitor elsewhere cannot see a task's processes, so each task carries its
+    # own sampler (Kubernetes); the order then has no monitor-producer of its own, and
+    # ``start_monitor("producer")`` only completes the STOP/TERMINATE handshake.
+    samples_in_task_pods: bool = False
+    # How long a monitor may take to become ready (a cluster may first pull its image).
+    monitor_ready_timeout: float = 60.0
+
     @abc.abstractmethod
-    def start_task(self, launch: TaskLaunch) -> Handle:
-        """Start one attempt of a task."""
+    def start_task(self, launch: TaskLaunch,
+                   resources: Mapping[str, Mapping[str, str]] | None = None,
+                   timeout_seconds: float = 300.0) -> Handle:
+        """Start one attempt of a task. ``resources`` (the order's requests/limits overrides)
+        and ``timeout_seconds`` (the order's task timeout, which the orchestrator enforces)
+        matter to runtimes that can hand them to the platform as well."""
 
     @abc.abstractmethod
     def start_monitor(self, kind: str, order_id: int) -> Handle:
         """Start the monitor-``kind`` (``producer`` or ``consumer``) of an order."""
+
+    def stage_input(self, image: Path, order_id: int) -> Path:
+        """The path under which the tasks can read the order's input image."""
+        return image
+
+    def close(self) -> None:
+        """Release what the runtime holds (watches, connections) once no order runs."""

@@ -102,7 +102,8 @@ class LocalRuntime(Runtime):
         env[PARENT_PID_VARIABLE] = str(os.getpid())
         self.env = env
 
-    def start_task(self, launch: TaskLaunch) -> Handle:
+    def start_task(self, launch: TaskLaunch, resources=None, timeout_seconds: float = 300.0) -> Handle:
+        # Local processes share the machine; requests and limits are a cluster's business.
         name = f"task {launch.task_name} (order {launch.order_id}, position {launch.position}, attempt {launch.attempt})"
         log = self.log_dir / f"order-{launch.order_id}" / f"{launch.position:02d}-{launch.task_name}-{launch.attempt}.log"
         command = [sys.executable, "-m", task_module(launch.task_name), *launch.to_args()]
