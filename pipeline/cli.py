@@ -1,11 +1,11 @@
-"""Command line of ``python -m pipeline``: local infrastructure and settings."""
+"""Command line of ``python -m pipeline``: local infrastructure, settings, cluster deploy."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from pipeline import deploy
 from pipeline.errors import PipelineError
 from pipeline.infra.manager import Infra, Ports
 from pipeline.logs import configure_logging
@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_parser("status", help="what runs where")
     actions.add_parser("down", help="stop what `up` started")
     commands.add_parser("settings", help="print the effective settings (secrets masked)")
+    deploy.add_arguments(commands.add_parser(
+        "deploy", help="deploy the services in k8s/ to a Kubernetes cluster (docs/kubernetes.md)"))
     return parser
 
 
@@ -36,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, value in settings.describe().items():
                 print(f"{name}={value}")
             return 0
+        if args.command == "deploy":
+            return deploy.command(args, settings)
         if args.action == "up":
             infra = Infra(settings, Ports(kafka=args.kafka_port or settings.local_kafka_port,
                                           postgres=args.postgres_port or settings.local_postgres_port))
