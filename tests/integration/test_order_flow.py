@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 
@@ -15,7 +12,7 @@ from PIL import Image
 
 from pipeline.protocol import RESOURCES
 from tests.integration.orderkit import (
-    REPO, child_env, pipeline_processes, run_orchestrator, start_orchestrator, stored_orders,
+    REPO, pipeline_processes, run_orchestrator, start_orchestrator, stored_orders,
     write_order,
 )
 
