@@ -1,0 +1,1 @@
+"""Kubernetes integration tests: a real kube-apiserver on etcd, and a stand-in for the kubelet."""

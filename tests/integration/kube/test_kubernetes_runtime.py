@@ -1,0 +1,198 @@
+"""Orders through the Kubernetes runtime, end to end, against a real kube-apiserver.
+
+``python -m orchestrator submit`` (as a cluster admin) uploads the order and starts an
+orchestrator Job; the kubelet stand-in runs it as a local process with a real token of the
+``orchestrator`` service account, bound by the Role of ``k8s/rbac/``. That orchestrator
+creates the task and monitor Jobs, which the stand-in runs too, against the real broker and
+database. The API server's audit log then shows what the service account did.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import kubernetes.client as k8s
+import pytest
+import yaml
+
+from orchestrator.runtime.job_specs import COMPONENT, ORDER_LABEL, POSITION_LABEL, RUN_LABEL, TASK_LABEL
+from tests.integration.kube.cluster import apply_rbac, prepare_namespace
+from tests.integration.kube.cluster import submit as submit_orders
+from tests.integration.orderkit import REPO, stored_orders, write_order
+
+def granted_verbs() -> set[tuple[str, str]]:
+    """(resource, verb) pairs the orchestrator Role grants, read from k8s/rbac/role.yaml."""
+    role = next(d for d in yaml.safe_load_all((REPO / "k8s/rbac/role.yaml").read_text()) if d["kind"] == "Role")
+    return {(resource, verb) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+@pytest.fixture
+def cluster(kube_api, kube_namespace, kubelet, infra_env, database_url, tmp_path):
+    """The namespace set up as `python -m pipeline deploy` would, pointing at the test's
+    broker and database."""
+    admin = prepare_namespace(kube_api, kube_namespace, infra_env["KAFKA_BOOTSTRAP_SERVERS"],
+                              database_url, tmp_path)
+    return {"namespace": kube_namespace, "admin_kubeconfig": admin, "database_url": database_url,
+            "kubelet": kubelet, "api": kube_api, "tmp": tmp_path}
+
+
+def submit(cluster, *orders: Path) -> subprocess.CompletedProcess:
+    return submit_orders(cluster["admin_kubeconfig"], cluster["namespace"], list(orders), cluster["tmp"])
+
+
+def jobs(cluster) -> list[k8s.V1Job]:
+    with cluster["api"].api_client() as client:
+        return k8s.BatchV1Api(client).list_namespaced_job(cluster["namespace"]).items
+
+
+def service_account_calls(cluster) -> list[dict]:
+    user = f"system:serviceaccount:{cluster['namespace']}:orchestrator"
+    return [e for e in cluster["api"].audit_events(user) if e.get("stage") == "ResponseComplete"]
+
+
+def orchestrator_log(cluster, result) -> str:
+    """What to show when an assertion fails: the submit output and the orchestrator pod's log."""
+    logs = []
+    for job in jobs(cluster):
+        if job.metadata.labels.get(COMPONENT) == "orchestrator":
+            for path in cluster["kubelet"].logs(job.metadata.name).values():
+                logs.append(path.read_text()[-4000:])
+    return f"submit: {result.stdout}\n{result.stderr}\norchestrator pod:\n" + "\n".join(logs)
+
+
+def test_an_order_runs_as_jobs_created_by_the_orchestrator_service_account(cluster):
+    order = write_order(cluster["tmp"], "k8s-three", ["grayscale", "blur", "edge_detect"])
+    result = submit(cluster, order)
+    assert result.returncode == 0, orchestrator_log(cluster, result)
+    assert "succeeded" in result.stdout
+
+    stored = stored_orders_for(cluster)["k8s-three"]
+    assert stored.status == "SUCCEEDED"
+    assert [(r["task"], r["status"]) for r in stored.runs] == [
+        ("grayscale", "SUCCEEDED"), ("blur", "SUCCEEDED"), ("edge_detect", "SUCCEEDED")]
+    # Every task was sampled by the sidecar in its own pod: all four resources, per task.
+    for task in ("grayscale", "blur", "edge_detect"):
+        assert {s["resource"] for s in stored.samples if s["task"] == task} == {
+            "cpu", "memory", "disk_read", "disk_write"}, task
+    outputs = cluster["kubelet"].pvc_dir("pipeline-artifacts") / f"order-{stored.id}"
+    assert sorted(p.name for p in outputs.iterdir()) == ["00-grayscale.png", "01-blur.png", "02-edge_detect.png"]
+
+    by_component: dict[str, list[k8s.V1Job]] = {}
+    for job in jobs(cluster):
+        by_component.setdefault(job.metadata.labels[COMPONENT], []).append(job)
+    assert sorted(by_component) == ["monitor-consumer", "orchestrator", "task"]
+    tasks = sorted(by_component["task"], key=lambda j: int(j.metadata.labels[POSITION_LABEL]))
+    assert [j.metadata.labels[TASK_LABEL] for j in tasks] == ["grayscale", "blur", "edge_detect"]
+    assert {j.metadata.labels[ORDER_LABEL] for j in tasks} == {str(stored.id)}
+    assert len({j.metadata.labels[RUN_LABEL] for j in tasks + by_component["monitor-consumer"]}) == 1
+    for job in tasks + by_component["monitor-consumer"]:
+        assert job.spec.backoff_limit == 0 and job.spec.ttl_seconds_after_finished > 0
+        assert job.spec.active_deadline_seconds > 0
+        pod = job.spec.template.spec
+        for container in (pod.init_containers or []) + pod.containers:
+            image = container.image
+            assert ":" in image and not image.endswith(":latest"), image
+        assert all(c.type == "Complete" for c in job.status.conditions if c.status == "True"
+                   and c.type in ("Complete", "Failed"))
+
+    calls = service_account_calls(cluster)
+    assert calls, "the orchestrator pod must act as the orchestrator service account"
+    assert all(e["responseStatus"]["code"] < 400 for e in calls), [
+        (e["verb"], e["objectRef"], e["responseStatus"]) for e in calls if e["responseStatus"]["code"] >= 400]
+
+
+def test_a_failing_and_a_stalled_task_fail_their_orders_cleanly_and_the_role_is_exactly_enough(cluster):
+    failing = write_order(cluster["tmp"], "k8s-failing", ["grayscale", {"name": "blur", "fault": "raise"}],
+                          retry={"max_attempts": 2, "backoff_seconds": 0.2})
+    stalled = write_order(cluster["tmp"], "k8s-stalled", [{"name": "sepia", "fault": "stall"}],
+                          retry={"max_attempts": 1, "task_timeout_seconds": 4})
+    result = submit(cluster, failing, stalled)
+    assert result.returncode == 1, orchestrator_log(cluster, result)
+
+    stored = stored_orders_for(cluster)
+    assert stored["k8s-failing"].status == "FAILED"
+    assert [(r["task"], r["attempt"], r["status"]) for r in stored["k8s-failing"].runs] == [
+        ("grayscale", 1, "SUCCEEDED"), ("blur", 1, "FAILED"), ("blur", 2, "FAILED")]
+    assert "RuntimeError" in stored["k8s-failing"].runs[-1]["error"] or stored["k8s-failing"].runs[-1]["error"]
+    assert stored["k8s-stalled"].status == "FAILED"
+    assert "no PROGRESS within 4s" in stored["k8s-stalled"].runs[0]["error"]
+
+    all_jobs = jobs(cluster)
+    failed_blur = [j for j in all_jobs if j.metadata.labels.get(TASK_LABEL) == "blur"]
+    assert len(failed_blur) == 2, "every attempt is a Job of its own"
+    assert all(any(c.type == "Failed" and c.status == "True" for c in j.status.conditions) for j in failed_blur)
+    # The stalled task's Job was deleted by the orchestrator (its pod stopped with it).
+    assert not [j for j in all_jobs if j.metadata.labels.get(TASK_LABEL) == "sepia"]
+    # The failed orders' monitors completed the STOP/TERMINATE handshake and ended.
+    monitors = [j for j in all_jobs if j.metadata.labels.get(COMPONENT, "").startswith("monitor-")]
+    assert sorted(j.metadata.labels[COMPONENT] for j in monitors) == [
+        "monitor-consumer", "monitor-consumer", "monitor-producer", "monitor-producer"]
+    for job in monitors:
+        assert any(c.type == "Complete" and c.status == "True" for c in job.status.conditions or []), \
+            job.metadata.name
+    for name, order in stored.items():
+        assert order.samples, f"{name}: the samples taken before the failure are stored"
+
+    # Sufficient: nothing the orchestrator asked for was refused. Minimal: it used every verb
+    # the Role grants, and the Role grants nothing else (the 403 test covers the rest).
+    calls = service_account_calls(cluster)
+    assert all(e["responseStatus"]["code"] < 400 for e in calls)
+    used = {(e["objectRef"]["resource"], e["verb"]) for e in calls}
+    assert used == granted_verbs(), f"used {sorted(used)}, granted {sorted(granted_verbs())}"
+
+
+def test_the_orchestrator_service_account_is_refused_everything_the_role_does_not_grant(
+        kube_api, kube_namespace, tmp_path):
+    apply_rbac(kube_api, kube_namespace)
+    with kube_api.api_client() as admin:
+        job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "existing"},
+               "spec": {"suspend": True, "template": {"spec": {"restartPolicy": "Never", "containers": [
+                   {"name": "c", "image": "image-pipeline-blur:0.6.0", "command": ["true"]}]}}}}
+        k8s.BatchV1Api(admin).create_namespaced_job(kube_namespace, job)
+        k8s.CoreV1Api(admin).create_namespaced_secret(kube_namespace, k8s.V1Secret(
+            metadata=k8s.V1ObjectMeta(name="pipeline-credentials"), string_data={"DATABASE_URL": "x"}))
+    token = kube_api.service_account_token(kube_namespace, "orchestrator")
+    with kube_api.api_client(token) as client:
+        batch, core = k8s.BatchV1Api(client), k8s.CoreV1Api(client)
+        new_job = {**job, "metadata": {"name": "new"}}
+        granted = {
+            "create jobs": lambda: batch.create_namespaced_job(kube_namespace, new_job, dry_run="All"),
+            "list jobs": lambda: batch.list_namespaced_job(kube_namespace),
+            "watch jobs": lambda: batch.list_namespaced_job(kube_namespace, watch=True, timeout_seconds=1,
+                                                            _preload_content=False).read(),
+            "delete jobs": lambda: batch.delete_namespaced_job("existing", kube_namespace, dry_run="All"),
+        }
+        refused = {
+            "get a job": lambda: batch.read_namespaced_job("existing", kube_namespace),
+            "patch a job": lambda: batch.patch_namespaced_job("existing", kube_namespace, {"spec": {"suspend": False}}),
+            "update job status": lambda: batch.patch_namespaced_job_status(
+                "existing", kube_namespace, {"status": {"active": 1}}),
+            "delete all jobs": lambda: batch.delete_collection_namespaced_job(kube_namespace),
+            "create pods": lambda: core.create_namespaced_pod(kube_namespace, {
+                "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+                "spec": {"containers": [{"name": "c", "image": "busybox:1.36"}]}}),
+            "list pods": lambda: core.list_namespaced_pod(kube_namespace),
+            "read the credentials secret": lambda: core.read_namespaced_secret("pipeline-credentials", kube_namespace),
+            "list configmaps": lambda: core.list_namespaced_config_map(kube_namespace),
+            "create configmaps": lambda: core.create_namespaced_config_map(kube_namespace, k8s.V1ConfigMap(
+                metadata=k8s.V1ObjectMeta(name="c"))),
+            "jobs in another namespace": lambda: batch.list_namespaced_job("default"),
+            "jobs cluster-wide": lambda: batch.list_job_for_all_namespaces(),
+            "cron jobs": lambda: k8s.BatchV1Api(client).list_namespaced_cron_job(kube_namespace),
+            "change its own role": lambda: k8s.RbacAuthorizationV1Api(client).patch_namespaced_role(
+                "orchestrator", kube_namespace, {"rules": []}),
+        }
+        for what, call in granted.items():
+            call()  # raises on 403
+        for what, call in refused.items():
+            with pytest.raises(k8s.ApiException) as refusal:
+                call()
+            assert refusal.value.status == 403, f"{what}: HTTP {refusal.value.status}"
+
+
+def stored_orders_for(cluster):
+    from pipeline.settings import Settings
+
+    return stored_orders(Settings.from_env({"DATABASE_URL": cluster["database_url"],
+                                            "PIPELINE_STATE_DIR": str(cluster["tmp"] / "state")}))
