@@ -73,10 +73,15 @@ def merged_resources(*layers: Mapping[str, Mapping[str, str]] | None) -> dict[st
 class JobTemplates:
     """Builds the Jobs of one orchestrator process (its Jobs share the ``run`` label)."""
 
-    def __init__(self, settings: Settings, run_id: str, directory: Path = TEMPLATES_DIR) -> None:
+    def __init__(self, settings: Settings, run_id: str, directory: Path = TEMPLATES_DIR,
+                 owner_pod: tuple[str, str] | None = None) -> None:
         self.settings = settings
         self.run_id = run_id
         self.directory = directory
+        # In a cluster, the orchestrator's own pod (name, uid) owns the Jobs it creates: if the
+        # pod goes, the garbage collector removes its tasks and monitors too.
+        self.owner = ({"apiVersion": "v1", "kind": "Pod", "name": owner_pod[0], "uid": owner_pod[1]}
+                      if owner_pod else None)
 
     def task_job(self, launch: TaskInvocation, deadline_seconds: float,
                  resources: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, Any]:
@@ -138,6 +143,8 @@ class JobTemplates:
         job = copy.deepcopy(_read(self.directory / template))
         job["metadata"] = {"name": name, "namespace": self.settings.k8s_namespace,
                            "labels": {**job.get("metadata", {}).get("labels", {}), **labels}}
+        if self.owner:
+            job["metadata"]["ownerReferences"] = [self.owner]
         template_meta = job["spec"]["template"].setdefault("metadata", {})
         template_meta["labels"] = {**template_meta.get("labels", {}), **labels}
         return job

@@ -127,7 +127,7 @@ class KubernetesRuntime(Runtime):
         # Every Job of this process carries the run label; the watch follows only those.
         self.run_id = secrets.token_hex(6)
         kwargs = {"directory": templates_dir} if templates_dir else {}
-        self.templates = JobTemplates(settings, self.run_id, **kwargs)
+        self.templates = JobTemplates(settings, self.run_id, owner_pod=_own_pod(), **kwargs)
         self.watcher = JobWatcher(self.api, self.namespace, f"{RUN_LABEL}={self.run_id}").start()
 
     def start_task(self, launch: TaskLaunch,
@@ -169,6 +169,12 @@ class KubernetesRuntime(Runtime):
         self.watcher.expect(name)
         logger.info("created Job %s/%s", self.namespace, name)
         return name
+
+
+def _own_pod() -> tuple[str, str] | None:
+    """(name, uid) of the pod this process runs in, from the downward API (orchestrator.yaml)."""
+    name, uid = os.environ.get("POD_NAME"), os.environ.get("POD_UID")
+    return (name, uid) if name and uid else None
 
 
 def _api_problem(exc: ApiException) -> str:

@@ -123,3 +123,13 @@ def test_images_always_carry_an_explicit_tag(tmp_path):
 def test_the_package_version_is_the_default_image_tag():
     pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     assert f'version = "{__version__}"' in pyproject
+
+
+def test_jobs_created_from_a_pod_are_owned_by_it(tmp_path):
+    settings = Settings.from_env({"PIPELINE_STATE_DIR": str(tmp_path)})
+    inside = JobTemplates(settings, "run1", owner_pod=("ip-orchestrator-x-abcde-12345", "0f1e-uid"))
+    for job in (inside.task_job(_launch(), 60), inside.monitor_job("consumer", 42)):
+        assert job["metadata"]["ownerReferences"] == [
+            {"apiVersion": "v1", "kind": "Pod", "name": "ip-orchestrator-x-abcde-12345", "uid": "0f1e-uid"}]
+    outside = JobTemplates(settings, "run1")
+    assert "ownerReferences" not in outside.task_job(_launch(), 60)["metadata"]

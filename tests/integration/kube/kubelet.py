@@ -59,6 +59,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +119,7 @@ class PodRun:
     containers: dict[str, Container] = field(default_factory=dict)
     phase: str = "Pending"  # Running, Succeeded, Failed
     error: str | None = None
+    uid: str = field(default_factory=lambda: str(uuid.uuid4()))  # no Pod object exists: invented
 
     @property
     def logs(self) -> dict[str, Path]:
@@ -420,7 +422,7 @@ class KubeletStandIn:
                   "batch.kubernetes.io/job-name": pod.job, "job-name": pod.job,
                   "batch.kubernetes.io/controller-uid": job["metadata"]["uid"],
                   "controller-uid": job["metadata"]["uid"]}
-        fields = {"metadata.name": pod.name, "metadata.namespace": self.namespace,
+        fields = {"metadata.name": pod.name, "metadata.uid": pod.uid, "metadata.namespace": self.namespace,
                   "spec.serviceAccountName": sa_name, "spec.nodeName": "kubelet-stand-in",
                   "status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1",
                   **{f"metadata.labels['{k}']": v for k, v in labels.items()},

@@ -86,6 +86,12 @@ def test_an_order_runs_as_jobs_created_by_the_orchestrator_service_account(clust
     assert [j.metadata.labels[TASK_LABEL] for j in tasks] == ["grayscale", "blur", "edge_detect"]
     assert {j.metadata.labels[ORDER_LABEL] for j in tasks} == {str(stored.id)}
     assert len({j.metadata.labels[RUN_LABEL] for j in tasks + by_component["monitor-consumer"]}) == 1
+    # Owned by the orchestrator's pod, so that deleting it (or its Job) removes them too.
+    orchestrator_job = by_component["orchestrator"][0].metadata.name
+    orchestrator_pod = cluster["kubelet"].pods(orchestrator_job)[-1]
+    for job in tasks + by_component["monitor-consumer"]:
+        assert [(o.kind, o.name, o.uid) for o in job.metadata.owner_references] == [
+            ("Pod", orchestrator_pod.name, orchestrator_pod.uid)]
     for job in tasks + by_component["monitor-consumer"]:
         assert job.spec.backoff_limit == 0 and job.spec.ttl_seconds_after_finished > 0
         assert job.spec.active_deadline_seconds > 0
@@ -196,3 +202,36 @@ def stored_orders_for(cluster):
 
     return stored_orders(Settings.from_env({"DATABASE_URL": cluster["database_url"],
                                             "PIPELINE_STATE_DIR": str(cluster["tmp"] / "state")}))
+
+
+def test_a_task_job_deleted_behind_the_orchestrators_back_is_a_failed_attempt_and_retried(cluster):
+    import threading
+    import time
+
+    order = write_order(cluster["tmp"], "k8s-vanishing", [{"name": "sepia", "fault": "stall"}],
+                        retry={"max_attempts": 2, "backoff_seconds": 0.2, "task_timeout_seconds": 120})
+    deleted: list[str] = []
+
+    def delete_each_attempt_once_it_runs() -> None:
+        deadline = time.monotonic() + 120
+        with cluster["api"].api_client() as client:
+            batch = k8s.BatchV1Api(client)
+            while len(deleted) < 2 and time.monotonic() < deadline:
+                for job in batch.list_namespaced_job(cluster["namespace"],
+                                                     label_selector=f"{TASK_LABEL}=sepia").items:
+                    if job.metadata.name not in deleted and (job.status.active or 0) > 0:
+                        batch.delete_namespaced_job(job.metadata.name, cluster["namespace"],
+                                                    propagation_policy="Background")
+                        deleted.append(job.metadata.name)
+                time.sleep(0.3)
+
+    intruder = threading.Thread(target=delete_each_attempt_once_it_runs)
+    intruder.start()
+    result = submit(cluster, order)
+    intruder.join()
+    assert result.returncode == 1, orchestrator_log(cluster, result)
+    assert len(deleted) == 2
+    runs = stored_orders_for(cluster)["k8s-vanishing"].runs
+    assert [(r["attempt"], r["status"]) for r in runs] == [(1, "FAILED"), (2, "FAILED")]
+    for run in runs:
+        assert "vanished: its Job was deleted outside the orchestrator" in run["error"], run["error"]
