@@ -235,3 +235,59 @@ def test_a_task_job_deleted_behind_the_orchestrators_back_is_a_failed_attempt_an
     assert [(r["attempt"], r["status"]) for r in runs] == [(1, "FAILED"), (2, "FAILED")]
     for run in runs:
         assert "vanished: its Job was deleted outside the orchestrator" in run["error"], run["error"]
+
+
+def test_deleting_the_orchestrator_job_cancels_the_order_and_leaves_nothing_running(cluster):
+    import threading
+    import time
+
+    order = write_order(cluster["tmp"], "k8s-cancelled", ["grayscale", {"name": "sepia", "fault": "stall"}],
+                        retry={"max_attempts": 1, "task_timeout_seconds": 120})
+    stopped: list[str] = []
+
+    def delete_the_orchestrator_once_the_stalled_task_runs() -> None:
+        deadline = time.monotonic() + 120
+        with cluster["api"].api_client() as client:
+            batch = k8s.BatchV1Api(client)
+            while not stopped and time.monotonic() < deadline:
+                stalled = batch.list_namespaced_job(cluster["namespace"], label_selector=f"{TASK_LABEL}=sepia").items
+                if stalled and (stalled[0].status.active or 0) > 0:
+                    time.sleep(1.0)  # let its sampler take a sample or two
+                    for job in batch.list_namespaced_job(
+                            cluster["namespace"], label_selector=f"{COMPONENT}=orchestrator").items:
+                        batch.delete_namespaced_job(job.metadata.name, cluster["namespace"],
+                                                    propagation_policy="Background")
+                        stopped.append(job.metadata.name)
+                time.sleep(0.3)
+
+    intruder = threading.Thread(target=delete_the_orchestrator_once_the_stalled_task_runs)
+    intruder.start()
+    result = submit(cluster, order)
+    intruder.join()
+    assert stopped and result.returncode == 1, orchestrator_log(cluster, result)
+    assert "deleted before it finished" in result.stdout
+
+    # The orchestrator got SIGTERM like a pod being deleted, and wound the order down within
+    # its termination grace period: the task stopped, the monitors' handshake completed.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        stored = stored_orders_for(cluster)["k8s-cancelled"]
+        if stored.status == "CANCELLED":
+            break
+        time.sleep(0.5)
+    assert stored.status == "CANCELLED", orchestrator_log(cluster, result)
+    assert [(r["task"], r["status"]) for r in stored.runs] == [("grayscale", "SUCCEEDED"), ("sepia", "FAILED")]
+    assert {s["task"] for s in stored.samples} == {"grayscale", "sepia"}
+    remaining = {j.metadata.labels[COMPONENT]: j for j in jobs(cluster)}
+    assert "task" not in remaining or remaining["task"].metadata.labels[TASK_LABEL] == "grayscale"
+    for component in ("monitor-consumer", "monitor-producer"):
+        conditions = remaining[component].status.conditions or []
+        assert any(c.type == "Complete" and c.status == "True" for c in conditions), component
+    # Every process of every pod has ended (the orchestrator's last: it prints its summary).
+    kubelet = cluster["kubelet"]
+    pods = [pod for job in jobs(cluster) for pod in kubelet.pods(job.metadata.name)]
+    pods += [pod for name in stopped for pod in kubelet.pods(name)]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(None in pod.exit_codes().values() for pod in pods):
+        time.sleep(0.2)
+    assert [pod.name for pod in pods if None in pod.exit_codes().values()] == []
