@@ -73,25 +73,28 @@ def main(argv: list[str] | None = None) -> int:
 def run_orders(settings: Settings, orders, keep_topics: bool = False, max_concurrent: int = 4) -> int:
     """Run ``orders`` concurrently; print the summary; the exit status."""
     settings = ensure_kafka(settings)
-    engine = connect(settings.database_url)
-    create_schema(engine)
-    admin = TopicAdmin(settings)
-    admin.create([ORCHESTRATOR_TOPIC, ANOMALIES_TOPIC])
+    # Before touching the database or the broker: missing cluster credentials fail at once.
     runtime = make_runtime(settings, settings.state_dir / "logs")
-    cancel = threading.Event()
-    reporter = Reporter()
-    _install_cancel(cancel, reporter)
-    listener = ProgressListener(settings)
-    listener.start()
-    with Producer(settings) as producer:
-        services = Services(runtime, OrderStore(engine), admin, producer, listener, reporter,
-                            cancel, keep_topics)
+    try:
+        engine = connect(settings.database_url)
+        create_schema(engine)
+        admin = TopicAdmin(settings)
+        admin.create([ORCHESTRATOR_TOPIC, ANOMALIES_TOPIC])
+        cancel = threading.Event()
+        reporter = Reporter()
+        _install_cancel(cancel, reporter)
+        listener = ProgressListener(settings)
+        listener.start()
         try:
-            with ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="order") as pool:
-                results = list(pool.map(lambda order: OrderRun(order, services).run(), orders))
+            with Producer(settings) as producer:
+                services = Services(runtime, OrderStore(engine), admin, producer, listener, reporter,
+                                    cancel, keep_topics)
+                with ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="order") as pool:
+                    results = list(pool.map(lambda order: OrderRun(order, services).run(), orders))
         finally:
             listener.close()
-            runtime.close()
+    finally:
+        runtime.close()
     print(format_summary(results))
     if cancel.is_set():
         return EXIT_CANCELLED

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pipeline.infra.kafka_broker import KafkaBroker
 from pipeline.infra.postgres import LocalPostgres
 from pipeline.infra.state import publish
+from pipeline.errors import SettingsError
+from pipeline.settings import Runtime as RuntimeName
 from pipeline.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -111,6 +113,10 @@ def ensure_kafka(settings: Settings) -> Settings:
     """Settings with a broker: the configured one, else the local one, started if needed."""
     if settings.kafka_bootstrap_servers:
         return settings
+    if settings.runtime is RuntimeName.KUBERNETES:
+        # A broker on this machine is out of reach of the pods.
+        raise SettingsError("RUNTIME=kubernetes needs KAFKA_BOOTSTRAP_SERVERS: the cluster's "
+                            "broker (k8s/settings.yaml sets kafka:9092)")
     infra = Infra(settings)
     if not infra.kafka.status().running:
         logger.info("no KAFKA_BOOTSTRAP_SERVERS configured: starting the local broker "

@@ -46,3 +46,20 @@ def test_without_java_or_maven_the_broker_says_what_to_install(tmp_path, monkeyp
     message = str(raised.value)
     assert "install" in message and "KAFKA_BOOTSTRAP_SERVERS" in message
     assert not (tmp_path / "cache" / "kafka" / KafkaBroker(settings).version / "libs").exists()
+
+
+def test_the_kubernetes_runtime_without_a_broker_or_cluster_credentials_is_one_line(tmp_path):
+    order = REPO / "orders" / "example-simple.json"
+    no_broker = _run(["-m", "orchestrator", "run", str(order)], PIPELINE_STATE_DIR=str(tmp_path),
+                     RUNTIME="kubernetes")
+    assert no_broker.returncode == 2 and no_broker.stderr.count("\n") == 1
+    assert "RUNTIME=kubernetes needs KAFKA_BOOTSTRAP_SERVERS" in no_broker.stderr
+    no_cluster = _run(["-m", "orchestrator", "run", str(order)], PIPELINE_STATE_DIR=str(tmp_path),
+                      RUNTIME="kubernetes", KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9",
+                      KUBECONFIG=str(tmp_path / "missing.kubeconfig"))
+    assert no_cluster.returncode == 2 and no_cluster.stderr.count("\n") == 1, no_cluster.stderr
+    assert "no cluster credentials" in no_cluster.stderr
+    submitted = _run(["-m", "orchestrator", "submit", str(order)], PIPELINE_STATE_DIR=str(tmp_path),
+                     KUBECONFIG=str(tmp_path / "missing.kubeconfig"))
+    assert submitted.returncode == 2 and "no cluster credentials" in submitted.stderr
+    assert not list(tmp_path.glob("*.db")), "nothing was created"
