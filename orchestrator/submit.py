@@ -22,6 +22,7 @@ from orchestrator.runtime.job_specs import COMPONENT, PART_OF, RUN_LABEL, JobTem
 from orchestrator.runtime.job_watcher import JobWatcher, Phase
 from orchestrator.runtime.kubernetes import load_api_client
 from pipeline.errors import ClusterError
+from pipeline.kube import api_message
 from pipeline.settings import Settings
 
 ORDER_FILE = "order.json"
@@ -105,12 +106,8 @@ class Submitter:
         try:
             return method(*args)
         except ApiException as exc:
-            try:
-                detail = json.loads(exc.body or "{}").get("message", "")
-            except ValueError:
-                detail = ""
             raise ClusterError(f"cannot {what} in namespace {self.namespace}: HTTP {exc.status} "
-                               f"{detail or exc.reason}") from None
+                               f"{api_message(exc)}") from None
         except HTTPError as exc:
             raise ClusterError(f"cannot {what}: the API server is unreachable ({exc})") from None
 

@@ -34,7 +34,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import PipelineError, SettingsError
+from pipeline.errors import ClusterError, PipelineError, SettingsError
+from pipeline.kube import api_message
 from pipeline.settings import Settings
 
 K8S_DIR = Path(__file__).resolve().parents[1] / "k8s"
@@ -55,7 +56,7 @@ _KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "namespace", "labels", "resources
 _LABEL_FIELDS = {"pairs", "includeSelectors"}
 
 
-class DeployError(PipelineError):
+class DeployError(ClusterError):
     """The cluster cannot be reached or used (no kubeconfig, unreachable, 401/403), or the
     manifests cannot be read: nothing (more) is deployed."""
 
@@ -282,7 +283,7 @@ def _cluster_error(exc: BaseException, host: str, what: str = "") -> PipelineErr
     from urllib3.exceptions import HTTPError
 
     if isinstance(exc, ApiException):
-        message = _api_message(exc)
+        message = api_message(exc)
         if exc.status == 401:
             return DeployError(f"the Kubernetes API at {host} rejected the credentials "
                                f"(401 Unauthorized): {message}")
@@ -293,16 +294,6 @@ def _cluster_error(exc: BaseException, host: str, what: str = "") -> PipelineErr
         reason = getattr(exc, "reason", None) or exc
         return DeployError(f"cannot reach the Kubernetes API at {host}: {_short(reason)}")
     return DeployError(f"Kubernetes API at {host}: {type(exc).__name__}: {_short(exc)}")
-
-
-def _api_message(exc) -> str:
-    import json
-
-    try:
-        body = json.loads(exc.body)
-        return str(body.get("message") or exc.reason)
-    except (TypeError, ValueError, AttributeError):
-        return str(getattr(exc, "reason", "") or exc)
 
 
 def _short(reason: object) -> str:
@@ -400,7 +391,7 @@ def deploy(options: DeployOptions, k8s_dir: Path = K8S_DIR,
             error = _cluster_error(exc, api.configuration.host, ref(obj))
             if isinstance(error, DeployError):  # 401, 403: nothing else will work either
                 raise error from None
-            reason = f"{exc.status} {_api_message(exc)}"
+            reason = f"{exc.status} {api_message(exc)}"
         failures.append(f"{ref(obj)}: {reason}")
         out(f"{ref(obj)} FAILED: {reason}")
         return False

@@ -11,7 +11,6 @@ elsewhere it uses the kubeconfig (``KUBECONFIG`` or ``~/.kube/config``).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -28,6 +27,7 @@ from orchestrator.runtime.base import Handle, Runtime, RuntimeFailure, TaskLaunc
 from orchestrator.runtime.job_specs import RUN_LABEL, JobTemplates
 from orchestrator.runtime.job_watcher import JobState, JobWatcher, Phase
 from pipeline.errors import SettingsError
+from pipeline.kube import api_message
 from pipeline.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -184,8 +184,4 @@ def _api_problem(exc: ApiException) -> str:
         403: "forbidden: the service account needs the orchestrator Role (k8s/rbac/role.yaml)",
         404: "the namespace does not exist (python -m pipeline deploy creates it)",
     }.get(exc.status, "")
-    try:
-        message = json.loads(exc.body or "{}").get("message", "")
-    except ValueError:
-        message = (exc.body or "")[:200]
-    return "; ".join(part for part in (f"HTTP {exc.status}", message, hint) if part)
+    return "; ".join(part for part in (f"HTTP {exc.status}", api_message(exc), hint) if part)

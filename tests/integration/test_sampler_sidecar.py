@@ -4,9 +4,11 @@ leaves after that task's HALT, and sends the resource STOP only after its last s
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -31,14 +33,29 @@ def order_topics_created(settings):
     admin.delete(topics)
 
 
-def _start_sidecar(settings, pod: str, mode: str = "sidecar") -> subprocess.Popen:
+@contextlib.contextmanager
+def _sidecar(settings, pod: str, mode: str = "sidecar") -> Iterator[subprocess.Popen]:
+    """The monitor-producer started as pod ``pod``'s sampler, once READY; killed afterwards."""
     env = child_env(settings) | {"POD_NAME": pod}
-    return subprocess.Popen([sys.executable, "-m", "monitor", "producer", str(ORDER_ID), "--mode", mode],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "monitor", "producer", str(ORDER_ID), "--mode", mode],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "READY"
+        yield process
+    finally:
+        process.kill()
+        process.wait()
 
 
-def _busy_task() -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "import time\nend=time.time()+60\nwhile time.time()<end: pass"])
+@contextlib.contextmanager
+def _busy_task() -> Iterator[subprocess.Popen]:
+    """A process that keeps one core busy, standing in for a task; killed afterwards."""
+    process = subprocess.Popen([sys.executable, "-c", "import time\nend=time.time()+60\nwhile time.time()<end: pass"])
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.wait()
 
 
 def _resource_messages(settings, settle: float = 2.0) -> list:
@@ -56,27 +73,19 @@ def _resource_messages(settings, settle: float = 2.0) -> list:
 
 def test_the_sidecar_of_the_last_task_samples_only_its_pod_and_stops_after_its_last_sample(
         settings, order_topics_created):
-    task = _busy_task()
-    sidecar = _start_sidecar(settings, pod="order-pod-b")
-    try:
-        assert sidecar.stdout.readline().strip() == "READY"
-        with Producer(settings) as producer:
-            # The first task ran in another pod: this sidecar must not sample its process.
-            producer.send_now(TaskStarted(TASKS, "grayscale", ORDER_ID, task.pid, "order-pod-a", 0).encode())
-            time.sleep(1.5)
-            producer.send_now(TaskHalted(ORDER_ID).encode())
-            producer.send_now(TaskStarted(TASKS, "blur", ORDER_ID, task.pid, "order-pod-b", 1).encode())
-            time.sleep(2.5)
-            producer.send_now(TaskHalted(ORDER_ID).encode())
-            producer.send_now(OrderStopped(ORDER_ID).encode())
-            messages = _resource_messages(settings)
-            assert sidecar.poll() is None, "the last task's sidecar waits for TERMINATE"
-            producer.send_now(MonitorTerminated(ORDER_ID).encode())
+    with _busy_task() as task, _sidecar(settings, pod="order-pod-b") as sidecar, Producer(settings) as producer:
+        # The first task ran in another pod: this sidecar must not sample its process.
+        producer.send_now(TaskStarted(TASKS, "grayscale", ORDER_ID, task.pid, "order-pod-a", 0).encode())
+        time.sleep(1.5)
+        producer.send_now(TaskHalted(ORDER_ID).encode())
+        producer.send_now(TaskStarted(TASKS, "blur", ORDER_ID, task.pid, "order-pod-b", 1).encode())
+        time.sleep(2.5)
+        producer.send_now(TaskHalted(ORDER_ID).encode())
+        producer.send_now(OrderStopped(ORDER_ID).encode())
+        messages = _resource_messages(settings)
+        assert sidecar.poll() is None, "the last task's sidecar waits for TERMINATE"
+        producer.send_now(MonitorTerminated(ORDER_ID).encode())
         assert sidecar.wait(15) == 0
-    finally:
-        task.kill()
-        sidecar.kill()
-        sidecar.wait()
     samples = [m for m in messages if isinstance(m, Sample)]
     assert {s.task_name for s in samples} == {"blur"}
     assert len(samples) >= 2 * 4, "about one sample per second per resource"
@@ -87,53 +96,31 @@ def test_the_sidecar_of_the_last_task_samples_only_its_pod_and_stops_after_its_l
 
 def test_the_sidecar_of_an_earlier_task_leaves_after_its_halt_without_sending_stop(
         settings, order_topics_created):
-    task = _busy_task()
-    sidecar = _start_sidecar(settings, pod="order-pod-a")
-    try:
-        assert sidecar.stdout.readline().strip() == "READY"
-        with Producer(settings) as producer:
-            producer.send_now(TaskStarted(TASKS, "grayscale", ORDER_ID, task.pid, "order-pod-a", 0).encode())
-            time.sleep(1.5)
-            producer.send_now(TaskHalted(ORDER_ID).encode())
+    with _busy_task() as task, _sidecar(settings, pod="order-pod-a") as sidecar, Producer(settings) as producer:
+        producer.send_now(TaskStarted(TASKS, "grayscale", ORDER_ID, task.pid, "order-pod-a", 0).encode())
+        time.sleep(1.5)
+        producer.send_now(TaskHalted(ORDER_ID).encode())
         assert sidecar.wait(15) == 0
-    finally:
-        task.kill()
-        sidecar.kill()
-        sidecar.wait()
     messages = _resource_messages(settings)
     assert {m.task_name for m in messages if isinstance(m, Sample)} == {"grayscale"}
     assert not any(isinstance(m, MonitorStopped) for m in messages)
 
 
 def test_a_sidecar_stopped_before_its_task_announced_itself_exits_at_once(settings, order_topics_created):
-    sidecar = _start_sidecar(settings, pod="order-pod-c")
-    try:
-        assert sidecar.stdout.readline().strip() == "READY"
+    with _sidecar(settings, pod="order-pod-c") as sidecar:
         sidecar.terminate()  # the kubelet stops the sidecar once its task container has exited
         assert sidecar.wait(10) == 0
-    finally:
-        sidecar.kill()
-        sidecar.wait()
     assert _resource_messages(settings, settle=1.0) == []
 
 
 def test_the_stop_only_producer_samples_nothing_and_relays_stop(settings, order_topics_created):
-    task = _busy_task()
-    try:
-        with Producer(settings) as producer:
-            # A failed order: the orchestrator sent STOP itself after the last task's HALT.
-            producer.send_now(TaskStarted(TASKS, "grayscale", ORDER_ID, task.pid, "order-pod-a", 0).encode())
-            producer.send_now(TaskHalted(ORDER_ID).encode())
-            producer.send_now(OrderStopped(ORDER_ID).encode())
-            relay = _start_sidecar(settings, pod="orchestrator-pod", mode="stop-only")
-            try:
-                assert relay.stdout.readline().strip() == "READY"
-                messages = _resource_messages(settings)
-                producer.send_now(MonitorTerminated(ORDER_ID).encode())
-                assert relay.wait(15) == 0
-            finally:
-                relay.kill()
-                relay.wait()
-    finally:
-        task.kill()
+    with _busy_task() as task, Producer(settings) as producer:
+        # A failed order: the orchestrator sent STOP itself after the last task's HALT.
+        producer.send_now(TaskStarted(TASKS, "grayscale", ORDER_ID, task.pid, "order-pod-a", 0).encode())
+        producer.send_now(TaskHalted(ORDER_ID).encode())
+        producer.send_now(OrderStopped(ORDER_ID).encode())
+        with _sidecar(settings, pod="orchestrator-pod", mode="stop-only") as relay:
+            messages = _resource_messages(settings)
+            producer.send_now(MonitorTerminated(ORDER_ID).encode())
+            assert relay.wait(15) == 0
     assert [type(m) for m in messages] == [MonitorStopped]
