@@ -63,16 +63,31 @@ class Fault:
 _SPIN = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
 
 
-def _cpu_hog(stop: threading.Event, until: float) -> None:
-    # A spinning child process, not a thread: it takes a whole core whatever the GIL does, and
-    # it belongs to the task's process tree, which is what the monitor measures.
-    spinner = subprocess.Popen([sys.executable, "-c", _SPIN.format(seconds=until - time.monotonic())])
+def hog_processes() -> int:
+    """How many spinners the CPU hog starts: one per CPU this process may run on, and at
+    least two, so that the task's tree holds more than one core even while the work itself
+    and another process share the machine. A single-threaded task can never use more than
+    one core, so the hog lies outside anything a normal run of it produces, however busy
+    the machine is."""
     try:
-        while spinner.poll() is None and not stop.wait(0.2):
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(2, cpus)
+
+
+def _cpu_hog(stop: threading.Event, until: float) -> None:
+    # Spinning child processes, not threads: each takes a whole core whatever the GIL does,
+    # and they belong to the task's process tree, which is what the monitor measures.
+    code = _SPIN.format(seconds=until - time.monotonic())
+    spinners = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(hog_processes())]
+    try:
+        while any(s.poll() is None for s in spinners) and not stop.wait(0.2):
             pass
     finally:
-        if spinner.poll() is None:
-            spinner.kill()
+        for spinner in spinners:
+            if spinner.poll() is None:
+                spinner.kill()
             spinner.wait()
 
 

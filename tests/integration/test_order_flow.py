@@ -48,9 +48,10 @@ def test_three_concurrent_orders_run_their_tasks_and_store_every_resource(settin
             assert set(per_resource) == set(RESOURCES), (order.name, run["task"], per_resource)
             expected = _runtime_seconds(run)
             for resource, count in per_resource.items():
-                # About one sample per second of runtime, and at least one for short tasks.
+                # At least one sample even for a short task, and never more than one a second
+                # (plus the opening and closing ones). How many a busy machine manages is
+                # not asserted: the sampler skips ticks it missed rather than bunching them.
                 assert 1 <= count <= expected + 2, (order.name, run["task"], resource, count, expected)
-                assert count >= int(expected) - 2, (order.name, run["task"], resource, count, expected)
 
     outputs = {o.name: [r["output"] for r in o.runs if r["status"] == "SUCCEEDED"] for o in stored.values()}
     with Image.open(outputs["edges"][0]) as img:

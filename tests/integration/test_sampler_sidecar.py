@@ -8,13 +8,14 @@ import contextlib
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
 
 from pipeline.kafka import Consumer, Producer, TopicAdmin
 from pipeline.protocol import (
-    MonitorStopped, MonitorTerminated, OrderStopped, Sample, TaskHalted, TaskStarted,
+    RESOURCES, MonitorStopped, MonitorTerminated, OrderStopped, Sample, TaskHalted, TaskStarted,
     decode_resource_topic, order_topics, resource_topic,
 )
 from tests.integration.orderkit import REPO, child_env
@@ -71,6 +72,22 @@ def _resource_messages(settings, settle: float = 2.0) -> list:
     return found
 
 
+def _wait_for_samples(settings, task: str, per_resource: int, timeout: float = 60.0) -> None:
+    """Until the sampler has published ``per_resource`` samples of every resource of ``task``
+    (however long a busy machine makes that take)."""
+    counts: Counter = Counter()
+    deadline = time.monotonic() + timeout
+    with Consumer(settings) as consumer:
+        consumer.assign([resource_topic(ORDER_ID)])
+        while min((counts[r] for r in RESOURCES), default=0) < per_resource:
+            assert time.monotonic() < deadline, f"only {dict(counts)} samples of {task} after {timeout}s"
+            message = consumer.poll(0.3)
+            if message is not None:
+                decoded = decode_resource_topic(message, ORDER_ID)
+                if isinstance(decoded, Sample) and decoded.task_name == task:
+                    counts[decoded.resource] += 1
+
+
 def test_the_sidecar_of_the_last_task_samples_only_its_pod_and_stops_after_its_last_sample(
         settings, order_topics_created):
     with _busy_task() as task, _sidecar(settings, pod="order-pod-b") as sidecar, Producer(settings) as producer:
@@ -79,7 +96,7 @@ def test_the_sidecar_of_the_last_task_samples_only_its_pod_and_stops_after_its_l
         time.sleep(1.5)
         producer.send_now(TaskHalted(ORDER_ID).encode())
         producer.send_now(TaskStarted(TASKS, "blur", ORDER_ID, task.pid, "order-pod-b", 1).encode())
-        time.sleep(2.5)
+        _wait_for_samples(settings, "blur", per_resource=2)
         producer.send_now(TaskHalted(ORDER_ID).encode())
         producer.send_now(OrderStopped(ORDER_ID).encode())
         messages = _resource_messages(settings)
@@ -88,7 +105,7 @@ def test_the_sidecar_of_the_last_task_samples_only_its_pod_and_stops_after_its_l
         assert sidecar.wait(15) == 0
     samples = [m for m in messages if isinstance(m, Sample)]
     assert {s.task_name for s in samples} == {"blur"}
-    assert len(samples) >= 2 * 4, "about one sample per second per resource"
+    assert len(samples) >= 2 * len(RESOURCES)
     assert max(s.value for s in samples if s.resource == "cpu") > 50, "the busy task's CPU"
     assert isinstance(messages[-1], MonitorStopped), "STOP comes after every sample"
     assert sum(isinstance(m, MonitorStopped) for m in messages) == 1

@@ -23,7 +23,7 @@ from tests.integration.kube.kubelet import KubeletStandIn
 T = TypeVar("T")
 
 
-def eventually(probe: Callable[[], T], timeout: float = 20, what: str = "condition") -> T:
+def eventually(probe: Callable[[], T], timeout: float = 60, what: str = "condition") -> T:
     """``probe()``'s first truthy value, polled every 50 ms."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -51,7 +51,7 @@ def api(kube_api: ApiServer):
         yield k8s.CoreV1Api(client), k8s.BatchV1Api(client), k8s.RbacAuthorizationV1Api(client)
 
 
-def run_job(api, namespace: str, manifest: dict, until: str = "finished", timeout: float = 20) -> dict:
+def run_job(api, namespace: str, manifest: dict, until: str = "finished", timeout: float = 60) -> dict:
     """Create the Job and return its status (a dict) once it is finished (or ``until``)."""
     batch = api[1]
     name = manifest["metadata"]["name"]
@@ -160,7 +160,7 @@ def test_deleting_a_running_job_kills_its_process(api, kube_namespace: str,
 
     api[1].delete_namespaced_job("forever", kube_namespace, propagation_policy="Background")
 
-    eventually(lambda: gone(pid), 10, f"end of pid {pid}")
+    eventually(lambda: gone(pid), 30, f"end of pid {pid}")
 
 
 def test_native_sidecar_is_stopped_after_the_main_container(api, kube_namespace: str,
@@ -199,10 +199,10 @@ def test_readiness_follows_the_ready_line(api, kube_namespace: str, kubelet: Kub
     assert api[1].read_namespaced_job_status("ready", kube_namespace).status.ready == 0
 
     (signals / "ready-now").touch()
-    eventually(lambda: api[1].read_namespaced_job_status("ready", kube_namespace).status.ready == 1, 10, "ready=1")
+    eventually(lambda: api[1].read_namespaced_job_status("ready", kube_namespace).status.ready == 1, 30, "ready=1")
     (signals / "exit-now").touch()
     status = eventually(lambda: api[1].read_namespaced_job_status("ready", kube_namespace).status.succeeded,
-                        10, "succeeded")
+                        30, "succeeded")
     assert status == 1 and not api[1].read_namespaced_job_status("ready", kube_namespace).status.ready
 
 
@@ -210,12 +210,12 @@ def test_active_deadline_kills_the_pod(api, kube_namespace: str, kubelet: Kubele
     manifest = job("slow", python("import time; print('started', flush=True); time.sleep(120)"),
                    backoff_limit=3)
     manifest["spec"]["activeDeadlineSeconds"] = 2
-    started = time.monotonic()
 
     status = run_job(api, kube_namespace, manifest)
 
+    # The deadline, not the 120 s sleep, ended it: one failed pod, no retry despite backoffLimit.
     assert conditions(status) == {"FailureTarget": "DeadlineExceeded", "Failed": "DeadlineExceeded"}
-    assert status["failed"] == 1 and 2 <= time.monotonic() - started < 10
+    assert status["failed"] == 1
     [pod] = kubelet.pods("slow")
     assert gone(pod.pids["main"]) and pod.phase == "Failed"
 
