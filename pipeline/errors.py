@@ -20,7 +20,7 @@ class SettingsError(PipelineError):
 
 
 class ProtocolError(PipelineError):
-    """A Kafka message does not follow DESIGN.md's protocol."""
+    """A Kafka message does not follow the protocol (docs/protocol.md)."""
 
 
 class KafkaClientError(PipelineError):

@@ -1,4 +1,4 @@
-"""How a task is started: DESIGN.md's "required tasks, its own task name, the orderID and the
+"""How a task is started: the protocol's "required tasks, its own task name, the orderID and the
 progress so far", plus the order's input image, the task's parameters and any injected fault.
 
 One type serves both sides: the orchestrator's runtimes turn it into a command line with

@@ -1,4 +1,4 @@
-"""The message protocol of DESIGN.md, as typed encode/decode pairs.
+"""The message protocol of docs/protocol.md, as typed encode/decode pairs.
 
 Nothing else in the project builds or parses a message by hand. Every ``decode`` raises
 :class:`~pipeline.errors.ProtocolError` with the reason when a message does not follow the
@@ -36,9 +36,10 @@ ORCHESTRATOR_TOPIC = "orchestrator"
 ANOMALIES_TOPIC = "anomalies"
 TASK_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]*")
 RESOURCE_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
-RESOURCES = ("cpu", "memory", "disk_read", "disk_write")
-"""Resources measured by the monitor-producer, with the units of DESIGN.md:
-cpu = percent of one core, memory = resident MiB, disk_read/disk_write = KiB/s."""
+RESOURCES = ("cpu", "memory", "disk_read", "disk_write", "cpu_wait")
+"""Resources measured by the monitor-producer (docs/protocol.md): cpu = percent of one core,
+memory = resident MiB, disk_read/disk_write = KiB/s, cpu_wait = percent of the interval the
+tree's threads waited for a CPU (summed over threads, like cpu)."""
 
 Headers = tuple[tuple[str, bytes], ...]
 
@@ -139,13 +140,18 @@ class TaskStarted:
     pid: int
     host: str
     index: int = 0
+    attempt: int = 1
+    # When the task's process started, on the host's CLOCK_BOOTTIME in ns (the kernel's
+    # start time of the pid): where the first sample's interval begins.
+    started_ns: int | None = None
 
     def encode(self) -> Message:
         value = ":".join(
             (encode_required_tasks(self.required_tasks), check_task_name(self.task_name),
              str(_check_order_id(self.order_id)))
         )
-        headers = _headers(pid=self.pid, host=self.host, index=self.index)
+        headers = _headers(pid=self.pid, host=self.host, index=self.index, attempt=self.attempt,
+                           started_ns=self.started_ns)
         return Message(task_topic(self.order_id), Key.ORDER.value, value, headers)
 
     @classmethod
@@ -162,8 +168,10 @@ class TaskStarted:
         if not host:
             raise ProtocolError("ORDER message lacks the 'host' header")
         index = _int_header(message, "index", default=0)
+        attempt = _int_header(message, "attempt", default=1)
+        started_ns = _optional_int_header(message, "started_ns")
         started = cls(decode_required_tasks(required), check_task_name(task_name),
-                      _parse_order_id(order_id), pid, host, index)
+                      _parse_order_id(order_id), pid, host, index, attempt, started_ns)
         _expect_topic(message, task_topic(started.order_id))
         return started
 
@@ -240,10 +248,54 @@ class _Signal:
 
 
 @dataclass(frozen=True)
+class TaskTotals:
+    """What the kernel accounted for a task's process and its reaped children, read by the
+    task itself as the last thing it does (carried in HALT's headers). The monitor-producer
+    turns the part its samples have not covered yet into the closing sample."""
+
+    cpu_ns: int  # CPU time, self + reaped children
+    ended_ns: int  # CLOCK_BOOTTIME when these were read: the end of the closing interval
+    ended_ms: int  # the same moment on the wall clock: the closing sample's timestamp
+    peak_rss_kib: int  # the largest resident size of the process or of a reaped child
+    read_bytes: int | None = None  # storage I/O, self + reaped children; None: unreadable
+    write_bytes: int | None = None
+    cpu_wait_ns: int | None = None  # time the process's threads waited for a CPU
+
+    _FIELDS = ("cpu_ns", "ended_ns", "ended_ms", "peak_rss_kib", "read_bytes", "write_bytes",
+               "cpu_wait_ns")
+
+    def headers(self) -> Headers:
+        return _headers(**{name: getattr(self, name) for name in self._FIELDS})
+
+    @classmethod
+    def from_headers(cls, message: Message) -> "TaskTotals | None":
+        """The totals in ``message``'s headers, or None when it carries none (an older task)."""
+        if message.header("ended_ns") is None:
+            return None
+        required = {name: _int_header(message, name) for name in cls._FIELDS[:4]}
+        optional = {name: _optional_int_header(message, name) for name in cls._FIELDS[4:]}
+        values = {**required, **optional}
+        if any(v < 0 for v in values.values() if v is not None):
+            raise ProtocolError(f"HALT totals must not be negative: {values}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class TaskHalted(_Signal):
-    """Message 3: the running task ended; the monitor stops sampling."""
+    """Message 3: the running task ended; the monitor publishes the closing sample (from
+    ``totals``) and stops sampling."""
 
     KEY = Key.HALT
+    totals: TaskTotals | None = field(default=None, compare=False)
+
+    def encode(self) -> Message:
+        headers = self.totals.headers() if self.totals is not None else ()
+        return Message(task_topic(self.order_id), Key.HALT.value, Key.HALT.value, headers)
+
+    @classmethod
+    def decode(cls, message: Message, order_id: int) -> "TaskHalted":
+        plain = super().decode(message, order_id)
+        return cls(plain.order_id, TaskTotals.from_headers(message))
 
 
 @dataclass(frozen=True)
@@ -278,6 +330,10 @@ class Sample:
     resource: str
     value: float
     timestamp_ms: int
+    # The task run it belongs to (headers): position in the order and attempt. None only for
+    # samples of producers that predate these headers.
+    index: int | None = None
+    attempt: int | None = None
 
     def encode(self) -> Message:
         if not RESOURCE_NAME_PATTERN.fullmatch(self.resource):
@@ -287,7 +343,7 @@ class Sample:
         key = ":".join((encode_required_tasks(self.required_tasks), check_task_name(self.task_name),
                         str(_check_order_id(self.order_id)), self.resource))
         return Message(resource_topic(self.order_id), key, _format_usage(self.value),
-                       timestamp_ms=self.timestamp_ms)
+                       _headers(index=self.index, attempt=self.attempt), timestamp_ms=self.timestamp_ms)
 
     @classmethod
     def decode(cls, message: Message) -> "Sample":
@@ -308,7 +364,8 @@ class Sample:
         if message.timestamp_ms is None or message.timestamp_ms <= 0:
             raise ProtocolError(f"sample {message.key!r} has no timestamp")
         sample = cls(decode_required_tasks(required), check_task_name(task_name),
-                     _parse_order_id(order_id), resource, value, message.timestamp_ms)
+                     _parse_order_id(order_id), resource, value, message.timestamp_ms,
+                     _optional_int_header(message, "index"), _optional_int_header(message, "attempt"))
         _expect_topic(message, resource_topic(sample.order_id))
         return sample
 
@@ -390,7 +447,7 @@ def decode_resource_topic(message: Message, order_id: int) -> ResourceTopicMessa
 
 def _format_usage(value: float) -> str:
     # repr gives the shortest digits that read back as the same float, but writes tiny and
-    # large values with an exponent ('1e-05'); DESIGN.md's consumers expect a plain decimal,
+    # large values with an exponent ('1e-05'); the protocol's consumers expect a plain decimal,
     # and Decimal writes the same digits without one, so nothing is rounded away.
     return format(Decimal(repr(float(value))), "f")
 
@@ -409,6 +466,10 @@ def _int_header(message: Message, name: str, default: int | None = None) -> int:
         return int(text)
     except ValueError:
         raise ProtocolError(f"{message.key} header {name}={text!r} is not an integer") from None
+
+
+def _optional_int_header(message: Message, name: str) -> int | None:
+    return None if message.header(name) is None else _int_header(message, name)
 
 
 def _check_order_id(order_id: int) -> int:

@@ -1,4 +1,4 @@
-"""Storage: the schema of DESIGN.md, idempotent batch writes, name lookups, orders."""
+"""Storage: the schema of the README's storage section, idempotent batch writes, name lookups, orders."""
 
 from pipeline.db.engine import connect, create_schema
 from pipeline.db.lookups import NameLookup

@@ -1,5 +1,5 @@
 """Deviation rows: each scored sample with its expectation, band, score and verdict, per model
-version (DESIGN.md: expected value, band, score, anomaly flag, model version)."""
+version (expected value, band, score, anomaly flag, model version)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The messages of a real run, read back from Kafka and held against DESIGN.md's protocol table.
+"""The messages of a real run, read back from Kafka and held against the protocol table of docs/protocol.md.
 
 Two orders run at once through ``python -m orchestrator run --keep-topics``: ``main`` repeats
 a task (blur, blur, grayscale), ``other`` runs different tasks on a different image. Then every

@@ -1,4 +1,4 @@
-"""The message protocol of DESIGN.md: every message round-trips and looks exactly as the
+"""The message protocol of docs/protocol.md: every message round-trips and looks exactly as the
 table prescribes on the wire; anything malformed is refused with a ProtocolError that says why."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pipeline.protocol import (
     TaskHalted,
     TaskStarted,
     TaskStatus,
+    TaskTotals,
     decode_output,
     decode_resource_topic,
     decode_task_topic,
@@ -148,6 +149,41 @@ def test_zero_usage_round_trips() -> None:
     assert Sample.decode(sample(value=0.0).encode()).value == 0.0
 
 
+def test_order_carries_the_attempt_and_the_process_start_in_headers() -> None:
+    original = started(attempt=2, started_ns=123_456_789_000)
+    wire = original.encode()
+
+    assert wire.value == "resize,blur:blur:5"
+    assert (headers_of(wire)["attempt"], headers_of(wire)["started_ns"]) == ("2", "123456789000")
+    assert TaskStarted.decode(wire) == original
+
+
+def test_halt_carries_the_tasks_totals_in_headers_and_keeps_its_value() -> None:
+    totals = TaskTotals(cpu_ns=341_000_000, ended_ns=9_000_000_000, ended_ms=SAMPLE_TIME_MS,
+                        peak_rss_kib=79_872, read_bytes=0, write_bytes=1_220_608, cpu_wait_ns=12_000)
+    wire = TaskHalted(ORDER_ID, totals).encode()
+
+    assert (wire.topic, wire.key, wire.value) == ("task5", "HALT", "HALT")
+    assert headers_of(wire)["cpu_ns"] == "341000000"
+    assert TaskHalted.decode(wire, ORDER_ID).totals == totals
+
+
+def test_halt_without_totals_and_totals_without_io_read_back_as_such() -> None:
+    assert TaskHalted.decode(TaskHalted(ORDER_ID).encode(), ORDER_ID).totals is None
+    partial = TaskTotals(cpu_ns=1, ended_ns=2, ended_ms=3, peak_rss_kib=4)
+    decoded = TaskHalted.decode(TaskHalted(ORDER_ID, partial).encode(), ORDER_ID).totals
+    assert decoded == partial and decoded.read_bytes is None and decoded.cpu_wait_ns is None
+
+
+def test_a_sample_names_its_run_in_headers_and_the_key_stays_the_seeds() -> None:
+    original = sample(index=1, attempt=2)
+    wire = original.encode()
+
+    assert wire.key == "resize,blur:blur:5:cpu"
+    assert (headers_of(wire)["index"], headers_of(wire)["attempt"]) == ("1", "2")
+    assert Sample.decode(wire) == original
+
+
 # --- dispatch by topic --------------------------------------------------------------------
 
 
@@ -219,6 +255,18 @@ MALFORMED = [
      "unexpected key 'HELLO'"),
     ("HALT with another value", on_task_topic, message("task5", "HALT", "STOP"),
      "HALT message has value 'STOP'"),
+    ("HALT totals that are not numbers", on_task_topic,
+     message("task5", "HALT", "HALT", ended_ns="9", ended_ms="9", cpu_ns="lots", peak_rss_kib="1"),
+     "header cpu_ns='lots' is not an integer"),
+    ("HALT totals without the CPU", on_task_topic,
+     message("task5", "HALT", "HALT", ended_ns="9", ended_ms="9", peak_rss_kib="1"),
+     "lacks the 'cpu_ns' header"),
+    ("negative HALT totals", on_task_topic,
+     message("task5", "HALT", "HALT", ended_ns="9", ended_ms="9", cpu_ns="-5", peak_rss_kib="1"),
+     "must not be negative"),
+    ("sample index that is not a number", on_resource_topic,
+     message("resource5", "blur:blur:5:cpu", "1.0", timestamp_ms=SAMPLE_TIME_MS, index="first"),
+     "header index='first' is not an integer"),
     ("ORDER value with two fields", TaskStarted.decode, order("blur:5"),
      "expected required_tasks:task_name:orderID"),
     ("ORDER value with four fields", TaskStarted.decode, order("blur:blur:5:extra"),
