@@ -1,9 +1,14 @@
 """The shared task runtime: the protocol steps of every image task, around its image operation.
 
-On start: ORDER on ``task<ID>`` (headers ``pid``, ``host``, ``index``). On end: PROGRESS on
-``orchestrator`` (headers ``order_id``, ``task``, ``index``, ``status``), HALT on
-``task<ID>``, and STOP when it was the last task. A task that raises reports a failed PROGRESS
-and exits non-zero, so the orchestrator can retry it.
+On start: ORDER on ``task<ID>`` (headers ``pid``, ``host``, ``index``, ``attempt``,
+``started_ns``). On end: PROGRESS on ``orchestrator`` (headers ``order_id``, ``task``,
+``index``, ``status``), HALT on ``task<ID>`` with the task's own totals (what the kernel
+accounted for it, read last, for the monitor's closing sample), and STOP when it was the last
+task. A task that raises reports a failed PROGRESS and exits non-zero, so the orchestrator can
+retry it.
+
+Nothing waits for the monitor: a task shorter than the sampling interval is accounted for by
+its totals, so no task is slowed down to be seen.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 from pathlib import Path
 
 from PIL import Image
@@ -24,16 +28,15 @@ from pipeline.kafka import Producer
 from pipeline.lifetime import stop_with_parent
 from pipeline.logs import configure_logging
 from pipeline.invocation import TaskInvocation
+from pipeline.proctime import started_ns
 from pipeline.protocol import OrderStopped, Progress, TaskHalted, TaskStarted, TaskStatus
 from pipeline.settings import Settings
 from services.runtime.faults import Fault
 from services.runtime.spec import ImageTask
+from services.runtime.totals import own_totals
 
 logger = logging.getLogger(__name__)
 
-# The monitor learns of a task through Kafka; a task that ended before the monitor read its
-# ORDER would leave no sample. Light tasks therefore stay observable at least this long.
-MIN_OBSERVABLE_SECONDS = 0.5
 EXIT_FAILED = 1
 
 
@@ -55,27 +58,31 @@ def run_task(task: ImageTask, inv: TaskInvocation, settings: Settings, stop: thr
     # (measured, bench/order_flow.py), a delay every task would pay before the monitor hears
     # of it; a duplicated ORDER or PROGRESS is harmless to their readers.
     with Producer(settings, **{"linger.ms": 0, "enable.idempotence": False}) as producer:
-        started = time.monotonic()
-        producer.send_now(TaskStarted(inv.required_tasks, inv.task_name, inv.order_id,
-                                      os.getpid(), task_host(), inv.position).encode())
+        producer.send_now(TaskStarted(inv.required_tasks, inv.task_name, inv.order_id, os.getpid(),
+                                      task_host(), inv.position, inv.attempt, started_ns()).encode())
         try:
             output = _work(task, inv, settings, stop)
         except Exception as exc:  # noqa: BLE001 - the job boundary: report, never swallow
             logger.exception("order_id=%d task=%s index=%d failed", inv.order_id, inv.task_name, inv.position)
-            _linger(started, stop)
             producer.send(Progress(inv.order_id, inv.task_name, inv.position, TaskStatus.FAILED,
                                    inv.progress, error=f"{type(exc).__name__}: {exc}"[:500],
                                    attempt=inv.attempt).encode())
-            producer.send(TaskHalted(inv.order_id).encode())
+            _halt(producer, inv, last=False)
             return EXIT_FAILED
-        _linger(started, stop)
+        logger.info("order_id=%d task=%s index=%d wrote %s", inv.order_id, inv.task_name, inv.position, output)
         producer.send(Progress(inv.order_id, inv.task_name, inv.position, TaskStatus.SUCCEEDED,
                                (*inv.progress, str(output)), attempt=inv.attempt).encode())
-        producer.send(TaskHalted(inv.order_id).encode())
-        if inv.is_last:
-            producer.send(OrderStopped(inv.order_id).encode())
-    logger.info("order_id=%d task=%s index=%d wrote %s", inv.order_id, inv.task_name, inv.position, output)
+        _halt(producer, inv, last=inv.is_last)
     return 0
+
+
+def _halt(producer: Producer, inv: TaskInvocation, last: bool) -> None:
+    """HALT (and STOP) with the totals read as late as possible: only delivering them and
+    exiting remain, and :func:`main` exits without interpreter teardown."""
+    producer.flush()
+    producer.send(TaskHalted(inv.order_id, own_totals()).encode())
+    if last:
+        producer.send(OrderStopped(inv.order_id).encode())
 
 
 def _work(task: ImageTask, inv: TaskInvocation, settings: Settings, stop: threading.Event) -> Path:
@@ -93,12 +100,6 @@ def _work(task: ImageTask, inv: TaskInvocation, settings: Settings, stop: thread
     return target
 
 
-def _linger(started: float, stop: threading.Event) -> None:
-    remaining = MIN_OBSERVABLE_SECONDS - (time.monotonic() - started)
-    if remaining > 0:
-        stop.wait(remaining)
-
-
 def main(task: ImageTask, argv: list[str] | None = None) -> int:
     """Entry point of every ``services/<task>/main.py``."""
     configure_logging()
@@ -110,7 +111,18 @@ def main(task: ImageTask, argv: list[str] | None = None) -> int:
         inv = TaskInvocation.from_args(argv)
         if inv.task_name != task.name:
             raise PipelineError(f"this is task {task.name!r}, asked to run {inv.task_name!r}")
-        return run_task(task, inv, Settings.from_env(), stop)
+        status = run_task(task, inv, Settings.from_env(), stop)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    _exit_now(status)
+
+
+def _exit_now(status: int) -> None:
+    """Exit without the interpreter's teardown: HALT's totals were read just before, and the
+    tens of milliseconds of CPU a full teardown of Pillow, numpy and librdkafka costs would
+    be work of the task that no sample accounts for (and that helps nobody)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
