@@ -1,8 +1,10 @@
 """monitor-producer: samples the running task of one order every second.
 
-States (DESIGN.md): idle -> ORDER: sample the task's process tree every second -> HALT: stop
-sampling, wait for the next ORDER -> STOP: send STOP on ``resource<ID>``, wait (bounded) for
-TERMINATE, exit. TERMINATE at any time: exit.
+States (docs/protocol.md): idle -> ORDER: sample the task's process tree every second, on a
+grid that starts when the task's process started -> HALT: publish the closing sample (from the
+last sample to the task's end, out of the totals in HALT's headers), stop sampling, wait for
+the next ORDER -> STOP: send STOP on ``resource<ID>``, wait (bounded) for TERMINATE, exit.
+TERMINATE at any time: exit. Every sample carries its run's ``index`` and ``attempt``.
 
 Three modes share that state machine (:class:`Mode`):
 
@@ -32,8 +34,9 @@ from pipeline.protocol import (
     RESOURCES, MonitorStopped, MonitorTerminated, OrderStopped, Sample, TaskHalted, TaskStarted,
     decode_task_topic, task_topic,
 )
+from pipeline.proctime import boottime_ns
 from pipeline.settings import Settings
-from monitor.sampler import ProcessTreeSampler, TaskGoneError
+from monitor.sampler import ProcessTreeSampler, TaskGoneError, Usage
 from monitor.signals import StopSignals, announce_ready
 
 logger = logging.getLogger(__name__)
@@ -63,8 +66,13 @@ class State(str, enum.Enum):
 class _Current:
     started: TaskStarted
     sampler: ProcessTreeSampler
-    next_tick: float
+    next_tick: float  # on _clock(); inf once the process has ended (only HALT is awaited)
     samples: int = 0
+
+
+def _clock() -> float:
+    """Seconds on the clock the kernel's process start times are on (monotonic)."""
+    return boottime_ns() / 1e9
 
 
 class MonitorProducer:
@@ -129,7 +137,7 @@ class MonitorProducer:
     def _poll_timeout(self) -> float:
         if self.current is None:
             return 0.2
-        return min(max(self.current.next_tick - time.monotonic(), 0.0), 0.2)
+        return min(max(self.current.next_tick - _clock(), 0.0), 0.2)
 
     def _handle(self, message, producer: Producer) -> bool:
         """React to one task-topic message; True when the service must exit."""
@@ -151,6 +159,7 @@ class MonitorProducer:
             if self.mode is Mode.ORDER:
                 self._start_sampling(decoded, producer)
         elif isinstance(decoded, TaskHalted):
+            self._close(decoded, producer)
             self._stop_sampling("HALT")
         elif isinstance(decoded, OrderStopped):
             self._stop_sampling("STOP")
@@ -169,6 +178,7 @@ class MonitorProducer:
         last = self._mine.index == len(self._mine.required_tasks) - 1
         if isinstance(decoded, TaskHalted) and not self._halted:
             self._halted = True
+            self._close(decoded, producer)
             self._stop_sampling("HALT")
             if not last:
                 return True
@@ -182,16 +192,19 @@ class MonitorProducer:
     def _start_sampling(self, started: TaskStarted, producer: Producer) -> None:
         self._stop_sampling("next ORDER")
         try:
-            sampler = ProcessTreeSampler(started.pid)
+            sampler = ProcessTreeSampler(started.pid, started.started_ns)
         except TaskGoneError:
-            logger.info("order_id=%d task=%s pid=%d already ended; nothing to sample",
-                        self.order_id, started.task_name, started.pid)
+            logger.info("order_id=%d task=%s pid=%d already ended and its start is unknown; "
+                        "nothing to sample", self.order_id, started.task_name, started.pid)
             return
-        self.current = _Current(started, sampler, next_tick=time.monotonic())
+        # Ticks sit on the task's start + k * interval: the first covers its first second.
+        first = sampler.started_ns / 1e9 + self.interval if sampler.alive else float("inf")
+        while first < _clock() - self.interval:
+            first += self.interval
+        self.current = _Current(started, sampler, next_tick=first)
         self.state = State.SAMPLING
-        logger.info("order_id=%d task=%s index=%d pid=%d host=%s sampling", self.order_id,
-                    started.task_name, started.index, started.pid, started.host)
-        self._tick(producer)  # at once: a task shorter than a second still yields a sample
+        logger.info("order_id=%d task=%s index=%d attempt=%d pid=%d host=%s sampling", self.order_id,
+                    started.task_name, started.index, started.attempt, started.pid, started.host)
 
     def _stop_sampling(self, why: str) -> None:
         if self.current is not None:
@@ -203,23 +216,40 @@ class MonitorProducer:
 
     def _tick(self, producer: Producer) -> None:
         current = self.current
-        if current is None or time.monotonic() < current.next_tick:
+        if current is None or _clock() < current.next_tick:
             return
-        # Drift-free: ticks sit on start + k * interval; missed ticks are skipped, not bunched.
-        while current.next_tick <= time.monotonic():
+        # Drift-free: missed ticks are skipped, not bunched.
+        while current.next_tick <= _clock():
             current.next_tick += self.interval
-        timestamp_ms = int(time.time() * 1000)
         try:
             usage = current.sampler.sample()
         except TaskGoneError:
-            self._stop_sampling("process ended")
+            current.next_tick = float("inf")  # ended: the closing sample comes with HALT
             return
+        self._send(current, usage, producer)
+
+    def _close(self, halted: TaskHalted, producer: Producer) -> None:
+        """The closing sample of the running task, from HALT's totals."""
+        current = self.current
+        if current is None:
+            return
+        if halted.totals is None:
+            logger.warning("order_id=%d task=%s HALT carries no totals: no closing sample",
+                           self.order_id, current.started.task_name)
+            return
+        usage = current.sampler.close(halted.totals)
+        if usage is not None:
+            self._send(current, usage, producer)
+
+    def _send(self, current: _Current, usage: Usage, producer: Producer) -> None:
         started = current.started
         for resource in RESOURCES:
-            producer.send(Sample(started.required_tasks, started.task_name, self.order_id,
-                                 resource, round(usage[resource], 3), timestamp_ms).encode())
+            if resource in usage.values:
+                producer.send(Sample(started.required_tasks, started.task_name, self.order_id, resource,
+                                     round(usage.values[resource], 3), usage.timestamp_ms,
+                                     started.index, started.attempt).encode())
+                self.samples_sent += 1
         current.samples += 1
-        self.samples_sent += len(RESOURCES)
 
     def _begin_stop(self, producer: Producer) -> None:
         producer.send_now(MonitorStopped(self.order_id).encode())

@@ -1,0 +1,128 @@
+"""One process's counters as the kernel keeps them in ``/proc`` (Linux).
+
+Every reader returns None rather than a guess when the kernel does not tell (the process is
+gone, or the counter is not readable here): a missing counter must never read as zero.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from pipeline.proctime import TICK_NS
+
+_CPUCLOCK_SCHED = 2  # the kernel's encoding of another process's CPU clock (clock_getcpuclockid)
+
+
+@dataclass(frozen=True)
+class ProcessCounters:
+    """Cumulative counters of one process at one moment."""
+
+    pid: int
+    ppid: int
+    start_ticks: int  # when it started (clock ticks since boot): tells a reused pid apart
+    zombie: bool
+    cpu_ns: int  # its own CPU time, every thread, live or ended
+    reaped_cpu_ns: int  # CPU time of the children it reaped (whole clock ticks)
+    thread_waits_ns: dict[int, int]  # per live thread: time spent waiting for a CPU
+    read_bytes: int | None  # storage I/O, its own and its reaped children's; None: unreadable
+    write_bytes: int | None
+    rss_kib: int
+    peak_rss_kib: int  # VmHWM: the largest resident size it has had
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """Identity across readings: a pid with its start time."""
+        return self.pid, self.start_ticks
+
+
+def read_process(pid: int) -> ProcessCounters | None:
+    """The counters of ``pid``, or None when it no longer exists."""
+    base = f"/proc/{pid}"
+    try:
+        with open(f"{base}/stat", "rb") as handle:
+            stat = handle.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    # fields[0] is field 3 of proc(5): state, ppid, ..., utime(14) stime cutime cstime ... starttime(22)
+    state, ppid = fields[0], int(fields[1])
+    utime, stime, cutime, cstime = (int(v) for v in fields[11:15])
+    start_ticks = int(fields[19])
+    cpu_ns = _process_clock_ns(pid)
+    if cpu_ns is None:  # a zombie has no clock left to read: its tick counters are final
+        cpu_ns = (utime + stime) * TICK_NS
+    rss, peak = _memory_kib(base)
+    read_bytes, write_bytes = _storage_io(base)
+    return ProcessCounters(pid, ppid, start_ticks, state == "Z", cpu_ns, (cutime + cstime) * TICK_NS,
+                           _thread_waits(base), read_bytes, write_bytes, rss, peak)
+
+
+def _process_clock_ns(pid: int) -> int | None:
+    # The process's CPU clock, as clock_getcpuclockid(3) would give it: the scheduler's own
+    # nanosecond count, every thread included, rather than /proc's 10 ms clock ticks.
+    try:
+        return time.clock_gettime_ns(((~pid) << 3) | _CPUCLOCK_SCHED)
+    except OSError:
+        return None
+
+
+def _memory_kib(base: str) -> tuple[int, int]:
+    rss = peak = 0
+    try:
+        with open(f"{base}/status", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"VmRSS:"):
+                    rss = int(line.split()[1])
+                elif line.startswith(b"VmHWM:"):
+                    peak = int(line.split()[1])
+    except OSError:
+        pass
+    return rss, max(peak, rss)
+
+
+def _storage_io(base: str) -> tuple[int | None, int | None]:
+    try:
+        with open(f"{base}/io", "rb") as handle:
+            values = dict(line.split(b": ", 1) for line in handle if b": " in line)
+        return int(values[b"read_bytes"]), int(values[b"write_bytes"])
+    except (OSError, KeyError, ValueError):
+        return None, None  # not ours to read (another user's process, some containers)
+
+
+def _thread_waits(base: str) -> dict[int, int]:
+    # /proc/<pid>/schedstat is the main thread's alone: read every thread's run_delay.
+    waits: dict[int, int] = {}
+    try:
+        threads = os.listdir(f"{base}/task")
+    except OSError:
+        return waits
+    for tid in threads:
+        try:
+            with open(f"{base}/task/{tid}/schedstat", "rb") as handle:
+                waits[int(tid)] = int(handle.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return waits
+
+
+def children_of(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (a pass over ``/proc``: the kernel keeps no list a
+    reader outside the process can use)."""
+    parents: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                ppid = int(handle.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(name))
+    found, frontier = [], [pid]
+    while frontier:
+        children = parents.get(frontier.pop(), [])
+        found.extend(children)
+        frontier.extend(children)
+    return found

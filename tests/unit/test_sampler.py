@@ -1,0 +1,151 @@
+"""The process-tree sampler against the kernel's own accounting of real (small) processes: a
+reaped child counts once, a counter that cannot be read gives no sample, and the closing
+sample accounts for what the live samples have not. No servers: the processes are plain
+Python children of the test, reaped with wait4 for the kernel's figures."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from monitor import proc
+from pipeline.proctime import boottime_ns, start_ns
+from monitor.sampler import ProcessTreeSampler, TaskGoneError, Usage
+from pipeline.protocol import TaskTotals
+
+# The parent spins 0.2 s, runs a child that spins 1.2 s and reaps it, then idles.
+PARENT_WITH_A_REAPED_CHILD = """
+import subprocess, sys, time
+def spin(seconds):
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+spin(0.2)
+subprocess.run([sys.executable, "-c", "import time\\nend = time.process_time() + 1.2\\nwhile time.process_time() < end: pass"])
+time.sleep(0.6)
+"""
+
+
+def _start(code: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def _sample_until_gone(sampler: ProcessTreeSampler, every: float = 0.25) -> list[Usage]:
+    samples = []
+    while True:
+        time.sleep(every)
+        try:
+            samples.append(sampler.sample())
+        except TaskGoneError:
+            return samples
+
+
+def _reap(process: subprocess.Popen) -> tuple[int, float, int]:
+    """(CLOCK_BOOTTIME ns at its end, CPU seconds of it and its reaped children, peak KiB)."""
+    os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)
+    ended_ns = boottime_ns()
+    _, _, usage = os.wait4(process.pid, 0)
+    process.returncode = 0
+    return ended_ns, usage.ru_utime + usage.ru_stime, usage.ru_maxrss
+
+
+def _cpu_seconds(samples: list[Usage]) -> float:
+    return sum(s.values["cpu"] / 100 * s.seconds for s in samples)
+
+
+def test_a_reaped_child_counts_once_live_or_reaped() -> None:
+    process = _start(PARENT_WITH_A_REAPED_CHILD)
+    sampler = ProcessTreeSampler(process.pid)
+    samples = _sample_until_gone(sampler)
+    ended_ns, true_cpu, _ = _reap(process)
+
+    live = _cpu_seconds(samples)
+    # The child's 1.2 s was seen live and then again in the parent's reaped-children time;
+    # counting it twice would put the live samples far above the kernel's total.
+    assert live <= true_cpu * 1.05 + 0.02
+    assert live >= 1.2  # and the child was not dropped either
+    assert max(s.values["cpu"] for s in samples) <= 100 * 1.1  # one core at most, never 250 %
+
+
+def test_the_closing_sample_makes_the_run_add_up_to_the_totals() -> None:
+    process = _start(PARENT_WITH_A_REAPED_CHILD)
+    sampler = ProcessTreeSampler(process.pid)
+    samples = _sample_until_gone(sampler, every=0.4)
+    ended_ns, true_cpu, peak_kib = _reap(process)
+    totals = TaskTotals(cpu_ns=round(true_cpu * 1e9), ended_ns=ended_ns, ended_ms=int(time.time() * 1000),
+                        peak_rss_kib=peak_kib)
+
+    closing = sampler.close(totals)
+    if closing is not None:
+        samples.append(closing)
+    assert _cpu_seconds(samples) == pytest.approx(true_cpu, rel=0.02)
+    assert max(s.values["memory"] for s in samples) * 1024 >= 0.9 * peak_kib
+
+
+def test_a_task_that_ended_before_it_was_seen_is_one_sample_over_its_whole_life() -> None:
+    process = _start("pass")
+    started_ns = start_ns(proc.read_process(process.pid).start_ticks)
+    ended_ns, true_cpu, peak_kib = _reap(process)
+    sampler = ProcessTreeSampler(process.pid, started_ns)  # the pid is gone by now
+    totals = TaskTotals(cpu_ns=round(true_cpu * 1e9), ended_ns=ended_ns, ended_ms=int(time.time() * 1000),
+                        peak_rss_kib=peak_kib, read_bytes=0, write_bytes=8192, cpu_wait_ns=0)
+
+    with pytest.raises(TaskGoneError):
+        sampler.sample()
+    closing = sampler.close(totals)
+    assert closing.seconds == pytest.approx((ended_ns - started_ns) / 1e9)
+    assert _cpu_seconds([closing]) == pytest.approx(true_cpu)
+    assert closing.values["disk_write"] * closing.seconds == pytest.approx(8.0)
+    assert closing.values["memory"] == pytest.approx(peak_kib / 1024)
+
+
+def test_a_counter_that_cannot_be_read_gives_no_sample_and_one_warning(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(proc, "_storage_io", lambda base: (None, None))  # as for another user's process
+    process = _start("import time; time.sleep(1.5)")
+    try:
+        sampler = ProcessTreeSampler(process.pid)
+        with caplog.at_level(logging.WARNING, logger="monitor.sampler"):
+            first, second = sampler.sample(), sampler.sample()
+    finally:
+        process.kill()
+        process.wait()
+    for usage in (first, second):
+        assert "disk_read" not in usage.values and "disk_write" not in usage.values
+        assert {"cpu", "memory", "cpu_wait"} <= set(usage.values)
+    assert len([r for r in caplog.records if "not readable" in r.getMessage()]) == 1
+    totals = TaskTotals(cpu_ns=1, ended_ns=boottime_ns(), ended_ms=int(time.time() * 1000) + 5,
+                        peak_rss_kib=1, read_bytes=10, write_bytes=10)
+    assert "disk_write" not in sampler.close(totals).values  # no total passed off as one interval's
+
+
+def test_a_reused_pid_is_not_taken_for_the_task() -> None:
+    process = _start("import time; time.sleep(5)")
+    try:
+        real_start = start_ns(proc.read_process(process.pid).start_ticks)
+        sampler = ProcessTreeSampler(process.pid, started_ns=real_start - 10**9)
+        with pytest.raises(TaskGoneError):
+            sampler.sample()
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_cpu_wait_shows_time_spent_waiting_for_a_cpu() -> None:
+    # More spinning threads than cores (in child processes, so the GIL does not serialise them).
+    spinners = os.cpu_count() + 2
+    code = ("import subprocess, sys\n"
+            f"ps = [subprocess.Popen([sys.executable, '-c', 'import time\\nend = time.time() + 2\\nwhile time.time() < end: pass']) for _ in range({spinners})]\n"
+            "[p.wait() for p in ps]\n")
+    process = _start(code)
+    sampler = ProcessTreeSampler(process.pid)
+    time.sleep(1.2)
+    usage = sampler.sample()
+    process.wait()
+    # The tree wants more cores than there are: its threads spend a share of the interval
+    # queued, which cpu_wait reports (like cpu, summed over threads).
+    assert usage.values["cpu_wait"] > 20
