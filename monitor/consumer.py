@@ -94,7 +94,7 @@ class MonitorConsumer:
         if isinstance(decoded, MonitorStopped):
             return None, True
         return Measurement(self.order_id, decoded.task_name, decoded.resource, decoded.value,
-                           decoded.timestamp_ms), False
+                           decoded.timestamp_ms, decoded.index, decoded.attempt), False
 
     def _flush(self, writer: MeasurementWriter, consumer: Consumer,
                pending: list[tuple[Message, Measurement | None]]) -> None:

@@ -121,7 +121,7 @@ class LiveScorer:
         """Score, store and publish one batch (already stored as measurements)."""
         contexts = []
         for m in sorted(batch, key=lambda m: m.timestamp_ms):
-            context = self._context.context(m.task, m.resource, m.timestamp_ms, m.value)
+            context = self._context.context(m.task, m.resource, m.timestamp_ms, m.value, m.position, m.attempt)
             if context is not None:
                 contexts.append(context)
         results = self.detector.process(contexts)

@@ -18,6 +18,7 @@ NO_PREVIOUS_TASK = "<none>"
 @dataclass(frozen=True)
 class _Run:
     position: int
+    attempt: int
     task: str
     started_ms: int
     finished_ms: int | None
@@ -39,7 +40,8 @@ class OrderContext:
         with self.engine.connect() as conn:
             order = conn.execute(select(orders).where(orders.c.id == self.order_id)).mappings().first()
             runs = conn.execute(
-                select(task_runs.c.position, tasks.c.name, task_runs.c.started_at, task_runs.c.finished_at)
+                select(task_runs.c.position, task_runs.c.attempt, tasks.c.name, task_runs.c.started_at,
+                       task_runs.c.finished_at)
                 .join(tasks, tasks.c.id == task_runs.c.task_id)
                 .where(task_runs.c.order_id == self.order_id)
                 .order_by(task_runs.c.started_at)
@@ -48,22 +50,27 @@ class OrderContext:
             self.task_list = order["task_list"].split(",")
             if order["image_width"] and order["image_height"]:
                 self.image_pixels = float(order["image_width"] * order["image_height"])
-        self._runs = [_Run(p, name, to_ms(s), to_ms(f) if f else None) for p, name, s, f in runs]
+        self._runs = [_Run(p, a, name, to_ms(s), to_ms(f) if f else None) for p, a, name, s, f in runs]
 
-    def context(self, task: str, resource: str, timestamp_ms: int, value: float) -> SampleContext | None:
-        """The sample with its run's facts, or None when no run of ``task`` covers it."""
-        run = self._match(task, timestamp_ms)
+    def context(self, task: str, resource: str, timestamp_ms: int, value: float,
+                position: int | None = None, attempt: int | None = None) -> SampleContext | None:
+        """The sample with its run's facts, or None when no run of ``task`` covers it. A
+        sample that names its run (``position``, ``attempt``) is matched by that alone."""
+        run = self._match(task, timestamp_ms, position, attempt)
         if run is None:
             self.refresh()
-            run = self._match(task, timestamp_ms)
+            run = self._match(task, timestamp_ms, position, attempt)
             if run is None:
                 return None
         previous = self.task_list[run.position - 1] if 0 < run.position <= len(self.task_list) else NO_PREVIOUS_TASK
         return SampleContext(self.order_id, task, run.position, resource, timestamp_ms, value,
                              max(timestamp_ms - run.started_ms, 0) / 1000.0, previous, self.image_pixels)
 
-    def _match(self, task: str, timestamp_ms: int) -> _Run | None:
-        # The latest run of this task that started before the sample: runs of one order never
+    def _match(self, task: str, timestamp_ms: int, position: int | None, attempt: int | None) -> _Run | None:
+        if position is not None:
+            return next((run for run in self._runs if run.task == task and run.position == position
+                         and (attempt is None or run.attempt == attempt)), None)
+        # Samples stored before they named their run: the latest run of this task that started before the sample: runs of one order never
         # overlap, so that is the one that was running. A sample stamped before every run of
         # its task can only come from a clock running behind the orchestrator's: the first run.
         candidates = [run for run in self._runs if run.task == task]
@@ -78,7 +85,8 @@ def order_samples(engine: Engine, order_id: int) -> list[SampleContext]:
     from pipeline.db.schema import measurements, resources
 
     query = (
-        select(tasks.c.name, resources.c.name, measurements.c.ts, measurements.c.value)
+        select(tasks.c.name, resources.c.name, measurements.c.ts, measurements.c.value,
+               measurements.c.position, measurements.c.attempt)
         .join(tasks, tasks.c.id == measurements.c.task_id)
         .join(resources, resources.c.id == measurements.c.resource_id)
         .where(measurements.c.order_id == order_id)
@@ -87,5 +95,6 @@ def order_samples(engine: Engine, order_id: int) -> list[SampleContext]:
     with engine.connect() as conn:
         rows = conn.execute(query).all()
     context = OrderContext(engine, order_id)
-    samples = (context.context(task, resource, to_ms(ts), value) for task, resource, ts, value in rows)
+    samples = (context.context(task, resource, to_ms(ts), value, position, attempt)
+               for task, resource, ts, value, position, attempt in rows)
     return [s for s in samples if s is not None]

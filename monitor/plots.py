@@ -24,7 +24,8 @@ from pipeline.settings import Settings  # noqa: E402
 logger = logging.getLogger(__name__)
 
 PLOTS_EXPERIMENT = "deviation-plots"
-UNITS = {"cpu": "% of one core", "memory": "MiB resident", "disk_read": "KiB/s", "disk_write": "KiB/s"}
+UNITS = {"cpu": "% of one core", "memory": "MiB resident", "disk_read": "KiB/s", "disk_write": "KiB/s",
+         "cpu_wait": "% of one core, waiting"}
 
 
 class PlotError(PipelineError):

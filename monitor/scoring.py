@@ -20,7 +20,7 @@ import pandas as pd
 BAND_EDGE_Z = 1.2816
 # Smallest half-width a band may have, per resource: a task that reads nothing from disk has
 # P10 = P50 = P90 = 0, and a single page read must not count as infinitely surprising.
-MIN_HALF_WIDTH = {"cpu": 5.0, "memory": 8.0, "disk_read": 256.0, "disk_write": 256.0}
+MIN_HALF_WIDTH = {"cpu": 5.0, "memory": 8.0, "disk_read": 256.0, "disk_write": 256.0, "cpu_wait": 10.0}
 DEFAULT_THRESHOLD = 2.5
 DEFAULT_CONSECUTIVE = 3
 

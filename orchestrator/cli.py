@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep each order's task<ID>/resource<ID> topics after it ends")
     run.add_argument("--max-concurrent", type=int, default=4, metavar="N",
                      help="orders running at the same time; default 4")
+    run.add_argument("--no-monitors", action="store_true",
+                     help="run the tasks without sampling or storing their usage (to measure "
+                          "what monitoring costs); nothing is stored but the orders and task runs")
     submit = commands.add_parser(
         "submit", help="run orders inside the cluster: one orchestrator Job per order (RUNTIME=kubernetes)")
     submit.add_argument("orders", nargs="+", metavar="ORDER.json")
@@ -64,13 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --repeat and --max-concurrent must be at least 1", file=sys.stderr)
         return EXIT_INVALID
     try:
-        return run_orders(settings, orders * args.repeat, args.keep_topics, args.max_concurrent)
+        return run_orders(settings, orders * args.repeat, args.keep_topics, args.max_concurrent,
+                          monitoring=not args.no_monitors)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
 
 
-def run_orders(settings: Settings, orders, keep_topics: bool = False, max_concurrent: int = 4) -> int:
+def run_orders(settings: Settings, orders, keep_topics: bool = False, max_concurrent: int = 4,
+               monitoring: bool = True) -> int:
     """Run ``orders`` concurrently; print the summary; the exit status."""
     settings = ensure_kafka(settings)
     # Before touching the database or the broker: missing cluster credentials fail at once.
@@ -88,7 +93,7 @@ def run_orders(settings: Settings, orders, keep_topics: bool = False, max_concur
         try:
             with Producer(settings) as producer:
                 services = Services(runtime, OrderStore(engine), admin, producer, listener, reporter,
-                                    cancel, keep_topics)
+                                    cancel, keep_topics, monitoring)
                 with ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="order") as pool:
                     results = list(pool.map(lambda order: OrderRun(order, services).run(), orders))
         finally:

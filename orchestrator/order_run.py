@@ -38,6 +38,7 @@ class Services:
     reporter: Reporter
     cancel: threading.Event
     keep_topics: bool = False
+    monitoring: bool = True  # False: no monitors at all (`run --no-monitors`)
 
 
 class _AttemptFailed(Exception):
@@ -84,10 +85,10 @@ class OrderRun:
         self._image = self.s.runtime.stage_input(self.order.image, order_id)
         # Where each task pod samples itself, the order needs no producer of its own.
         kinds = ("consumer",) if self.s.runtime.samples_in_task_pods else MONITOR_KINDS
-        for kind in kinds:
-            self._start_monitor(kind)
+        self._start_monitors(kinds if self.s.monitoring else ())
         self.s.store.set_status(order_id, OrderStatus.RUNNING)
-        self._say(f"monitors ready; running {len(self.order.tasks)} task(s) on {self.order.image.name}")
+        ready = "monitors ready" if self.s.monitoring else "no monitors"
+        self._say(f"{ready}; running {len(self.order.tasks)} task(s) on {self.order.image.name}")
         progress: tuple[str, ...] = ()
         for position, spec in enumerate(self.order.tasks):
             if self.s.cancel.is_set():
@@ -112,7 +113,6 @@ class OrderRun:
             self._say(f"task {position + 1}/{len(self.order.tasks)} {spec.name} started"
                       + (f" (attempt {attempt}/{retry.max_attempts})" if attempt > 1 else ""))
             began = time.monotonic()
-            self.s.store.start_task(self.order_id, position, attempt, spec.name, spec.fault)
             try:
                 outputs = self._attempt(launch, spec)
             except _AttemptFailed as exc:
@@ -140,6 +140,8 @@ class OrderRun:
         exited_at: float | None = None
         next_heartbeat = time.monotonic() + 10.0
         try:
+            self.s.store.start_task(self.order_id, launch.position, launch.attempt, spec.name, spec.fault,
+                                    started=handle.started_at())
             while True:
                 if self.s.cancel.is_set():
                     raise _AttemptFailed("cancelled")
@@ -180,6 +182,13 @@ class OrderRun:
             logger.warning("order_id=%d deleting stale topics %s", self.order_id, ", ".join(sorted(stale)))
             self.s.admin.delete(sorted(stale))
         self.s.admin.create(topics)
+
+    def _start_monitors(self, kinds) -> None:
+        """Start the monitors side by side, then wait until each is ready."""
+        for kind in kinds:
+            self._monitors[kind] = self.s.runtime.start_monitor(kind, self.order_id)
+        for kind in kinds:
+            self._monitors[kind].wait_ready(self.s.runtime.monitor_ready_timeout)
 
     def _start_monitor(self, kind: str) -> None:
         handle = self.s.runtime.start_monitor(kind, self.order_id)

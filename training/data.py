@@ -1,10 +1,9 @@
 """Training data: stored measurements joined with their task runs and orders; splits by order.
 
-A sample belongs to the SUCCEEDED run of its task in its order whose time window holds it
-(``task_runs.started_at <= ts <= finished_at``): samples carry only the task's name, and the
-runs of one order never overlap, so the window tells apart a task that appears twice. Failed
-attempts and runs with an injected fault are left out, as they are not the usage a healthy
-task should show.
+A sample belongs to the SUCCEEDED run it names (position and attempt, from its headers);
+samples stored before producers sent those are matched by time window instead (``started_at
+<= ts <= finished_at``; the runs of one order never overlap). Failed attempts and runs with
+an injected fault are left out, as they are not the usage a healthy task should show.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from datetime import datetime
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Engine, and_, inspect, select
+from sqlalchemy import Engine, and_, inspect, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from models.features import previous_task
@@ -70,8 +69,11 @@ def _query(since: datetime | None, until: datetime | None):
                task_runs.c.task_id == measurements.c.task_id,
                task_runs.c.status == "SUCCEEDED",
                task_runs.c.fault.is_(None),  # injected faults are not normal usage
-               measurements.c.ts >= task_runs.c.started_at,
-               measurements.c.ts <= task_runs.c.finished_at)
+               or_(and_(measurements.c.position == task_runs.c.position,
+                        measurements.c.attempt == task_runs.c.attempt),
+                   and_(measurements.c.position.is_(None),
+                        measurements.c.ts >= task_runs.c.started_at,
+                        measurements.c.ts <= task_runs.c.finished_at)))
     query = (
         select(measurements.c.order_id, tasks.c.name.label("task"),
                resources.c.name.label("resource"), measurements.c.value, measurements.c.ts,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 
 from pipeline.invocation import TaskInvocation
@@ -36,6 +37,10 @@ class Handle(abc.ABC):
     def end_reason(self) -> str:
         """How it ended, in words, for a failure message (call once it has ended)."""
         return f"exited with status {self.exit_code()}"
+
+    def started_at(self) -> datetime | None:
+        """When its process started, where the runtime can tell; None: now is as good."""
+        return None
 
 
 class RuntimeFailure(Exception):

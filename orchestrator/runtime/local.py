@@ -13,6 +13,7 @@ from pathlib import Path
 
 from orchestrator.runtime.base import Handle, Runtime, RuntimeFailure, TaskLaunch
 from pipeline.lifetime import PARENT_PID_VARIABLE
+from pipeline.proctime import started_ns, wall_time
 from pipeline.settings import Settings
 from services.catalog import task_module
 
@@ -40,6 +41,13 @@ class ProcessHandle(Handle):
 
     def exit_code(self) -> int | None:
         return self.process.poll()
+
+    def started_at(self):
+        # The kernel's start of the child, not the moment Popen was called: forking a busy
+        # orchestrator can take a tenth of a second, which would otherwise be a light task's
+        # first interval too long.
+        start = started_ns(self.pid)
+        return wall_time(start) if start is not None else None
 
     def wait(self, timeout: float) -> int | None:
         try:

@@ -60,7 +60,9 @@ def _copy_then_insert(engine: Engine, table: Table, columns: Sequence[str], rows
 
 
 def _copy_text(value: object) -> str:
-    """A value in COPY's text format (numbers exact, times with their zone)."""
+    """A value in COPY's text format (numbers exact, times with their zone, NULL as \\N)."""
+    if value is None:
+        return "\\N"
     if isinstance(value, bool):
         return "t" if value else "f"
     if isinstance(value, float):

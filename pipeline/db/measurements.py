@@ -17,7 +17,7 @@ from pipeline.errors import DatabaseError
 
 logger = logging.getLogger(__name__)
 
-_COLUMNS = ("order_id", "task_id", "resource_id", "value", "ts")
+_COLUMNS = ("order_id", "task_id", "resource_id", "value", "ts", "position", "attempt")
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class Measurement:
     resource: str
     value: float
     timestamp_ms: int
+    position: int | None = None  # the task run: position in the order and attempt
+    attempt: int | None = None
 
     @property
     def ts(self) -> datetime:
@@ -58,12 +60,12 @@ class MeasurementWriter:
             raise DatabaseError(f"encoding {len(batch)} measurements failed: {exc}") from exc
         return insert_ignoring_duplicates(self.engine, measurements, _COLUMNS, rows)
 
-    def _encode(self, batch: Sequence[Measurement]) -> list[tuple[int, int, int, float, datetime]]:
+    def _encode(self, batch: Sequence[Measurement]) -> list[tuple]:
         # New names get their ids in a short transaction of their own, so the lookup rows'
         # locks are not held for the whole batch.
         with self.engine.begin() as conn:
             return [
                 (m.order_id, self.tasks.id_of(conn, m.task), self.resources.id_of(conn, m.resource),
-                 m.value, m.ts)
+                 m.value, m.ts, m.position, m.attempt)
                 for m in batch
             ]

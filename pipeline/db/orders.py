@@ -85,9 +85,10 @@ class OrderStore:
         return OrderRecord(**{**row, "status": OrderStatus(row["status"])})
 
     def start_task(self, order_id: int, position: int, attempt: int, task: str,
-                   fault: str | None = None) -> datetime:
-        """Record that attempt ``attempt`` of the task at ``position`` started now."""
-        started = utcnow()
+                   fault: str | None = None, started: datetime | None = None) -> datetime:
+        """Record that attempt ``attempt`` of the task at ``position`` started (now, unless
+        ``started`` says when)."""
+        started = started or utcnow()
         with self.engine.begin() as conn:
             conn.execute(insert(task_runs).values(
                 order_id=order_id, position=position, attempt=attempt,

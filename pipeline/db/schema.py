@@ -1,4 +1,4 @@
-"""Tables of DESIGN.md's storage section, in SQLAlchemy Core.
+"""Tables of the README's storage section, in SQLAlchemy Core.
 
 Core rather than the ORM: the hot path is bulk inserts of measurements, and every other
 access is a handful of rows.
@@ -43,8 +43,8 @@ orders = Table(
     Column("error", Text),
 )
 
-# One row per task attempt. Samples carry only the task's name, so a task that appears twice
-# in an order (blur, blur) is told apart by time: its runs never overlap within an order.
+# One row per task attempt. Samples name their run by position and attempt (headers), so a
+# task that appears twice in an order (blur, blur) or is retried is never told apart by time.
 task_runs = Table(
     "task_runs", metadata,
     Column("order_id", _BigId, ForeignKey("orders.id"), nullable=False),
@@ -69,6 +69,10 @@ measurements = Table(
     Column("resource_id", Integer, ForeignKey("resources.id"), nullable=False),
     Column("value", Float, nullable=False),
     Column("ts", DateTime(timezone=True), nullable=False),
+    # The task run the sample belongs to (the sample's index and attempt headers); NULL only
+    # for samples stored before producers sent them, which are matched to runs by time.
+    Column("position", Integer),
+    Column("attempt", Integer),
     # A redelivered sample hits this constraint and changes nothing. It includes the time
     # column, as a TimescaleDB hypertable requires of every unique index.
     UniqueConstraint("order_id", "task_id", "resource_id", "ts", name="uq_measurements_sample"),

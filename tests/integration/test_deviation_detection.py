@@ -147,7 +147,7 @@ def test_the_plot_command_draws_one_png_per_task_with_a_panel_per_resource(train
     for png in pngs:
         with Image.open(png) as image:
             assert image.format == "PNG" and image.size[0] > 300
-            assert image.text["Panels"] == "cpu,memory,disk_read,disk_write"
+            assert image.text["Panels"] == "cpu,memory,disk_read,disk_write,cpu_wait"
     assert "deviated first: task 1 median" in result.stdout
     assert "logged to MLflow run" in result.stdout
     # Artifacts go beside the store, never into the working folder.

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from orchestrator.runtime.job_specs import COMPONENT, ORDER_LABEL, POSITION_LABEL, RUN_LABEL, TASK_LABEL
+from pipeline.protocol import RESOURCES
 from tests.integration.kube.cluster import apply_rbac, prepare_namespace
 from tests.integration.kube.cluster import submit as submit_orders
 from tests.integration.orderkit import REPO, stored_orders, write_order
@@ -71,10 +72,9 @@ def test_an_order_runs_as_jobs_created_by_the_orchestrator_service_account(clust
     assert stored.status == "SUCCEEDED"
     assert [(r["task"], r["status"]) for r in stored.runs] == [
         ("grayscale", "SUCCEEDED"), ("blur", "SUCCEEDED"), ("edge_detect", "SUCCEEDED")]
-    # Every task was sampled by the sidecar in its own pod: all four resources, per task.
+    # Every task was sampled by the sidecar in its own pod: every resource, per task.
     for task in ("grayscale", "blur", "edge_detect"):
-        assert {s["resource"] for s in stored.samples if s["task"] == task} == {
-            "cpu", "memory", "disk_read", "disk_write"}, task
+        assert {s["resource"] for s in stored.samples if s["task"] == task} == set(RESOURCES), task
     outputs = cluster["kubelet"].pvc_dir("pipeline-artifacts") / f"order-{stored.id}"
     assert sorted(p.name for p in outputs.iterdir()) == ["00-grayscale.png", "01-blur.png", "02-edge_detect.png"]
 
