@@ -79,8 +79,10 @@ def _orchestrate_accounted(record_dir: str, argv: list[str]) -> int:
 
 def _environment(folder: Path) -> dict[str, str]:
     env = dict(os.environ)
+    # Live scoring stays on, as by default: with no model registered in this fresh MLflow
+    # store, the consumer looks for one and stores the samples unscored.
     env.update({"DATABASE_URL": f"sqlite:///{folder / 'bench.db'}", "ARTIFACT_DIR": str(folder / "artifacts"),
-                "LIVE_SCORING": "off", "PYTHONPATH": str(REPO_ROOT)})
+                "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}", "PYTHONPATH": str(REPO_ROOT)})
     return env
 
 

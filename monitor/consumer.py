@@ -16,8 +16,8 @@ from pipeline.errors import DatabaseError, ProtocolError
 from pipeline.kafka import Consumer, Producer
 from pipeline.protocol import Message, MonitorStopped, MonitorTerminated, decode_resource_topic, resource_topic
 from pipeline.settings import Settings
-from monitor.live_scoring import LiveScorer
 from monitor.signals import StopSignals, announce_ready
+from training.registry_probe import champion_may_exist
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class MonitorConsumer:
         self.stored = 0
         self.received = 0
         self.malformed = 0
-        self.scorer: LiveScorer | None = None
+        self.scorer = None  # a LiveScorer while live scoring runs
 
     def run(self) -> bool:
         """Consume until STOP (True) or a stop signal (False: TERMINATE is not sent)."""
@@ -52,10 +52,18 @@ class MonitorConsumer:
             consumer.assign([resource_topic(self.order_id)])
             announce_ready()
             logger.info("order_id=%d monitor-consumer ready", self.order_id)
-            if self.settings.live_scoring:
-                self.scorer = LiveScorer(self.settings, engine, self.order_id, producer).start()
-            else:
+            if not self.settings.live_scoring:
                 logger.info("order_id=%d live scoring is off (LIVE_SCORING=off)", self.order_id)
+            elif not champion_may_exist(self.settings.mlflow_tracking_uri):
+                logger.warning("order_id=%d no 'champion' expected-usage model registered yet; samples "
+                               "are stored but not scored (train one with `python -m training fit`)",
+                               self.order_id)
+            else:
+                # Imported only to score: the model's libraries cost seconds of CPU to load,
+                # which a consumer with nothing to score should not take from the tasks.
+                from monitor.live_scoring import LiveScorer
+
+                self.scorer = LiveScorer(self.settings, engine, self.order_id, producer).start()
             pending: list[tuple[Message, Measurement | None]] = []
             flush_at = time.monotonic() + self.batch_seconds
             while not self.signals.requested.is_set():

@@ -45,6 +45,36 @@ class _AttemptFailed(Exception):
     pass
 
 
+class _MonitorStart:
+    """A monitor on its way up. Its readiness is awaited beside the tasks, never before them:
+    the producer replays ``task<ID>`` from its start and a task's HALT carries its totals, so
+    a task that runs before the monitors are up is still measured in full (measuring must not
+    delay the work it measures)."""
+
+    def __init__(self, handle: Handle, timeout: float) -> None:
+        self.handle = handle
+        self.error: RuntimeFailure | None = None
+        self._thread = threading.Thread(target=self._wait, args=(timeout,), daemon=True,
+                                        name=f"ready-{handle.name}")
+        self._thread.start()
+
+    def _wait(self, timeout: float) -> None:
+        try:
+            self.handle.wait_ready(timeout)
+        except RuntimeFailure as exc:
+            self.error = exc
+
+    @property
+    def settled(self) -> bool:
+        return not self._thread.is_alive()
+
+    def settle(self, timeout: float) -> None:
+        """Wait for the outcome; raise RuntimeFailure if the monitor never became ready."""
+        self._thread.join(timeout)
+        if self.error is not None:
+            raise self.error
+
+
 class OrderRun:
     """Runs one order to SUCCEEDED, FAILED or CANCELLED; never raises for a task's failure."""
 
@@ -55,6 +85,7 @@ class OrderRun:
                                   tasks=[TaskResult(i, t.name) for i, t in enumerate(order.tasks)])
         self.order_id: int | None = None
         self._monitors: dict[str, Handle] = {}
+        self._starting: dict[str, _MonitorStart] = {}
         self._progress: queue.Queue[Progress] | None = None
         self._image = order.image  # where the tasks read it (see Runtime.stage_input)
 
@@ -75,6 +106,7 @@ class OrderRun:
         if self.order_id is not None:
             self.s.store.set_status(self.order_id, status, error)
             self.result.rows = self.s.store.count_measurements(self.order_id)
+            self._remove_topics()
         self._say(f"{status.value} after {self.result.seconds:.1f}s, {self.result.rows} sample rows stored")
         return self.result
 
@@ -87,8 +119,8 @@ class OrderRun:
         kinds = ("consumer",) if self.s.runtime.samples_in_task_pods else MONITOR_KINDS
         self._start_monitors(kinds if self.s.monitoring else ())
         self.s.store.set_status(order_id, OrderStatus.RUNNING)
-        ready = "monitors ready" if self.s.monitoring else "no monitors"
-        self._say(f"{ready}; running {len(self.order.tasks)} task(s) on {self.order.image.name}")
+        monitors = "monitors starting" if self.s.monitoring else "no monitors"
+        self._say(f"running {len(self.order.tasks)} task(s) on {self.order.image.name} ({monitors})")
         progress: tuple[str, ...] = ()
         for position, spec in enumerate(self.order.tasks):
             if self.s.cancel.is_set():
@@ -115,6 +147,9 @@ class OrderRun:
             began = time.monotonic()
             try:
                 outputs = self._attempt(launch, spec)
+            except RuntimeFailure as exc:  # the order cannot go on (a monitor never came up)
+                self.s.store.finish_task(self.order_id, position, attempt, "FAILED", error=str(exc))
+                raise
             except _AttemptFailed as exc:
                 result.status, result.error = "FAILED", str(exc)
                 result.seconds = time.monotonic() - began
@@ -184,11 +219,10 @@ class OrderRun:
         self.s.admin.create(topics)
 
     def _start_monitors(self, kinds) -> None:
-        """Start the monitors side by side, then wait until each is ready."""
+        """Start the monitors side by side; their readiness is checked while the tasks run."""
         for kind in kinds:
-            self._monitors[kind] = self.s.runtime.start_monitor(kind, self.order_id)
-        for kind in kinds:
-            self._monitors[kind].wait_ready(self.s.runtime.monitor_ready_timeout)
+            self._monitors[kind] = handle = self.s.runtime.start_monitor(kind, self.order_id)
+            self._starting[kind] = _MonitorStart(handle, self.s.runtime.monitor_ready_timeout)
 
     def _start_monitor(self, kind: str) -> None:
         handle = self.s.runtime.start_monitor(kind, self.order_id)
@@ -197,8 +231,16 @@ class OrderRun:
 
     def _supervise_monitors(self) -> None:
         """Restart a monitor that died mid-order. Nothing is lost: the consumer resumes from its
-        last committed offset and the producer replays the task topic to regain its state."""
+        last committed offset and the producer replays the task topic to regain its state.
+        A monitor that never became ready fails the order (RuntimeFailure)."""
+        for kind, start in list(self._starting.items()):
+            if start.settled:
+                del self._starting[kind]
+                start.settle(0)
+                logger.info("order_id=%d monitor-%s ready", self.order_id, kind)
         for kind, handle in list(self._monitors.items()):
+            if kind in self._starting:
+                continue  # still starting up: its readiness wait reports how that ends
             code = handle.exit_code()
             if code is not None:
                 self._say(f"monitor-{kind} exited with status {code} mid-order; restarting it")
@@ -220,6 +262,11 @@ class OrderRun:
         """Complete the monitors' STOP/TERMINATE handshake, whatever happened; leave nothing running."""
         if self.order_id is None:
             return
+        for kind, start in self._starting.items():
+            try:
+                start.settle(self.s.runtime.monitor_ready_timeout)
+            except RuntimeFailure as exc:
+                logger.error("order_id=%d %s", self.order_id, exc)
         last = self.result.tasks[-1]
         if self._monitors and last.status != "SUCCEEDED":
             # The last task never sent STOP: send it for it, so the monitors end cleanly.
@@ -240,6 +287,10 @@ class OrderRun:
                 logger.warning("order_id=%d %s still running after %gs; stopping it", self.order_id, handle.name, grace)
             handle.stop(grace=5.0)
         self.s.listener.unregister(self.order_id)
+
+    def _remove_topics(self) -> None:
+        """Housekeeping once the order is over (its end is recorded before: this waits for
+        the broker)."""
         if not self.s.keep_topics:
             try:
                 self.s.admin.delete(list(order_topics(self.order_id)))

@@ -31,3 +31,14 @@ def stop_with_parent() -> None:
         return
     if os.getppid() != int(parent):  # the parent died before the request was made
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def exit_now(status: int) -> None:
+    """End the process at once, without the interpreter's teardown, once its work is flushed
+    (Kafka clients closed, database committed). Tearing down Pillow, numpy, pandas and
+    librdkafka costs a few hundred milliseconds that would be a task's unaccounted CPU, or the
+    wait at every order's end for its monitors to exit."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -25,11 +25,10 @@ import models
 from models.expected_usage import ExpectedUsageModel
 from models.features import FEATURE_COLUMNS
 from models.pyfunc import ARTIFACT_KEY
+from training.registry_probe import CHAMPION_ALIAS, MODEL_NAME
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "expected-usage"
-CHAMPION_ALIAS = "champion"
 # A challenger must beat the champion by more than this fraction: equal or noise-level
 # differences (a refit on the same data) keep the alias where it is.
 PROMOTION_MARGIN = 1e-4

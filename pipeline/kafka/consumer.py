@@ -116,14 +116,23 @@ class Consumer:
         return _to_message(msg)
 
     def consume(self, max_messages: int, timeout: float = 1.0) -> list[Message]:
-        """Up to ``max_messages`` messages, waiting at most ``timeout`` for the first."""
+        """Up to ``max_messages`` messages, waiting at most ``timeout`` for the first: as soon
+        as one arrives, what else is already there is taken without waiting for more
+        (librdkafka's own batch call would wait out the whole timeout for a full batch)."""
+        client = self._client()
+        first = client.poll(timeout)
+        if first is None:
+            return []
+        batch = [first, *client.consume(max_messages - 1, 0)] if max_messages > 1 else [first]
         messages = []
-        for msg in self._client().consume(max_messages, timeout):
+        for msg in batch:
             error = msg.error()
             if error is None:
                 messages.append(_to_message(msg))
             elif not (error.code() in _TRANSIENT or error.retriable()):
                 raise KafkaClientError(f"consumer error: {error.str()}")
+            else:
+                logger.debug("transient consumer error: %s", error.str())
         return messages
 
     def mark_processed(self, message: Message) -> None:

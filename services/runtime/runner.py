@@ -25,7 +25,7 @@ from PIL import Image
 
 from pipeline.errors import PipelineError
 from pipeline.kafka import Producer
-from pipeline.lifetime import stop_with_parent
+from pipeline.lifetime import exit_now, stop_with_parent
 from pipeline.logs import configure_logging
 from pipeline.invocation import TaskInvocation
 from pipeline.proctime import started_ns
@@ -115,14 +115,5 @@ def main(task: ImageTask, argv: list[str] | None = None) -> int:
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    _exit_now(status)
-
-
-def _exit_now(status: int) -> None:
-    """Exit without the interpreter's teardown: HALT's totals were read just before, and the
-    tens of milliseconds of CPU a full teardown of Pillow, numpy and librdkafka costs would
-    be work of the task that no sample accounts for (and that helps nobody)."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    # HALT's totals were read just before: a full teardown would be CPU no sample accounts for.
+    exit_now(status)
