@@ -15,6 +15,7 @@ alternating, and compares their wall times; it also times the sampler itself on 
 task (CPU per sample).
 
     ./dev python bench/measurement_accuracy.py accuracy [--width 2400 --height 1700]
+    ./dev python bench/measurement_accuracy.py accuracy --copies 3 --busy-cores 1   # under load
     ./dev python bench/measurement_accuracy.py overhead [--rounds 5]
 
 Kafka comes from KAFKA_BOOTSTRAP_SERVERS or the local broker (started if needed); the
@@ -164,7 +165,7 @@ def _compare(truth: dict, series: dict) -> tuple[list[list[object]], list[dict]]
         }
         samples = len(got.get("cpu", []))
         wall = (true["ended_ms"] - start) / 1000
-        rows.append([f"{key[1] + 1}. {true['task']}" + (f" (order {key[0]})" if key[0] > 1 else ""),
+        rows.append([f"{key[1] + 1}. {true['task']} (order {key[0]})",
                      f"{wall:.2f}", samples,
                      f"{cpu:.3f}", f"{true['cpu_seconds']:.3f}",
                      f"{read:.0f}", f"{true_read:.0f}", f"{write:.0f}", f"{true_write:.0f}",
@@ -186,8 +187,17 @@ def bench_accuracy(args) -> dict:
              _order_file(folder, "forking", REPO_ROOT / "orders" / "images" / "scene-1024x768.jpg", FORKING)]
     env = _environment(folder)
     began = time.monotonic()
-    result = subprocess.run([sys.executable, __file__, "_accounted", str(record_dir), "run", "--max-concurrent", "1",
-                             *map(str, files)], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    # --copies N runs N copies of both orders at once: the accounting must hold on a busy
+    # machine, as must --busy-cores K, K processes spinning beside the pipeline.
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy_cores)]
+    try:
+        result = subprocess.run([sys.executable, __file__, "_accounted", str(record_dir), "run",
+                                 "--repeat", str(args.copies), "--max-concurrent", str(2 * args.copies),
+                                 *map(str, files)], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
     if result.returncode != 0:
         raise SystemExit(f"orchestrator failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-3000:]}")
     truth, monitors = _truth(record_dir)
@@ -287,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     accuracy = commands.add_parser("accuracy", help="stored samples against the kernel's accounting")
     accuracy.add_argument("--width", type=int, default=2400)
     accuracy.add_argument("--height", type=int, default=1700)
+    accuracy.add_argument("--copies", type=int, default=1, help="copies of the orders run at once")
+    accuracy.add_argument("--busy-cores", type=int, default=0, help="spinning processes beside the run")
     overhead = commands.add_parser("overhead", help="a light order with monitoring on and off")
     overhead.add_argument("--rounds", type=int, default=5)
     for sub in (accuracy, overhead):

@@ -25,7 +25,7 @@ class ProcessCounters:
     zombie: bool
     cpu_ns: int  # its own CPU time, every thread, live or ended
     reaped_cpu_ns: int  # CPU time of the children it reaped (whole clock ticks)
-    thread_waits_ns: dict[int, int]  # per live thread: time spent waiting for a CPU
+    thread_waits_ns: dict[int, int] | None  # per live thread: time waiting for a CPU; None: unreadable
     read_bytes: int | None  # storage I/O, its own and its reaped children's; None: unreadable
     write_bytes: int | None
     rss_kib: int
@@ -53,7 +53,10 @@ def read_process(pid: int) -> ProcessCounters | None:
     cpu_ns = _process_clock_ns(pid)
     if cpu_ns is None:  # a zombie has no clock left to read: its tick counters are final
         cpu_ns = (utime + stime) * TICK_NS
-    rss, peak = _memory_kib(base)
+    memory = _memory_kib(base)
+    if memory is None:
+        return None  # status is readable by anyone while the process exists: it has gone
+    rss, peak = memory
     read_bytes, write_bytes = _storage_io(base)
     return ProcessCounters(pid, ppid, start_ticks, state == "Z", cpu_ns, (cutime + cstime) * TICK_NS,
                            _thread_waits(base), read_bytes, write_bytes, rss, peak)
@@ -68,7 +71,8 @@ def _process_clock_ns(pid: int) -> int | None:
         return None
 
 
-def _memory_kib(base: str) -> tuple[int, int]:
+def _memory_kib(base: str) -> tuple[int, int] | None:
+    # A zombie (or a kernel thread) has no VmRSS line: it holds no memory any more.
     rss = peak = 0
     try:
         with open(f"{base}/status", "rb") as handle:
@@ -78,7 +82,7 @@ def _memory_kib(base: str) -> tuple[int, int]:
                 elif line.startswith(b"VmHWM:"):
                     peak = int(line.split()[1])
     except OSError:
-        pass
+        return None
     return rss, max(peak, rss)
 
 
@@ -91,19 +95,26 @@ def _storage_io(base: str) -> tuple[int | None, int | None]:
         return None, None  # not ours to read (another user's process, some containers)
 
 
-def _thread_waits(base: str) -> dict[int, int]:
+# A kernel built without scheduler statistics has no schedstat files: cpu_wait is then
+# unknown (None), never zero.
+_HAS_SCHEDSTAT = os.path.exists("/proc/self/schedstat")
+
+
+def _thread_waits(base: str) -> dict[int, int] | None:
     # /proc/<pid>/schedstat is the main thread's alone: read every thread's run_delay.
+    if not _HAS_SCHEDSTAT:
+        return None
     waits: dict[int, int] = {}
     try:
         threads = os.listdir(f"{base}/task")
     except OSError:
-        return waits
+        return waits  # gone meanwhile
     for tid in threads:
         try:
             with open(f"{base}/task/{tid}/schedstat", "rb") as handle:
                 waits[int(tid)] = int(handle.read().split()[1])
         except (OSError, IndexError, ValueError):
-            continue
+            continue  # a thread that ended meanwhile
     return waits
 
 

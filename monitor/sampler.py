@@ -55,7 +55,6 @@ class _Counted:
     """What the samples so far have accounted for, cumulatively."""
 
     cpu_ns: int = 0
-    wait_ns: int = 0
     read_bytes: int = 0
     write_bytes: int = 0
 
@@ -90,6 +89,7 @@ class ProcessTreeSampler:
         self._counted = _Counted()
         self._seen = _Seen()
         self._io_readable = True
+        self._waits_readable = True
         self.samples = 0
 
     def sample(self) -> Usage:
@@ -107,7 +107,6 @@ class ProcessTreeSampler:
         memory = self._memory_kib(processes)
         self._remember(processes, memory)
         self._counted.cpu_ns += cpu
-        self._counted.wait_ns += wait
         if io_ok:
             self._counted.read_bytes += read
             self._counted.write_bytes += write
@@ -122,8 +121,9 @@ class ProcessTreeSampler:
         if totals.ended_ns <= self._last_ns or totals.ended_ms <= self._last_ms:
             return None
         cpu = max(totals.cpu_ns - self._counted.cpu_ns, 0)
-        root_wait = totals.cpu_wait_ns
-        wait = max(root_wait - self._seen.root_wait_ns, 0) if root_wait is not None else 0
+        wait = None
+        if self._waits_readable and totals.cpu_wait_ns is not None:
+            wait = max(totals.cpu_wait_ns - self._seen.root_wait_ns, 0)
         read = write = None
         if self._io_readable and totals.read_bytes is not None and totals.write_bytes is not None:
             read = max(totals.read_bytes - self._counted.read_bytes, 0)
@@ -134,15 +134,13 @@ class ProcessTreeSampler:
         self._counted.cpu_ns += cpu
         return self._usage(totals.ended_ns, totals.ended_ms, cpu, wait, read, write, memory)
 
-    def _usage(self, now_ns: int, now_ms: int, cpu_ns: int, wait_ns: int, read: int | None,
+    def _usage(self, now_ns: int, now_ms: int, cpu_ns: int, wait_ns: int | None, read: int | None,
                write: int | None, memory_kib: int) -> Usage:
         seconds = max(now_ns - self._last_ns, 1_000_000) / 1e9
         self._last_ns, self._last_ms = now_ns, max(now_ms, self._last_ms + 1)
-        values = {
-            "cpu": 100.0 * cpu_ns / 1e9 / seconds,
-            "memory": memory_kib / _KIB,
-            "cpu_wait": 100.0 * wait_ns / 1e9 / seconds,
-        }
+        values = {"cpu": 100.0 * cpu_ns / 1e9 / seconds, "memory": memory_kib / _KIB}
+        if wait_ns is not None:
+            values["cpu_wait"] = 100.0 * wait_ns / 1e9 / seconds
         if read is not None and write is not None:
             values["disk_read"] = read / _KIB / seconds
             values["disk_write"] = write / _KIB / seconds
@@ -190,13 +188,19 @@ class ProcessTreeSampler:
                 write += max(w, 0)
         return cpu, read, write, io_ok
 
-    def _wait_increase(self, processes: list[ProcessCounters]) -> int:
+    def _wait_increase(self, processes: list[ProcessCounters]) -> int | None:
         # No kernel counter folds a reaped child's waits into its parent's, so each live
         # thread counts by its own increase; a thread that ended keeps what it had.
+        if self._waits_readable and any(p.thread_waits_ns is None for p in processes):
+            self._waits_readable = False
+            logger.warning("pid=%d scheduler statistics (schedstat) are not readable here: "
+                           "no cpu_wait samples for this task", self.pid)
+        if not self._waits_readable:
+            return None
         total = 0
         for p in processes:
             old = self._seen.processes.get(p.key)
-            old_waits = old.thread_waits_ns if old else {}
+            old_waits = (old.thread_waits_ns or {}) if old else {}
             total += sum(max(w - old_waits.get(tid, 0), 0) for tid, w in p.thread_waits_ns.items())
         return total
 
@@ -209,7 +213,7 @@ class ProcessTreeSampler:
 
     def _remember(self, processes: list[ProcessCounters], memory_kib: int) -> None:
         self._seen.processes = {p.key: p for p in processes}
-        self._seen.root_wait_ns = sum(processes[0].thread_waits_ns.values())
+        self._seen.root_wait_ns = sum((processes[0].thread_waits_ns or {}).values())
         self._seen.peak_rss_kib = max([self._seen.peak_rss_kib, *(p.peak_rss_kib for p in processes)])
         self._seen.memory_kib = memory_kib
 

@@ -149,3 +149,17 @@ def test_cpu_wait_shows_time_spent_waiting_for_a_cpu() -> None:
     # The tree wants more cores than there are: its threads spend a share of the interval
     # queued, which cpu_wait reports (like cpu, summed over threads).
     assert usage.values["cpu_wait"] > 20
+
+
+def test_without_scheduler_statistics_there_is_no_cpu_wait_sample_rather_than_a_zero(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(proc, "_HAS_SCHEDSTAT", False)  # a kernel built without them
+    process = _start("import time; time.sleep(1.5)")
+    try:
+        sampler = ProcessTreeSampler(process.pid)
+        with caplog.at_level(logging.WARNING, logger="monitor.sampler"):
+            usage = sampler.sample()
+    finally:
+        process.kill()
+        process.wait()
+    assert "cpu_wait" not in usage.values and "cpu" in usage.values
+    assert [r for r in caplog.records if "schedstat" in r.getMessage()]
