@@ -264,9 +264,15 @@ def bench_overhead(args) -> dict:
     order = _order_file(folder, "light", REPO_ROOT / "orders" / "images" / "scene-640x480.jpg", LIGHT)
     _run_light(folder, env, order, monitors=True)  # warm-up: broker topics, page cache
     runs = []
-    for _ in range(args.rounds):
-        for monitors in (True, False):
-            runs.append(_run_light(folder, env, order, monitors))
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy_cores)]
+    try:
+        for _ in range(args.rounds):
+            for monitors in (True, False):
+                runs.append(_run_light(folder, env, order, monitors))
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
     rows = []
     summary = {}
     for monitors in (True, False):
@@ -301,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     accuracy.add_argument("--busy-cores", type=int, default=0, help="spinning processes beside the run")
     overhead = commands.add_parser("overhead", help="a light order with monitoring on and off")
     overhead.add_argument("--rounds", type=int, default=5)
+    overhead.add_argument("--busy-cores", type=int, default=0, help="spinning processes beside the runs")
     for sub in (accuracy, overhead):
         sub.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)

@@ -58,29 +58,31 @@ def run_task(task: ImageTask, inv: TaskInvocation, settings: Settings, stop: thr
     # (measured, bench/order_flow.py), a delay every task would pay before the monitor hears
     # of it; a duplicated ORDER or PROGRESS is harmless to their readers.
     with Producer(settings, **{"linger.ms": 0, "enable.idempotence": False}) as producer:
-        producer.send_now(TaskStarted(inv.required_tasks, inv.task_name, inv.order_id, os.getpid(),
-                                      task_host(), inv.position, inv.attempt, started_ns()).encode())
+        # Sent, not awaited: the work need not wait for the broker's ack (a failed delivery
+        # is raised at the next send), and HALT's totals cover whatever the monitor misses.
+        producer.send(TaskStarted(inv.required_tasks, inv.task_name, inv.order_id, os.getpid(),
+                                  task_host(), inv.position, inv.attempt, started_ns()).encode())
         try:
             output = _work(task, inv, settings, stop)
         except Exception as exc:  # noqa: BLE001 - the job boundary: report, never swallow
             logger.exception("order_id=%d task=%s index=%d failed", inv.order_id, inv.task_name, inv.position)
-            producer.send(Progress(inv.order_id, inv.task_name, inv.position, TaskStatus.FAILED,
-                                   inv.progress, error=f"{type(exc).__name__}: {exc}"[:500],
-                                   attempt=inv.attempt).encode())
-            _halt(producer, inv, last=False)
+            _end(producer, inv, Progress(inv.order_id, inv.task_name, inv.position, TaskStatus.FAILED,
+                                         inv.progress, error=f"{type(exc).__name__}: {exc}"[:500],
+                                         attempt=inv.attempt), last=False)
             return EXIT_FAILED
         logger.info("order_id=%d task=%s index=%d wrote %s", inv.order_id, inv.task_name, inv.position, output)
-        producer.send(Progress(inv.order_id, inv.task_name, inv.position, TaskStatus.SUCCEEDED,
-                               (*inv.progress, str(output)), attempt=inv.attempt).encode())
-        _halt(producer, inv, last=inv.is_last)
+        _end(producer, inv, Progress(inv.order_id, inv.task_name, inv.position, TaskStatus.SUCCEEDED,
+                                     (*inv.progress, str(output)), attempt=inv.attempt), last=inv.is_last)
     return 0
 
 
-def _halt(producer: Producer, inv: TaskInvocation, last: bool) -> None:
-    """HALT (and STOP) with the totals read as late as possible: only delivering them and
-    exiting remain, and :func:`main` exits without interpreter teardown."""
-    producer.flush()
-    producer.send(TaskHalted(inv.order_id, own_totals()).encode())
+def _end(producer: Producer, inv: TaskInvocation, progress: Progress, last: bool) -> None:
+    """PROGRESS, then HALT (and STOP) with the totals read as late as possible: only
+    delivering these messages and exiting remain, and :func:`main` exits without
+    interpreter teardown."""
+    totals = own_totals()
+    producer.send(progress.encode())
+    producer.send(TaskHalted(inv.order_id, totals).encode())
     if last:
         producer.send(OrderStopped(inv.order_id).encode())
 
