@@ -14,6 +14,7 @@ recomputed with ``python -m monitor rescore``.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections.abc import Sequence
@@ -77,6 +78,7 @@ class LiveScorer:
         return f"{self.scored} scored with version {self.model_version}, {self.anomalies} anomalies"
 
     def _work(self) -> None:
+        _yield_to_the_work()
         self._caught_up.wait()
         self._load()
         while (batch := self._batches.get()) is not None:
@@ -142,6 +144,20 @@ class LiveScorer:
         self.producer.send(Anomaly(s.order_id, s.task, s.position, s.resource, s.timestamp_ms, s.value,
                                    result.expected, result.lower, result.upper, result.score,
                                    self.model_version).encode())
+
+
+def _yield_to_the_work() -> None:
+    """Run this thread (loading the model: seconds of CPU; then inference) only on CPU time
+    nothing else wants. Loading beside a task's first seconds would take CPU from the task
+    it is about to judge, and its samples would look like a stall. Samples wait in the
+    queue meanwhile; they are stored already."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # this thread (Linux)
+    except (AttributeError, OSError):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
 
 
 def model_detector(model, settings: Settings) -> Detector:

@@ -52,6 +52,11 @@ class OrderContext:
                 self.image_pixels = float(order["image_width"] * order["image_height"])
         self._runs = [_Run(p, a, name, to_ms(s), to_ms(f) if f else None) for p, a, name, s, f in runs]
 
+    def started_ms(self, position: int) -> int | None:
+        """When the last attempt of the task run at ``position`` started (None: unknown)."""
+        starts = [run.started_ms for run in self._runs if run.position == position]
+        return max(starts) if starts else None
+
     def context(self, task: str, resource: str, timestamp_ms: int, value: float,
                 position: int | None = None, attempt: int | None = None) -> SampleContext | None:
         """The sample with its run's facts, or None when no run of ``task`` covers it. A

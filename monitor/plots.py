@@ -60,31 +60,38 @@ def plot_order(settings: Settings, order_id: int, out_dir: Path, version: str | 
     files = []
     for position, run_rows in sorted(runs.items()):
         path = out_dir / f"order-{order_id}-{position:02d}-{run_rows[0].task}.png"
-        _plot_run(path, order_id, position, run_rows, version)
+        _plot_run(path, order_id, position, run_rows, version, context.started_ms(position))
         files.append(path)
     summary = _summary(order_id, rows, version, context.task_list)
     (out_dir / f"order-{order_id}-summary.txt").write_text(summary + "\n")
     return PlotResult(files, summary, version)
 
 
-def _plot_run(path: Path, order_id: int, position: int, rows: list[DeviationRow], version: str | None) -> None:
-    start = min(r.timestamp_ms for r in rows)
+def _plot_run(path: Path, order_id: int, position: int, rows: list[DeviationRow], version: str | None,
+              started_ms: int | None) -> None:
+    # Each sample is a rate over the interval that ends at its timestamp (the first from the
+    # task's start), so it is drawn as a step over that interval, the dot at its end.
+    start = min([r.timestamp_ms for r in rows] + ([started_ms] if started_ms is not None else []))
     fig, axes = plt.subplots(len(RESOURCES), 1, figsize=(8, 2.2 * len(RESOURCES)), sharex=True)
     for ax, resource in zip(axes, RESOURCES):
         series = [r for r in rows if r.resource == resource]
         x = [(r.timestamp_ms - start) / 1000 for r in series]
-        if version:
-            ax.fill_between(x, [r.lower for r in series], [r.upper for r in series], color="tab:blue",
-                            alpha=0.2, step="mid", label="expected band (P10-P90)")
-            ax.plot(x, [r.expected for r in series], color="tab:blue", linestyle="--", label="expected (P50)")
-        ax.plot(x, [r.value for r in series], color="black", marker=".", label="actual")
+        if series:
+            xs = [0.0, *x]
+            if version:
+                ax.fill_between(xs, _steps([r.lower for r in series]), _steps([r.upper for r in series]),
+                                color="tab:blue", alpha=0.2, step="pre", label="expected band (P10-P90)")
+                ax.step(xs, _steps([r.expected for r in series]), where="pre", color="tab:blue",
+                        linestyle="--", label="expected (P50)")
+            ax.step(xs, _steps([r.value for r in series]), where="pre", color="black", label="actual")
+            ax.plot(x, [r.value for r in series], color="black", marker=".", linestyle="none")
         flagged = [(xi, r.value) for xi, r in zip(x, series) if r.anomaly]
         if flagged:
             ax.scatter(*zip(*flagged), color="red", marker="x", s=60, zorder=5, label="anomaly")
         ax.set_ylabel(f"{resource}\n({UNITS[resource]})", fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="upper right")
-    axes[-1].set_xlabel("seconds since the task started")
+    axes[-1].set_xlabel("seconds since the task started (each sample covers the interval up to its dot)")
     scored = f"model version {version}" if version else "not scored (no model)"
     fig.suptitle(f"order {order_id}, task {position + 1}: {rows[0].task} ({scored})")
     fig.tight_layout()
@@ -93,6 +100,11 @@ def _plot_run(path: Path, order_id: int, position: int, rows: list[DeviationRow]
     panels = ",".join(ax.get_ylabel().split("\n")[0] for ax in fig.axes)
     fig.savefig(path, dpi=90, metadata={"Panels": panels, "Title": f"order {order_id} task {position + 1}"})
     plt.close(fig)
+
+
+def _steps(values: list[float]) -> list[float]:
+    """``values`` for a step drawn from the task's start: the first interval begins at 0."""
+    return [values[0], *values]
 
 
 def _summary(order_id: int, rows: list[DeviationRow], version: str | None, task_list: list[str]) -> str:
