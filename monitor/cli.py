@@ -87,7 +87,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _lower_priority(niceness: int) -> None:
+    # A monitor runs in a session of its own, and with the kernel's autogroup scheduling a
+    # session competes as one unit whatever its processes' nice values: lower both.
     try:
         os.nice(niceness)
     except OSError:  # nothing lost but the courtesy
+        pass
+    try:
+        with open("/proc/self/autogroup", "w") as handle:
+            handle.write(str(niceness))
+    except OSError:  # no autogroup scheduling here
         pass

@@ -50,8 +50,6 @@ class MonitorConsumer:
             # (not idempotent: its first message would wait ~500 ms for a producer id, and a
             # duplicated TERMINATE or anomaly harms nobody)
             consumer.assign([resource_topic(self.order_id)])
-            announce_ready()
-            logger.info("order_id=%d monitor-consumer ready", self.order_id)
             if not self.settings.live_scoring:
                 logger.info("order_id=%d live scoring is off (LIVE_SCORING=off)", self.order_id)
             elif not champion_may_exist(self.settings.mlflow_tracking_uri):
@@ -59,11 +57,13 @@ class MonitorConsumer:
                                "are stored but not scored (train one with `python -m training fit`)",
                                self.order_id)
             else:
-                # Imported only to score: the model's libraries cost seconds of CPU to load,
-                # which a consumer with nothing to score should not take from the tasks.
+                # Imported and loaded only to score, and before reporting ready: the model's
+                # libraries cost seconds of CPU, which must not be taken from the tasks.
                 from monitor.live_scoring import LiveScorer
 
                 self.scorer = LiveScorer(self.settings, engine, self.order_id, producer).start()
+            announce_ready()
+            logger.info("order_id=%d monitor-consumer ready", self.order_id)
             pending: list[tuple[Message, Measurement | None]] = []
             flush_at = time.monotonic() + self.batch_seconds
             while not self.signals.requested.is_set():

@@ -14,7 +14,6 @@ recomputed with ``python -m monitor rescore``.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 from collections.abc import Sequence
@@ -49,6 +48,9 @@ class LiveScorer:
         self._worker = threading.Thread(target=self._work, name="live-scoring", daemon=True)
 
     def start(self) -> "LiveScorer":
+        """Load the model (seconds of CPU: the consumer does this before it reports ready, so
+        that it never runs beside the tasks it will judge), then score in the background."""
+        self._load()
         self._worker.start()
         return self
 
@@ -78,9 +80,6 @@ class LiveScorer:
         return f"{self.scored} scored with version {self.model_version}, {self.anomalies} anomalies"
 
     def _work(self) -> None:
-        _yield_to_the_work()
-        self._caught_up.wait()
-        self._load()
         while (batch := self._batches.get()) is not None:
             if self.detector is None:
                 continue
@@ -144,20 +143,6 @@ class LiveScorer:
         self.producer.send(Anomaly(s.order_id, s.task, s.position, s.resource, s.timestamp_ms, s.value,
                                    result.expected, result.lower, result.upper, result.score,
                                    self.model_version).encode())
-
-
-def _yield_to_the_work() -> None:
-    """Run this thread (loading the model: seconds of CPU; then inference) only on CPU time
-    nothing else wants. Loading beside a task's first seconds would take CPU from the task
-    it is about to judge, and its samples would look like a stall. Samples wait in the
-    queue meanwhile; they are stored already."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # this thread (Linux)
-    except (AttributeError, OSError):
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (AttributeError, OSError):
-            pass
 
 
 def model_detector(model, settings: Settings) -> Detector:

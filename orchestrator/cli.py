@@ -93,7 +93,8 @@ def run_orders(settings: Settings, orders, keep_topics: bool = False, max_concur
         try:
             with Producer(settings) as producer:
                 services = Services(runtime, OrderStore(engine), admin, producer, listener, reporter,
-                                    cancel, keep_topics, monitoring)
+                                    cancel, keep_topics, monitoring,
+                                    settings.mlflow_tracking_uri if settings.live_scoring else None)
                 with ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="order") as pool:
                     results = list(pool.map(lambda order: OrderRun(order, services).run(), orders))
         finally:

@@ -17,6 +17,7 @@ from pipeline.db.orders import OrderStatus, OrderStore
 from pipeline.errors import PipelineError
 from pipeline.kafka import Producer, TopicAdmin
 from pipeline.protocol import OrderStopped, Progress, TaskStatus, order_topics
+from training.registry_probe import champion_may_exist
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class Services:
     cancel: threading.Event
     keep_topics: bool = False
     monitoring: bool = True  # False: no monitors at all (`run --no-monitors`)
+    # Where live scoring looks for its model (None: live scoring is off).
+    scoring_tracking_uri: str | None = None
 
 
 class _AttemptFailed(Exception):
@@ -118,6 +121,11 @@ class OrderRun:
         # Where each task pod samples itself, the order needs no producer of its own.
         kinds = ("consumer",) if self.s.runtime.samples_in_task_pods else MONITOR_KINDS
         self._start_monitors(kinds if self.s.monitoring else ())
+        uri = self.s.scoring_tracking_uri
+        if "consumer" in self._starting and uri and champion_may_exist(uri):
+            # A consumer that scores loads its model before it reports ready (seconds of CPU):
+            # the tasks wait for that rather than share the machine with it.
+            self._starting.pop("consumer").settle(self.s.runtime.monitor_ready_timeout)
         self.s.store.set_status(order_id, OrderStatus.RUNNING)
         monitors = "monitors starting" if self.s.monitoring else "no monitors"
         self._say(f"running {len(self.order.tasks)} task(s) on {self.order.image.name} ({monitors})")

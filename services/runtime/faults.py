@@ -64,16 +64,16 @@ _SPIN = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic()
 
 
 def hog_processes() -> int:
-    """How many spinners the CPU hog starts: one per CPU this process may run on, and at
-    least two, so that the task's tree holds more than one core even while the work itself
-    and another process share the machine. A single-threaded task can never use more than
-    one core, so the hog lies outside anything a normal run of it produces, however busy
-    the machine is."""
+    """How many spinners the CPU hog starts: one more than the CPUs this process may run on,
+    and at least three, so that the task's tree holds well over one core even while the work
+    itself and other processes share the machine (on two cores with one other busy process:
+    1.5 cores or more). A single-threaded task never uses more than one core, so the hog
+    lies outside anything a normal run of it produces, however busy the machine is."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    return max(2, cpus)
+    return max(3, cpus + 1)
 
 
 def _cpu_hog(stop: threading.Event, until: float) -> None:

@@ -6,7 +6,7 @@ memory leak, and a normal order, run with live scoring in the monitor-consumer.
 
 The outcome must not depend on how busy the machine is, so the faults lie far outside what
 the history can produce: the faulty task (a median filter) is single-threaded and never holds
-more than one core, while the hog spins a child per CPU (at least two), so the tree holds
+more than one core, while the hog spins a child more than there are CPUs (at least three), so the tree holds
 more than one core for the hog's whole length however the cores are shared; the leak adds
 hundreds of MiB. How fast a fault is flagged is a figure of bench/detection.py, not a test.
 """
@@ -80,16 +80,23 @@ def _deviations(trained: Trained, name: str, version: str = "1"):
     return DeviationStore(connect(trained.settings.database_url)).read(trained.orders[name].id, version)
 
 
-@pytest.mark.parametrize("order, resource", [("cpu-hog", "cpu"), ("memory-leak", "memory")])
-def test_an_injected_fault_is_flagged_on_the_faulty_task_and_resource_after_it_began(trained, order, resource):
+# A CPU hog shows as CPU demand: on a quiet machine as cpu above one core; where other work
+# keeps the cores busy, as cpu_wait (the kernel shares CPU between sessions, so the task's
+# tree gets its share and its extra threads wait). Either is the right resource.
+FAULT_RESOURCES = {"cpu-hog": {"cpu", "cpu_wait"}, "memory-leak": {"memory"}}
+
+
+@pytest.mark.parametrize("order", ["cpu-hog", "memory-leak"])
+def test_an_injected_fault_is_flagged_on_the_faulty_task_and_resource_after_it_began(trained, order):
     stored = trained.orders[order]
     rows = _deviations(trained, order)
     assert rows, "live scoring stored no deviations"
     faulty_run = next(r for r in stored.runs if r["position"] == 0)
     fault_start_ms = faulty_run["started_at"].timestamp() * 1000 + FAULT_AT * 1000
-    flagged = [r for r in rows if r.anomaly and r.position == 0 and r.resource == resource]
-    assert flagged, f"no anomaly on {resource} of the faulty task; scores: " + \
-        str([round(r.score, 1) for r in rows if r.position == 0 and r.resource == resource])
+    resources = FAULT_RESOURCES[order]
+    flagged = [r for r in rows if r.anomaly and r.position == 0 and r.resource in resources]
+    assert flagged, f"no anomaly on {resources} of the faulty task; scores: " + \
+        str([(r.resource, round(r.score, 1)) for r in rows if r.position == 0 and r.resource in resources])
     # Flagged while the faulty run ran, and not before its fault began.
     first = min(r.timestamp_ms for r in flagged)
     assert fault_start_ms <= first <= faulty_run["finished_at"].timestamp() * 1000 + 1500
@@ -116,8 +123,8 @@ def test_anomalies_are_published_with_order_task_and_resource(trained):
             if message.header("order_id") in ids and message.timestamp_ms >= trained.run_began_ms:
                 found.append(Anomaly.decode(message))
     raised = {(a.order_id, a.task, a.index, a.resource) for a in found}
-    assert (trained.orders["cpu-hog"].id, "median", 0, "cpu") in raised
-    assert (trained.orders["memory-leak"].id, "median", 0, "memory") in raised
+    for order, resources in FAULT_RESOURCES.items():
+        assert {(trained.orders[order].id, "median", 0, r) for r in resources} & raised, order
     assert all(a.model_version == "1" for a in found)
 
 
