@@ -46,6 +46,10 @@ TERMINATE_WAIT = 30.0
 # A sidecar asked to stop while its task's HALT (or, for the last task, STOP) is still on
 # its way waits this long for it: the task has just exited, its messages are flushed.
 SIDECAR_DRAIN = 10.0
+# A sidecar asked to stop before it has read its task's ORDER reads on this long: a task
+# shorter than the sidecar's own start-up is gone before then, its ORDER and HALT (with the
+# totals that make its one sample) already on the topic.
+SIDECAR_CATCH_UP = 3.0
 
 
 class Mode(str, enum.Enum):
@@ -112,9 +116,8 @@ class MonitorProducer:
                         logger.info("order_id=%d stop requested", self.order_id)
                         self._begin_stop(producer)
                     elif self._mine is None:
-                        logger.info("order_id=%d stop requested before this pod's task started",
-                                    self.order_id)
-                        return
+                        if self._exit_deadline is None:
+                            self._exit_deadline = time.monotonic() + SIDECAR_CATCH_UP
                     elif self._exit_deadline is None:
                         # The task has exited (that is why the kubelet stops its sidecar):
                         # read on until its HALT/STOP, so its last samples and the resource
@@ -122,8 +125,12 @@ class MonitorProducer:
                         self._exit_deadline = time.monotonic() + SIDECAR_DRAIN
                 if self._exit_deadline is not None and self.state is not State.STOPPING \
                         and time.monotonic() > self._exit_deadline:
-                    logger.warning("order_id=%d this pod's task sent no HALT/STOP within %gs; "
-                                   "exiting", self.order_id, SIDECAR_DRAIN)
+                    if self._mine is None:
+                        logger.info("order_id=%d stopped; this pod's task never announced itself",
+                                    self.order_id)
+                    else:
+                        logger.warning("order_id=%d this pod's task sent no HALT/STOP in time; "
+                                       "exiting", self.order_id)
                     return
                 if self.state is State.STOPPING and time.monotonic() > self._stop_deadline:
                     logger.warning("order_id=%d no TERMINATE within %gs; exiting",
@@ -172,6 +179,8 @@ class MonitorProducer:
             if self._mine is None and decoded.host == self.host:
                 self._mine = decoded
                 self._start_sampling(decoded, producer)
+                if self._exit_deadline is not None:  # found while catching up: wait for its HALT
+                    self._exit_deadline = max(self._exit_deadline, time.monotonic() + SIDECAR_DRAIN)
             return False
         if self._mine is None:
             return False

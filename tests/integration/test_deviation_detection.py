@@ -5,10 +5,14 @@ store, a history of normal orders, one fitted model; then orders with an injecte
 memory leak, and a normal order, run with live scoring in the monitor-consumer.
 
 The outcome must not depend on how busy the machine is, so the faults lie far outside what
-the history can produce: the faulty task (a median filter) is single-threaded and never holds
-more than one core, while the hog spins a child more than there are CPUs (at least three), so the tree holds
-more than one core for the hog's whole length however the cores are shared; the leak adds
-hundreds of MiB. How fast a fault is flagged is a figure of bench/detection.py, not a test.
+the history can produce. The faulty task (a median filter) is single-threaded: it never
+demands more than one core. The hog spins a child more than there are CPUs, so the tree
+demands several: on a quiet machine that shows as cpu well above one core; where other work
+keeps the cores busy, the kernel gives the task's session its share and the spinners wait,
+which shows as cpu_wait far above anything the history had. The leak adds hundreds of MiB.
+A consumer that scores loads its model before the order's first task starts, so healthy runs
+are measured under the same conditions as the history. How fast a fault is flagged is a
+figure of bench/detection.py, not a test.
 """
 
 from __future__ import annotations
