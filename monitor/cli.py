@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -13,16 +14,27 @@ from pipeline.logs import configure_logging
 from pipeline.settings import Settings
 from monitor.signals import StopSignals
 
+logger = logging.getLogger(__name__)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m monitor", description="Per-order monitoring services.")
+    parser = argparse.ArgumentParser(prog="python -m monitor", description="Monitoring services: per order, "
+                                     "or shared by every order (--all).")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("producer", "sample the order's running task every second"),
                        ("consumer", "store and score the order's samples"),
                        ("rescore", "recompute an order's deviations with any model version"),
                        ("plot", "one deviation plot per task of an order")):
         command = commands.add_parser(name, help=text)
-        command.add_argument("order_id", type=int, help="the numeric orderID")
+        if name in ("producer", "consumer"):
+            which = command.add_mutually_exclusive_group(required=True)
+            which.add_argument("order_id", type=int, nargs="?", help="the numeric orderID")
+            which.add_argument("--all", action="store_true",
+                               help="the shared service: every order's topics, until stopped "
+                                    "(producer: the tasks running on this machine; consumer: a "
+                                    "member of the group monitor-consumers-<deployment id>, add replicas to scale)")
+        else:
+            command.add_argument("order_id", type=int, help="the numeric orderID")
         if name == "producer":
             command.add_argument("--mode", choices=("order", "sidecar", "stop-only"), default="order",
                                  help="order: sample every task of the order (local runtime); "
@@ -51,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     stop_with_parent()
     try:
         settings = Settings.from_env()
-        if args.command == "producer":
+        if getattr(args, "all", False):
+            _serve(args.command, settings, signals)
+            exit_now(0)
+        elif args.command == "producer":
             from monitor.producer import Mode, MonitorProducer
 
             MonitorProducer(settings, args.order_id, signals, mode=Mode(args.mode)).run()
@@ -59,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "consumer":
             from monitor.consumer import MonitorConsumer
 
-            MonitorConsumer(settings, args.order_id, signals).run()
+            MonitorConsumer(settings, signals, args.order_id).run()
             exit_now(0)  # all stored and committed: skip the interpreter's teardown
         elif args.command == "rescore":
             from monitor.rescore import rescore
@@ -84,6 +99,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+RESTART_DELAY = 5.0
+
+
+def _serve(command: str, settings: Settings, signals: StopSignals) -> None:
+    """A shared service until stopped: one that fails (the broker or database away for
+    longer than its clients wait) starts over, resuming from the committed offsets."""
+    from monitor.consumer import MonitorConsumer
+    from monitor.shared_sampler import SharedSampler
+
+    while not signals.requested.is_set():
+        try:
+            if command == "producer":
+                SharedSampler(settings, signals).run()
+            else:
+                MonitorConsumer(settings, signals).run()
+        except PipelineError as exc:
+            logger.error("shared monitor-%s failed: %s; starting over in %gs", command, exc, RESTART_DELAY)
+            signals.requested.wait(RESTART_DELAY)
 
 
 def _lower_priority(niceness: int) -> None:

@@ -1,9 +1,21 @@
-"""monitor-consumer: stores every sample of one order, numerically encoded, in the database.
+"""monitor-consumer: stores every sample, numerically encoded, in the database (and scores it).
 
-Samples are written in batches through the idempotent write path, and the Kafka offsets are
-committed only after the batch's database commit: a consumer killed at any moment and started
-again reads the uncommitted tail once more, and the unique key drops what was already stored.
-On the producer's STOP it flushes, sends TERMINATE on ``task<ID>`` and exits.
+Two shapes share this code (:class:`MonitorConsumer`):
+
+- **per order** (``python -m monitor consumer ORDER_ID``, the original shape): reads
+  ``resource<ID>`` alone, and exits after that order's STOP.
+- **shared** (``python -m monitor consumer --all``): one long-lived member of the consumer
+  group ``monitor-consumers-<deployment id>`` (one per broker and database), subscribed to every ``resource<ID>`` topic by pattern. The
+  group's members share the topics (add replicas to share the load); samples of all orders are
+  stored in common batches, and the model is loaded once. Each order's STOP gets its own
+  TERMINATE, exactly as the per-order consumer would send it, and the service goes on.
+
+Either way samples are written in batches through the idempotent write path, and the Kafka
+offsets are committed only after the batch's database commit: a consumer killed at any moment
+(or a partition moved to another replica) leaves an uncommitted tail that is read again, and
+the unique key drops what was already stored. On an order's STOP: flush, send TERMINATE on
+``task<ID>``, and only then commit the STOP's own offset, so a crash in between repeats the
+TERMINATE rather than losing it.
 """
 
 from __future__ import annotations
@@ -14,127 +26,190 @@ import time
 from pipeline.db import Measurement, MeasurementWriter, connect, create_schema
 from pipeline.errors import DatabaseError, ProtocolError
 from pipeline.kafka import Consumer, Producer
-from pipeline.protocol import Message, MonitorStopped, MonitorTerminated, decode_resource_topic, resource_topic
+from pipeline.protocol import (
+    RESOURCE_TOPIC_PATTERN, Message, MonitorStopped, MonitorTerminated, decode_resource_topic,
+    order_id_of_topic, resource_topic,
+)
 from pipeline.settings import Settings
+from monitor.claims import OrderClaims
 from monitor.signals import StopSignals, announce_ready
 from training.registry_probe import champion_may_exist
 
 logger = logging.getLogger(__name__)
 
-BATCH_SIZE = 500
+BATCH_SIZE = 2000
 BATCH_SECONDS = 1.0
+SHARED_GROUP = "monitor-consumers"  # + "-<deployment id>": one group per broker and database
+# The shared consumer's group membership: new orders' topics are found within a second, a
+# replica that dies without leaving has its topics moved to the others within 10 s, and
+# assignment is incremental, so a new topic never pauses the others.
+SHARED_GROUP_CONFIG = {
+    "partition.assignment.strategy": "cooperative-sticky",
+    "topic.metadata.refresh.interval.ms": 1000,
+    "session.timeout.ms": 10000,
+    "heartbeat.interval.ms": 1000,
+}
+STATS_EVERY = 60.0
+
+
+def shared_group(settings: Settings) -> str:
+    """The consumer group of the shared consumer's replicas for these settings."""
+    return f"{SHARED_GROUP}-{settings.deployment_id()}"
 
 
 class MonitorConsumer:
-    """Reads ``resource<ID>`` until the monitor-producer's STOP."""
+    """Reads ``resource<ID>`` of one order until its STOP, or of every order until stopped."""
 
-    def __init__(self, settings: Settings, order_id: int, signals: StopSignals,
+    def __init__(self, settings: Settings, signals: StopSignals, order_id: int | None = None,
                  batch_size: int = BATCH_SIZE, batch_seconds: float = BATCH_SECONDS) -> None:
         self.settings = settings
-        self.order_id = order_id
+        self.order_id = order_id  # None: the shared service
         self.signals = signals
         self.batch_size = batch_size
         self.batch_seconds = batch_seconds
         self.stored = 0
         self.received = 0
         self.malformed = 0
+        self.orders_done = 0
         self.scorer = None  # a LiveScorer while live scoring runs
+        self._pending: list[tuple[Message, Measurement | None]] = []
+        self._label = f"order_id={order_id}" if order_id is not None else "shared"
+
+    @property
+    def shared(self) -> bool:
+        return self.order_id is None
 
     def run(self) -> bool:
-        """Consume until STOP (True) or a stop signal (False: TERMINATE is not sent)."""
+        """Consume until the order's STOP (True) or a stop signal (False: for a per-order
+        consumer, TERMINATE is then not sent)."""
         engine = connect(self.settings.database_url)
         create_schema(engine)
-        writer = MeasurementWriter(engine)
-        with Consumer(self.settings, group_id=f"monitor-consumer-{self.order_id}") as consumer, \
-                Producer(self.settings, **{"enable.idempotence": False}) as producer:
+        self._writer = MeasurementWriter(engine)
+        self._claims = OrderClaims(engine) if self.shared else None
+        group = shared_group(self.settings) if self.shared else f"monitor-consumer-{self.order_id}"
+        overrides = SHARED_GROUP_CONFIG if self.shared else {}
+        with Consumer(self.settings, group_id=group, **overrides) as consumer, \
+                Producer(self.settings, shared=self.shared, **{"enable.idempotence": False}) as producer:
             # (not idempotent: its first message would wait ~500 ms for a producer id, and a
             # duplicated TERMINATE or anomaly harms nobody)
-            consumer.assign([resource_topic(self.order_id)])
-            if not self.settings.live_scoring:
-                logger.info("order_id=%d live scoring is off (LIVE_SCORING=off)", self.order_id)
-            elif not champion_may_exist(self.settings.mlflow_tracking_uri):
-                logger.warning("order_id=%d no 'champion' expected-usage model registered yet; samples "
-                               "are stored but not scored (train one with `python -m training fit`)",
-                               self.order_id)
+            self._consumer = consumer
+            if self.shared:
+                consumer.on_revoke = lambda _partitions: self._flush()
+                consumer.subscribe([RESOURCE_TOPIC_PATTERN])
             else:
-                # Imported and loaded only to score, and before reporting ready: the model's
-                # libraries cost seconds of CPU, which must not be taken from the tasks.
-                from monitor.live_scoring import LiveScorer
-
-                self.scorer = LiveScorer(self.settings, engine, self.order_id, producer).start()
+                consumer.assign([resource_topic(self.order_id)])
+            self._start_scoring(engine, producer)
             announce_ready()
-            logger.info("order_id=%d monitor-consumer ready", self.order_id)
-            pending: list[tuple[Message, Measurement | None]] = []
-            flush_at = time.monotonic() + self.batch_seconds
-            while not self.signals.requested.is_set():
-                messages = consumer.consume(self.batch_size, timeout=0.2)
-                if self.scorer is not None:
-                    # Score in the pauses between arrivals: live, that is within a second.
-                    self.scorer.consumer_busy(bool(messages))
-                stopped = False
-                for message in messages:
-                    measurement, stopped = self._decode(message)
-                    pending.append((message, measurement))
-                    if stopped:
-                        break
-                if stopped or len(pending) >= self.batch_size or time.monotonic() >= flush_at:
-                    self._flush(writer, consumer, pending)
-                    pending = []
-                    flush_at = time.monotonic() + self.batch_seconds
-                if stopped:
-                    self._terminate(producer)
-                    return True
-            self._flush(writer, consumer, pending)
-            if self.scorer is not None:
-                self.scorer.close(timeout=10.0)
-            logger.info("order_id=%d stopped by signal after storing %d samples", self.order_id, self.stored)
-            return False
+            logger.info("%s monitor-consumer ready%s", self._label,
+                        f" (group {group})" if self.shared else "")
+            return self._loop(producer)
 
-    def _decode(self, message: Message) -> tuple[Measurement | None, bool]:
+    def _start_scoring(self, engine, producer: Producer) -> None:
+        if not self.settings.live_scoring:
+            logger.info("%s live scoring is off (LIVE_SCORING=off)", self._label)
+        elif not champion_may_exist(self.settings.mlflow_tracking_uri):
+            logger.warning("%s no 'champion' expected-usage model registered yet; samples are stored "
+                           "but not scored (train one with `python -m training fit`)", self._label)
+        else:
+            # Imported and loaded only to score, and before reporting ready: the model's
+            # libraries cost seconds of CPU, which must not be taken from the tasks.
+            from monitor.live_scoring import LiveScorer
+
+            self.scorer = LiveScorer(self.settings, engine, producer, self._label).start()
+
+    def _loop(self, producer: Producer) -> bool:
+        flush_at = time.monotonic() + self.batch_seconds
+        stats_at = time.monotonic() + STATS_EVERY
+        while not self.signals.requested.is_set():
+            messages = self._consumer.consume(self.batch_size, timeout=0.2)
+            if self.scorer is not None:
+                # Score in the pauses between arrivals: live, that is within a second.
+                self.scorer.consumer_busy(bool(messages))
+            for message in messages:
+                stopped = self._decode(message)
+                if stopped is None:
+                    continue
+                self._flush()
+                self._terminate(stopped, producer)
+                self._consumer.mark_processed(message)
+                self._consumer.commit()
+                if not self.shared:
+                    return True
+            now = time.monotonic()
+            if len(self._pending) >= self.batch_size or now >= flush_at:
+                self._flush()
+                flush_at = time.monotonic() + self.batch_seconds
+            if self.shared and now >= stats_at:
+                stats_at = now + STATS_EVERY
+                logger.info("shared: %d samples stored, %d orders finished, %d malformed so far",
+                            self.stored, self.orders_done, self.malformed)
+        self._flush()
+        if self.scorer is not None:
+            self.scorer.close(timeout=10.0)
+        logger.info("%s stopped by signal after storing %d samples", self._label, self.stored)
+        return False
+
+    def _decode(self, message: Message) -> int | None:
+        """Queue a sample for the next flush; the orderID when ``message`` is a STOP."""
         self.received += 1
         try:
-            decoded = decode_resource_topic(message, self.order_id)
+            order_id = order_id_of_topic(message.topic)
+            if self._claims is not None and self._claims.ours(order_id) is False:
+                return None  # another's order (see monitor.claims): left alone, uncommitted
+            decoded = decode_resource_topic(message, order_id)
         except ProtocolError as exc:
             self.malformed += 1
-            logger.warning("order_id=%d skipping malformed message at offset %s (%d so far): %s",
-                           self.order_id, message.offset, self.malformed, exc)
-            return None, False
+            logger.warning("%s skipping malformed message on %s at offset %s (%d so far): %s",
+                           self._label, message.topic, message.offset, self.malformed, exc)
+            self._pending.append((message, None))
+            return None
         if isinstance(decoded, MonitorStopped):
-            return None, True
-        return Measurement(self.order_id, decoded.task_name, decoded.resource, decoded.value,
-                           decoded.timestamp_ms, decoded.index, decoded.attempt), False
+            return order_id
+        self._pending.append((message, Measurement(
+            order_id, decoded.task_name, decoded.resource, decoded.value, decoded.timestamp_ms,
+            decoded.index, decoded.attempt)))
+        return None
 
-    def _flush(self, writer: MeasurementWriter, consumer: Consumer,
-               pending: list[tuple[Message, Measurement | None]]) -> None:
+    def _flush(self) -> None:
+        """Store what is pending, then commit its offsets (also called before a rebalance
+        takes partitions away)."""
+        pending, self._pending = self._pending, []
         if not pending:
             return
         batch = [m for _, m in pending if m is not None]
-        self.stored += self._write(writer, batch)
+        self.stored += self._write(batch)
         if self.scorer is not None:
             self.scorer.submit(batch)
         for message, _ in pending:
-            consumer.mark_processed(message)
-        consumer.commit()
+            self._consumer.mark_processed(message)
+        self._consumer.commit()
 
-    def _write(self, writer: MeasurementWriter, batch: list[Measurement]) -> int:
+    def _write(self, batch: list[Measurement]) -> int:
         """Write, retrying with backoff while the database is unavailable; the offsets stay
         uncommitted meanwhile, so a stop in between loses nothing either."""
         delay = 0.5
         while True:
             try:
-                return writer.write(batch)
+                return self._writer.write(batch)
             except DatabaseError as exc:
                 if self.signals.requested.is_set():
                     raise
-                logger.warning("order_id=%d storing %d samples failed, retrying in %.1fs: %s",
-                               self.order_id, len(batch), delay, exc)
+                logger.warning("%s storing %d samples failed, retrying in %.1fs: %s",
+                               self._label, len(batch), delay, exc)
                 self.signals.requested.wait(delay)
                 delay = min(delay * 2, 10.0)
 
-    def _terminate(self, producer: Producer) -> None:
+    def _terminate(self, order_id: int, producer: Producer) -> None:
+        """The order's samples are stored (and scored): tell its monitor-producer."""
         if self.scorer is not None:
-            self.scorer.close()
-        producer.send_now(MonitorTerminated(self.order_id).encode())
-        scored = self.scorer.summary() if self.scorer else "scoring off"
-        logger.info("order_id=%d STOP received: %d samples stored (%s), %d malformed; TERMINATE sent",
-                    self.order_id, self.stored, scored, self.malformed)
+            self.scorer.finish(order_id)
+        producer.send_now(MonitorTerminated(order_id).encode())
+        self.orders_done += 1
+        if self._claims is not None:
+            self._claims.forget(order_id)
+        if self.shared:
+            logger.info("order_id=%d STOP received: samples stored; TERMINATE sent", order_id)
+        else:
+            scored = self.scorer.summary() if self.scorer else "scoring off"
+            logger.info("order_id=%d STOP received: %d samples stored (%s), %d malformed; TERMINATE sent",
+                        order_id, self.stored, scored, self.malformed)

@@ -32,17 +32,20 @@ logger = logging.getLogger(__name__)
 
 
 class LiveScorer:
-    """Scores one order's samples, batch by batch, with the champion model."""
+    """Scores samples, batch by batch, with the champion model: one order's (a per-order
+    consumer) or every order's (the shared consumer; the model is loaded once)."""
 
-    def __init__(self, settings: Settings, engine: Engine, order_id: int, producer: Producer) -> None:
+    def __init__(self, settings: Settings, engine: Engine, producer: Producer, label: str) -> None:
         self.settings = settings
         self.engine = engine
-        self.order_id = order_id
         self.producer = producer
+        self.label = label  # for the log: the order, or "shared"
         self.detector: Detector | None = None
         self.model_version: str | None = None
         self.scored = self.anomalies = self.errors = 0
-        self._batches: queue.Queue[list[Measurement] | None] = queue.Queue()
+        self._contexts: dict[int, OrderContext] = {}
+        # Batches to score; an Event is a marker, set once everything before it is scored.
+        self._batches: queue.Queue[list[Measurement] | threading.Event | None] = queue.Queue()
         self._caught_up = threading.Event()
         self._caught_up.set()
         self._worker = threading.Thread(target=self._work, name="live-scoring", daemon=True)
@@ -66,13 +69,24 @@ class LiveScorer:
         else:
             self._caught_up.set()
 
+    def finish(self, order_id: int, timeout: float = 30.0) -> None:
+        """The order's last samples are stored: score what is queued, then forget the order."""
+        if self.detector is None:
+            return
+        done = threading.Event()
+        self._caught_up.set()
+        self._batches.put(done)
+        if not done.wait(timeout):
+            logger.warning("order_id=%d scoring did not catch up within %gs", order_id, timeout)
+        self._contexts.pop(order_id, None)
+
     def close(self, timeout: float = 60.0) -> None:
         """Score what is queued, then stop."""
         self._caught_up.set()
         self._batches.put(None)
         self._worker.join(timeout)
         if self._worker.is_alive():
-            logger.warning("order_id=%d scoring did not finish within %gs", self.order_id, timeout)
+            logger.warning("%s scoring did not finish within %gs", self.label, timeout)
 
     def summary(self) -> str:
         if self.detector is None:
@@ -81,6 +95,9 @@ class LiveScorer:
 
     def _work(self) -> None:
         while (batch := self._batches.get()) is not None:
+            if isinstance(batch, threading.Event):
+                batch.set()
+                continue
             if self.detector is None:
                 continue
             self._caught_up.wait()
@@ -89,8 +106,8 @@ class LiveScorer:
             except Exception:  # noqa: BLE001 - a scoring fault must never stop ingestion
                 self.errors += 1
                 if self.errors == 1 or self.errors % 100 == 0:
-                    logger.exception("order_id=%d scoring a batch failed (%d so far); its samples are "
-                                     "stored", self.order_id, self.errors)
+                    logger.exception("%s scoring a batch failed (%d so far); its samples are "
+                                     "stored", self.label, self.errors)
 
     def _load(self) -> None:
         try:
@@ -105,24 +122,23 @@ class LiveScorer:
             if loaded is not None:
                 TopicAdmin(self.settings).create([ANOMALIES_TOPIC])
         except Exception as exc:  # noqa: BLE001 - scoring is optional; storing samples is not
-            logger.warning("order_id=%d cannot load the expected-usage model (%s); samples are "
-                           "stored but not scored", self.order_id, exc)
+            logger.warning("%s cannot load the expected-usage model (%s); samples are "
+                           "stored but not scored", self.label, exc)
             return
         if loaded is None:
-            logger.warning("order_id=%d no 'champion' expected-usage model registered yet; samples are "
-                           "stored but not scored (train one with `python -m training fit`)", self.order_id)
+            logger.warning("%s no 'champion' expected-usage model registered yet; samples are "
+                           "stored but not scored (train one with `python -m training fit`)", self.label)
             return
         model, self.model_version = loaded
-        self._context = OrderContext(self.engine, self.order_id)
         self._store = DeviationStore(self.engine)
         self.detector = model_detector(model, self.settings)
-        logger.info("order_id=%d scoring with expected-usage version %s", self.order_id, self.model_version)
+        logger.info("%s scoring with expected-usage version %s", self.label, self.model_version)
 
     def score(self, batch: Sequence[Measurement]) -> list[Scored]:
         """Score, store and publish one batch (already stored as measurements)."""
         contexts = []
         for m in sorted(batch, key=lambda m: m.timestamp_ms):
-            context = self._context.context(m.task, m.resource, m.timestamp_ms, m.value, m.position, m.attempt)
+            context = self._context_of(m.order_id).context(m.task, m.resource, m.timestamp_ms, m.value, m.position, m.attempt)
             if context is not None:
                 contexts.append(context)
         results = self.detector.process(contexts)
@@ -132,6 +148,12 @@ class LiveScorer:
                 self._raise(result)
         self.scored += len(results)
         return results
+
+    def _context_of(self, order_id: int) -> OrderContext:
+        context = self._contexts.get(order_id)
+        if context is None:
+            context = self._contexts[order_id] = OrderContext(self.engine, order_id)
+        return context
 
     def _raise(self, result: Scored) -> None:
         s = result.sample

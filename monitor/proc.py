@@ -121,6 +121,35 @@ def _thread_waits(base: str) -> dict[int, int] | None:
 def children_of(pid: int) -> list[int]:
     """Every live descendant of ``pid`` (a pass over ``/proc``: the kernel keeps no list a
     reader outside the process can use)."""
+    return ChildIndex().descendants(pid)
+
+
+class ChildIndex:
+    """Who is whose child, from one pass over ``/proc``, reused for ``max_age`` seconds: a
+    sampler of many tasks makes one pass for all the tasks it samples at about one moment.
+
+    A child born after the pass is found at the next one; it loses nothing by that, since a
+    process seen for the first time counts with everything it has done, and one that its
+    parent reaped in between is in the parent's reaped-children counters."""
+
+    def __init__(self, max_age: float = 0.0) -> None:
+        self.max_age = max_age
+        self._parents: dict[int, list[int]] = {}
+        self._read_at = -float("inf")
+
+    def descendants(self, pid: int) -> list[int]:
+        if time.monotonic() - self._read_at > self.max_age:
+            self._parents = _parents()
+            self._read_at = time.monotonic()
+        found, frontier = [], [pid]
+        while frontier:
+            children = self._parents.get(frontier.pop(), [])
+            found.extend(children)
+            frontier.extend(children)
+        return found
+
+
+def _parents() -> dict[int, list[int]]:
     parents: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -131,9 +160,4 @@ def children_of(pid: int) -> list[int]:
         except (OSError, IndexError, ValueError):
             continue
         parents.setdefault(ppid, []).append(int(name))
-    found, frontier = [], [pid]
-    while frontier:
-        children = parents.get(frontier.pop(), [])
-        found.extend(children)
-        frontier.extend(children)
-    return found
+    return parents

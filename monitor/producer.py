@@ -6,9 +6,11 @@ last sample to the task's end, out of the totals in HALT's headers), stop sampli
 the next ORDER -> STOP: send STOP on ``resource<ID>``, wait (bounded) for TERMINATE, exit.
 TERMINATE at any time: exit. Every sample carries its run's ``index`` and ``attempt``.
 
-Three modes share that state machine (:class:`Mode`):
+Three modes share that state machine (:class:`Mode`), and the shared sampler
+(:mod:`monitor.shared_sampler`) runs one such machine per live order in one process:
 
-- ``order`` (local runtime): one producer per order samples every task of it.
+- ``order`` (local runtime): one producer per order samples every task of it (in the shared
+  sampler: every task of it that runs on this machine).
 - ``sidecar`` (Kubernetes): a monitor in another pod cannot see a task's processes, so every
   task pod carries its own producer as a native sidecar sharing the pod's process namespace.
   It samples only the task whose ORDER names its pod (the ``host`` header), exits after that
@@ -26,6 +28,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.errors import ProtocolError
@@ -36,6 +39,7 @@ from pipeline.protocol import (
 )
 from pipeline.proctime import boottime_ns
 from pipeline.settings import Settings
+from monitor.proc import children_of
 from monitor.sampler import ProcessTreeSampler, TaskGoneError, Usage
 from monitor.signals import StopSignals, announce_ready
 
@@ -84,7 +88,8 @@ class MonitorProducer:
 
     def __init__(self, settings: Settings, order_id: int, signals: StopSignals,
                  interval: float = INTERVAL, terminate_wait: float = TERMINATE_WAIT,
-                 mode: Mode = Mode.ORDER, host: str | None = None) -> None:
+                 mode: Mode = Mode.ORDER, host: str | None = None, only_this_host: bool = False,
+                 children: Callable[[int], list[int]] = children_of) -> None:
         self.settings = settings
         self.order_id = order_id
         self.signals = signals
@@ -93,6 +98,10 @@ class MonitorProducer:
         self.mode = mode
         # A sidecar's pod: the name its task writes in ORDER's host header.
         self.host = host or os.environ.get("POD_NAME") or socket.gethostname()
+        # The shared sampler: tasks on other machines are their own machine's to sample.
+        self.only_this_host = only_this_host
+        self._children = children
+        self._latest_host: str | None = None  # the host of the latest ORDER seen
         self.state = State.IDLE
         self.current: _Current | None = None
         self.malformed = 0
@@ -136,17 +145,22 @@ class MonitorProducer:
                     logger.warning("order_id=%d no TERMINATE within %gs; exiting",
                                    self.order_id, self.terminate_wait)
                     return
-                message = consumer.poll(self._poll_timeout())
-                if message is not None and self._handle(message, producer):
+                message = consumer.poll(self.wake_in())
+                if message is not None and self.handle(message, producer):
                     return
-                self._tick(producer)
+                self.tick(producer)
 
-    def _poll_timeout(self) -> float:
+    def wake_in(self) -> float:
+        """Seconds until the next sample is due (at most 0.2)."""
         if self.current is None:
             return 0.2
         return min(max(self.current.next_tick - _clock(), 0.0), 0.2)
 
-    def _handle(self, message, producer: Producer) -> bool:
+    def stop_overdue(self) -> bool:
+        """STOP was sent and no TERMINATE came within ``terminate_wait``."""
+        return self.state is State.STOPPING and time.monotonic() > self._stop_deadline
+
+    def handle(self, message, producer: Producer) -> bool:
         """React to one task-topic message; True when the service must exit."""
         try:
             decoded = decode_task_topic(message, self.order_id)
@@ -163,13 +177,20 @@ class MonitorProducer:
         if self.mode is Mode.SIDECAR:
             return self._handle_as_sidecar(decoded, producer)
         if isinstance(decoded, TaskStarted):
-            if self.mode is Mode.ORDER:
+            self._latest_host = decoded.host
+            if self.only_this_host and decoded.host != self.host:
+                self._stop_sampling("next ORDER (on another machine)")
+            elif self.mode is Mode.ORDER:
                 self._start_sampling(decoded, producer)
         elif isinstance(decoded, TaskHalted):
             self._close(decoded, producer)
             self._stop_sampling("HALT")
         elif isinstance(decoded, OrderStopped):
             self._stop_sampling("STOP")
+            if self.only_this_host and self._latest_host not in (None, self.host):
+                # The machine that sampled the last task sends the resource STOP, after its
+                # last sample; this one has nothing more to say for the order.
+                return True
             self._begin_stop(producer)
         return False
 
@@ -201,7 +222,7 @@ class MonitorProducer:
     def _start_sampling(self, started: TaskStarted, producer: Producer) -> None:
         self._stop_sampling("next ORDER")
         try:
-            sampler = ProcessTreeSampler(started.pid, started.started_ns)
+            sampler = ProcessTreeSampler(started.pid, started.started_ns, self._children)
         except TaskGoneError:
             logger.info("order_id=%d task=%s pid=%d already ended and its start is unknown; "
                         "nothing to sample", self.order_id, started.task_name, started.pid)
@@ -223,7 +244,7 @@ class MonitorProducer:
         if self.state is State.SAMPLING:
             self.state = State.IDLE
 
-    def _tick(self, producer: Producer) -> None:
+    def tick(self, producer: Producer) -> None:
         current = self.current
         if current is None or _clock() < current.next_tick:
             return
@@ -264,4 +285,5 @@ class MonitorProducer:
         producer.send_now(MonitorStopped(self.order_id).encode())
         self.state = State.STOPPING
         self._stop_deadline = time.monotonic() + self.terminate_wait
-        logger.info("order_id=%d STOP sent on the resource topic; waiting for TERMINATE", self.order_id)
+        logger.info("order_id=%d STOP sent on the resource topic after %d samples; waiting for TERMINATE",
+                    self.order_id, self.samples_sent)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from monitor.proc import ProcessCounters, children_of, read_process
@@ -72,8 +73,10 @@ class _Seen:
 class ProcessTreeSampler:
     """Samples one task: its root pid and every descendant."""
 
-    def __init__(self, pid: int, started_ns: int | None = None) -> None:
+    def __init__(self, pid: int, started_ns: int | None = None,
+                 children: Callable[[int], list[int]] = children_of) -> None:
         self.pid = pid
+        self._children = children  # pid -> its live descendants
         root = read_process(pid)
         if root is not None and started_ns is not None and start_ns(root.start_ticks) != started_ns:
             root = None  # the pid was reused: the task itself is gone
@@ -152,7 +155,7 @@ class ProcessTreeSampler:
         if root is None or root.zombie or root.start_ticks != self._root_start:
             return None
         found = [root]
-        for pid in children_of(self.pid):
+        for pid in self._children(self.pid):
             if (counters := read_process(pid)) is not None:
                 found.append(counters)
         return found

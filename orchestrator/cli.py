@@ -17,7 +17,7 @@ from orchestrator.runtime import make_runtime
 from pipeline.db import connect, create_schema
 from pipeline.db.orders import OrderStore
 from pipeline.errors import PipelineError
-from pipeline.infra.manager import ensure_kafka
+from pipeline.infra.manager import ensure_kafka, use_shared_monitors
 from pipeline.kafka import Producer, TopicAdmin
 from pipeline.logs import configure_logging
 from pipeline.protocol import ANOMALIES_TOPIC, ORCHESTRATOR_TOPIC
@@ -37,8 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run every order N times (builds training history); default 1")
     run.add_argument("--keep-topics", action="store_true",
                      help="keep each order's task<ID>/resource<ID> topics after it ends")
-    run.add_argument("--max-concurrent", type=int, default=4, metavar="N",
-                     help="orders running at the same time; default 4")
+    run.add_argument("--max-concurrent", type=int, default=None, metavar="N",
+                     help="orders running at the same time; default: as many as this machine's "
+                          "free memory holds (about 150 MB an order with the shared monitors, "
+                          "600 MB with monitors per order)")
     run.add_argument("--no-monitors", action="store_true",
                      help="run the tasks without sampling or storing their usage (to measure "
                           "what monitoring costs); nothing is stored but the orders and task runs")
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INVALID
     if args.command == "submit":
         return submit_orders(settings, args.orders, args.wait, args.timeout)
-    if args.repeat < 1 or args.max_concurrent < 1:
+    if args.repeat < 1 or (args.max_concurrent is not None and args.max_concurrent < 1):
         print("error: --repeat and --max-concurrent must be at least 1", file=sys.stderr)
         return EXIT_INVALID
     try:
@@ -74,10 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
 
 
-def run_orders(settings: Settings, orders, keep_topics: bool = False, max_concurrent: int = 4,
+def run_orders(settings: Settings, orders, keep_topics: bool = False, max_concurrent: int | None = None,
                monitoring: bool = True) -> int:
     """Run ``orders`` concurrently; print the summary; the exit status."""
     settings = ensure_kafka(settings)
+    shared = monitoring and use_shared_monitors(settings)
+    if max_concurrent is None:
+        max_concurrent = machine_capacity(shared)
     # Before touching the database or the broker: missing cluster credentials fail at once.
     runtime = make_runtime(settings, settings.state_dir / "logs")
     try:
@@ -91,11 +96,15 @@ def run_orders(settings: Settings, orders, keep_topics: bool = False, max_concur
         listener = ProgressListener(settings)
         listener.start()
         try:
-            with Producer(settings) as producer:
+            with Producer(settings, shared=True) as producer:
                 services = Services(runtime, OrderStore(engine), admin, producer, listener, reporter,
-                                    cancel, keep_topics, monitoring,
+                                    cancel, keep_topics, monitoring, shared,
                                     settings.mlflow_tracking_uri if settings.live_scoring else None)
-                with ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="order") as pool:
+                workers = max(1, min(max_concurrent, len(orders)))
+                if len(orders) > 1:
+                    reporter.line(f"{len(orders)} orders, up to {workers} at once"
+                                  + (" (shared monitors)" if shared else ""))
+                with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="order") as pool:
                     results = list(pool.map(lambda order: OrderRun(order, services).run(), orders))
         finally:
             listener.close()
@@ -105,6 +114,24 @@ def run_orders(settings: Settings, orders, keep_topics: bool = False, max_concur
     if cancel.is_set():
         return EXIT_CANCELLED
     return EXIT_OK if all(r.status == "SUCCEEDED" for r in results) else EXIT_FAILED
+
+
+# What one concurrent order holds in memory: its task process (and, per order, its two
+# monitor processes), measured with bench/concurrent_orders.py.
+ORDER_MEMORY_SHARED = 150 * 2**20
+ORDER_MEMORY_PER_ORDER = 600 * 2**20
+MAX_DEFAULT_CONCURRENCY = 256
+
+
+def machine_capacity(shared_monitors: bool) -> int:
+    """How many orders this machine's free memory holds at once."""
+    try:
+        with open("/proc/meminfo", "rb") as handle:
+            available = next(int(line.split()[1]) * 1024 for line in handle if line.startswith(b"MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 4
+    per_order = ORDER_MEMORY_SHARED if shared_monitors else ORDER_MEMORY_PER_ORDER
+    return max(1, min(MAX_DEFAULT_CONCURRENCY, available // per_order))
 
 
 def submit_orders(settings: Settings, paths: list[str], wait: bool, timeout: float) -> int:

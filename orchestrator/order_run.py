@@ -13,7 +13,7 @@ from orchestrator.progress_listener import ProgressListener
 from orchestrator.report import OrderResult, Reporter, TaskResult
 from orchestrator.runtime import Handle, Runtime, TaskLaunch
 from orchestrator.runtime.base import RuntimeFailure
-from pipeline.db.orders import OrderStatus, OrderStore
+from pipeline.db.orders import SHARED_MONITORS, OrderStatus, OrderStore
 from pipeline.errors import PipelineError
 from pipeline.kafka import Producer, TopicAdmin
 from pipeline.protocol import OrderStopped, Progress, TaskStatus, order_topics
@@ -23,8 +23,12 @@ logger = logging.getLogger(__name__)
 
 MONITOR_KINDS = ("producer", "consumer")
 MONITOR_EXIT_TIMEOUT = 60.0
+# How long an order monitored by the shared services waits for their TERMINATE (all its
+# samples stored) once its tasks are over; a backlog of many orders may take a while.
+SHARED_TERMINATE_TIMEOUT = 300.0
 EXIT_AFTER_PROGRESS_TIMEOUT = 30.0
 LATE_PROGRESS_WAIT = 3.0
+MAX_SKIPPED_IDS = 1000
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class Services:
     cancel: threading.Event
     keep_topics: bool = False
     monitoring: bool = True  # False: no monitors at all (`run --no-monitors`)
+    shared_monitors: bool = False  # True: the shared sampler and consumer serve the orders
     # Where live scoring looks for its model (None: live scoring is off).
     scoring_tracking_uri: str | None = None
 
@@ -62,10 +67,17 @@ class _MonitorStart:
         self._thread.start()
 
     def _wait(self, timeout: float) -> None:
-        try:
-            self.handle.wait_ready(timeout)
-        except RuntimeFailure as exc:
-            self.error = exc
+        # A monitor that is slow to start (a busy machine) delays nothing but its own
+        # samples, which it catches up on: only one that exited is a failure.
+        while True:
+            try:
+                self.handle.wait_ready(timeout)
+                return
+            except RuntimeFailure as exc:
+                if self.handle.exit_code() is not None:
+                    self.error = exc
+                    return
+                logger.warning("%s not ready after %gs; still waiting for it", self.handle.name, timeout)
 
     @property
     def settled(self) -> bool:
@@ -90,17 +102,17 @@ class OrderRun:
         self._monitors: dict[str, Handle] = {}
         self._starting: dict[str, _MonitorStart] = {}
         self._progress: queue.Queue[Progress] | None = None
+        self._terminated: threading.Event | None = None  # shared monitors: TERMINATE seen
         self._image = order.image  # where the tasks read it (see Runtime.stage_input)
 
     def run(self) -> OrderResult:
         began = time.monotonic()
         try:
-            self.order_id = self.s.store.create(self.order.name, str(self.order.image),
-                                              self.order.required_tasks, self.order.image_size)
+            self.order_id = self._new_order_id()
             self.result.order_id = self.order_id
             status, error = self._run_tasks()
         except (PipelineError, RuntimeFailure) as exc:
-            logger.exception("order_id=%s failed outside its tasks", self.order_id)
+            logger.debug("order_id=%s failed outside its tasks", self.order_id, exc_info=True)
             status, error = OrderStatus.FAILED, str(exc)
         finally:
             self._wind_down()
@@ -109,25 +121,39 @@ class OrderRun:
         if self.order_id is not None:
             self.s.store.set_status(self.order_id, status, error)
             self.result.rows = self.s.store.count_measurements(self.order_id)
-            self._remove_topics()
+            if self._terminated is None or self._terminated.is_set():
+                self._remove_topics()
+            else:
+                logger.warning("order_id=%d topics kept: the shared consumer has not confirmed "
+                               "storing every sample yet", self.order_id)
         self._say(f"{status.value} after {self.result.seconds:.1f}s, {self.result.rows} sample rows stored")
         return self.result
+
+    def _monitors_kind(self) -> str | None:
+        """What ``orders.monitors`` records (the shared services serve only "shared")."""
+        if not self.s.monitoring:
+            return None
+        return SHARED_MONITORS if self.s.shared_monitors else "per-order"
 
     def _run_tasks(self) -> tuple[OrderStatus, str | None]:
         order_id = self.order_id
         self._fresh_topics()
         self._progress = self.s.listener.register(order_id)
         self._image = self.s.runtime.stage_input(self.order.image, order_id)
-        # Where each task pod samples itself, the order needs no producer of its own.
-        kinds = ("consumer",) if self.s.runtime.samples_in_task_pods else MONITOR_KINDS
-        self._start_monitors(kinds if self.s.monitoring else ())
+        if self.s.monitoring and self.s.shared_monitors:
+            self._terminated = self.s.listener.watch_terminate(order_id)
+        else:
+            # Where each task pod samples itself, the order needs no producer of its own.
+            kinds = ("consumer",) if self.s.runtime.samples_in_task_pods else MONITOR_KINDS
+            self._start_monitors(kinds if self.s.monitoring else ())
         uri = self.s.scoring_tracking_uri
         if "consumer" in self._starting and uri and champion_may_exist(uri):
             # A consumer that scores loads its model before it reports ready (seconds of CPU):
             # the tasks wait for that rather than share the machine with it.
             self._starting.pop("consumer").settle(self.s.runtime.monitor_ready_timeout)
         self.s.store.set_status(order_id, OrderStatus.RUNNING)
-        monitors = "monitors starting" if self.s.monitoring else "no monitors"
+        monitors = ("shared monitors" if self.s.shared_monitors else "monitors starting") \
+            if self.s.monitoring else "no monitors"
         self._say(f"running {len(self.order.tasks)} task(s) on {self.order.image.name} ({monitors})")
         progress: tuple[str, ...] = ()
         for position, spec in enumerate(self.order.tasks):
@@ -202,8 +228,10 @@ class OrderRun:
                 code = handle.exit_code()
                 if code is not None:
                     # PROGRESS may still be on its way; give it a moment before calling it lost.
+                    # A task that exited 0 has flushed its PROGRESS to the broker: on a busy
+                    # machine its reading may lag, so it is waited for longer.
                     exited_at = exited_at or now
-                    if now - exited_at > LATE_PROGRESS_WAIT:
+                    if now - exited_at > (LATE_PROGRESS_WAIT if code != 0 else EXIT_AFTER_PROGRESS_TIMEOUT):
                         raise _AttemptFailed(f"{handle.end_reason()} without reporting PROGRESS")
                 elif now > deadline:
                     raise _AttemptFailed(f"no PROGRESS within {self.order.retry.task_timeout_seconds:g}s; stopped")
@@ -215,16 +243,32 @@ class OrderRun:
         finally:
             handle.stop(grace=5.0)
 
+    def _new_order_id(self) -> int:
+        """A fresh orderID whose topics do not exist yet.
+
+        A topic of that name can only belong to another database that handed out the same id
+        (a reset SQLite file, another developer's database on a shared broker): it may be in
+        use, and a topic deleted and created again under the same name can be read from the
+        old one's position by a reader that missed the deletion. So such an id is skipped (its
+        row is marked FAILED, saying why), never its topics deleted."""
+        for _ in range(MAX_SKIPPED_IDS):
+            # Its monitors are recorded only once the id is kept: until then no shared service
+            # may take the leftover topics for this order's.
+            order_id = self.s.store.create(self.order.name, str(self.order.image), self.order.required_tasks,
+                                           self.order.image_size)
+            taken = set(order_topics(order_id)) & self.s.admin.existing()
+            if not taken:
+                self.s.store.set_monitors(order_id, self._monitors_kind())
+                return order_id
+            why = f"orderID {order_id} skipped: topics {', '.join(sorted(taken))} exist already (another database's)"
+            logger.warning("%s", why)
+            self.s.store.set_status(order_id, OrderStatus.FAILED, why)
+        raise PipelineError(f"{MAX_SKIPPED_IDS} orderIDs in a row have topics on the broker already; "
+                            "delete the leftover task<ID>/resource<ID> topics or use another database")
+
     def _fresh_topics(self) -> None:
-        """Create the order's topics, empty. A topic of that name can only be left over from an
-        earlier database that handed out the same id (a reset SQLite file, say); its old
-        messages would confuse the monitors, so it goes first."""
-        topics = list(order_topics(self.order_id))
-        stale = set(topics) & self.s.admin.existing()
-        if stale:
-            logger.warning("order_id=%d deleting stale topics %s", self.order_id, ", ".join(sorted(stale)))
-            self.s.admin.delete(sorted(stale))
-        self.s.admin.create(topics)
+        """Create the order's topics (its id was chosen so that they do not exist yet)."""
+        self.s.admin.create(list(order_topics(self.order_id)))
 
     def _start_monitors(self, kinds) -> None:
         """Start the monitors side by side; their readiness is checked while the tasks run."""
@@ -240,12 +284,14 @@ class OrderRun:
     def _supervise_monitors(self) -> None:
         """Restart a monitor that died mid-order. Nothing is lost: the consumer resumes from its
         last committed offset and the producer replays the task topic to regain its state.
-        A monitor that never became ready fails the order (RuntimeFailure)."""
+        A monitor that cannot be restarted fails the order (RuntimeFailure)."""
         for kind, start in list(self._starting.items()):
             if start.settled:
                 del self._starting[kind]
-                start.settle(0)
-                logger.info("order_id=%d monitor-%s ready", self.order_id, kind)
+                if start.error is None:
+                    logger.info("order_id=%d monitor-%s ready", self.order_id, kind)
+                else:  # it exited while starting: restarted below, like one that dies later
+                    logger.warning("order_id=%d %s", self.order_id, start.error)
         for kind, handle in list(self._monitors.items()):
             if kind in self._starting:
                 continue  # still starting up: its readiness wait reports how that ends
@@ -276,7 +322,7 @@ class OrderRun:
             except RuntimeFailure as exc:
                 logger.error("order_id=%d %s", self.order_id, exc)
         last = self.result.tasks[-1]
-        if self._monitors and last.status != "SUCCEEDED":
+        if (self._monitors or self._terminated is not None) and last.status != "SUCCEEDED":
             # The last task never sent STOP: send it for it, so the monitors end cleanly.
             try:
                 self.s.producer.send_now(OrderStopped(self.order_id).encode())
@@ -290,6 +336,10 @@ class OrderRun:
                     logger.error("order_id=%d could not start the stop-only producer: %s",
                                  self.order_id, exc)
         grace = 10.0 if self.s.cancel.is_set() else MONITOR_EXIT_TIMEOUT
+        if self._terminated is not None and not self._terminated.wait(
+                grace if self.s.cancel.is_set() else SHARED_TERMINATE_TIMEOUT):
+            self._say("the shared monitor-consumer has not confirmed this order's samples (no "
+                      "TERMINATE yet); its topics are kept so that it can catch up")
         for handle in self._monitors.values():
             if handle.wait(grace) is None:
                 logger.warning("order_id=%d %s still running after %gs; stopping it", self.order_id, handle.name, grace)

@@ -3,6 +3,10 @@
 Orders are told apart by PROGRESS's ``order_id`` header (the original mixed up concurrent
 orders because PROGRESS carried no orderID). Messages for orders this process does not run
 belong to another orchestrator and are ignored.
+
+For an order monitored by the shared services, the same reader also follows ``task<ID>``
+(:meth:`ProgressListener.watch_terminate`): the order's samples are all stored once the shared
+consumer's TERMINATE is there, and only then may its topics go.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import threading
 
 from pipeline.errors import KafkaClientError, ProtocolError
 from pipeline.kafka import Consumer
-from pipeline.protocol import ORCHESTRATOR_TOPIC, Key, Progress
+from pipeline.protocol import ORCHESTRATOR_TOPIC, Key, Progress, task_topic
 from pipeline.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -29,11 +33,22 @@ class ProgressListener:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="progress-listener", daemon=True)
         self.malformed = 0
+        self._terminated: dict[str, threading.Event] = {}  # task<ID> -> TERMINATE seen
+        # Topics to start or stop reading; the reader thread alone touches the client.
+        self._changes: queue.Queue[tuple[str, str]] = queue.Queue()
 
     def start(self) -> None:
         """Position at the topic's current end (so nothing sent later is missed), then read."""
-        self._consumer.assign([ORCHESTRATOR_TOPIC], from_end=True)
+        self._consumer.add([ORCHESTRATOR_TOPIC], from_end=True)
         self._thread.start()
+
+    def watch_terminate(self, order_id: int) -> threading.Event:
+        """An event set once TERMINATE is on ``task<order_id>`` (read from its start)."""
+        topic = task_topic(order_id)
+        with self._lock:
+            event = self._terminated.setdefault(topic, threading.Event())
+        self._changes.put(("add", topic))
+        return event
 
     def register(self, order_id: int) -> "queue.Queue[Progress]":
         """The queue on which this order's PROGRESS messages will arrive."""
@@ -43,6 +58,8 @@ class ProgressListener:
     def unregister(self, order_id: int) -> None:
         with self._lock:
             self._queues.pop(order_id, None)
+            if self._terminated.pop(task_topic(order_id), None) is not None:
+                self._changes.put(("remove", task_topic(order_id)))
 
     def close(self) -> None:
         self._stop.set()
@@ -52,11 +69,18 @@ class ProgressListener:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._apply_changes()
             try:
                 message = self._consumer.poll(0.2)
             except KafkaClientError as exc:
                 logger.error("reading %s failed: %s; retrying", ORCHESTRATOR_TOPIC, exc)
                 self._stop.wait(1.0)
+                continue
+            if message is not None and message.key == Key.TERMINATE.value:
+                with self._lock:
+                    event = self._terminated.get(message.topic)
+                if event is not None:
+                    event.set()
                 continue
             if message is None or message.key != Key.PROGRESS.value:
                 continue
@@ -70,3 +94,17 @@ class ProgressListener:
                 target = self._queues.get(progress.order_id)
             if target is not None:
                 target.put(progress)
+
+    def _apply_changes(self) -> None:
+        while True:
+            try:
+                change, topic = self._changes.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                if change == "add":
+                    self._consumer.add([topic])
+                else:
+                    self._consumer.remove([topic])
+            except KafkaClientError as exc:
+                logger.warning("cannot %s %s: %s", "read" if change == "add" else "leave", topic, exc)

@@ -15,12 +15,16 @@ from pipeline.settings import Settings
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    infra = commands.add_parser("infra", help="local Kafka broker and PostgreSQL")
+    infra = commands.add_parser("infra", help="local Kafka broker, PostgreSQL, shared monitors")
     actions = infra.add_subparsers(dest="action", required=True)
     up = actions.add_parser("up", help="start the local broker (and PostgreSQL); idempotent")
     up.add_argument("--postgres", action="store_true", help="also start a PostgreSQL cluster")
     up.add_argument("--kafka-port", type=int, help="default: $PIPELINE_KAFKA_PORT or 9092")
     up.add_argument("--postgres-port", type=int, help="default: $PIPELINE_POSTGRES_PORT or 5433")
+    up.add_argument("--no-monitors", action="store_true",
+                    help="do not start the shared monitoring services (sampler and consumer)")
+    up.add_argument("--monitor-consumers", type=int, default=None, metavar="N",
+                    help="replicas of the shared monitor-consumer; default 1 (or as before)")
     actions.add_parser("status", help="what runs where")
     actions.add_parser("down", help="stop what `up` started")
     commands.add_parser("settings", help="print the effective settings (secrets masked)")
@@ -43,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "up":
             infra = Infra(settings, Ports(kafka=args.kafka_port or settings.local_kafka_port,
                                           postgres=args.postgres_port or settings.local_postgres_port))
-            lines = infra.up(with_postgres=args.postgres)
+            lines = infra.up(with_postgres=args.postgres, monitors=not args.no_monitors,
+                             consumers=args.monitor_consumers)
             lines.append(f"settings written to {settings.state_dir / 'infra.env'}")
         elif args.action == "status":
             lines = Infra(settings).status()

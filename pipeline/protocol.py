@@ -92,6 +92,20 @@ def resource_topic(order_id: int) -> str:
     return f"resource{_check_order_id(order_id)}"
 
 
+# Every order's topics, as librdkafka subscription patterns (a leading ``^`` makes a regex):
+# what the shared monitors subscribe to.
+TASK_TOPIC_PATTERN = "^task[1-9][0-9]*$"
+RESOURCE_TOPIC_PATTERN = "^resource[1-9][0-9]*$"
+
+
+def order_id_of_topic(topic: str) -> int:
+    """The orderID in ``task<ID>`` or ``resource<ID>``; ProtocolError for any other topic."""
+    for prefix in ("task", "resource"):
+        if topic.startswith(prefix):
+            return _parse_order_id(topic[len(prefix):])
+    raise ProtocolError(f"{topic!r} is not an order's topic")
+
+
 def order_topics(order_id: int) -> tuple[str, str]:
     """Both per-order topics, created before anything of the order starts."""
     return task_topic(order_id), resource_topic(order_id)

@@ -8,6 +8,7 @@ then the embedded defaults (SQLite, a local MLflow store).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import enum
 import math
 import os
@@ -33,6 +34,22 @@ class Runtime(str, enum.Enum):
 
     LOCAL = "local"
     KUBERNETES = "kubernetes"
+
+
+class Monitors(str, enum.Enum):
+    """How an order's usage is sampled and stored."""
+
+    AUTO = "auto"  # shared when this machine's shared monitors run for these settings
+    SHARED = "shared"  # the shared sampler and consumer service (they must be running)
+    PER_ORDER = "per-order"  # a monitor-producer and monitor-consumer started for each order
+
+
+class TaskStart(str, enum.Enum):
+    """How the local runtime starts a task attempt's process."""
+
+    # Forked from a server that has the tasks' imports loaded (services/runtime/fork_server.py).
+    FORK_SERVER = "fork-server"
+    SPAWN = "spawn"  # a new Python interpreter per attempt
 
 
 def default_state_dir() -> Path:
@@ -98,6 +115,9 @@ class Settings:
     k8s_namespace: str = "image-pipeline"
     image_registry: str = ""
     image_tag: str = __version__
+    monitors: Monitors = Monitors.AUTO
+    # RUNTIME=local: how a task's process starts (see orchestrator/runtime/local.py).
+    task_start: TaskStart = TaskStart.FORK_SERVER
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -145,12 +165,20 @@ class Settings:
             k8s_namespace=_namespace(env),
             image_registry=_image_registry(env),
             image_tag=_image_tag(env),
+            monitors=_choice(env, "MONITORS", Monitors, Monitors.AUTO),
+            task_start=_choice(env, "TASK_START", TaskStart, TaskStart.FORK_SERVER),
         )
 
     def image(self, name: str) -> str:
         """The full image reference of ``image-pipeline-<name>``, always with an explicit tag."""
         registry = f"{self.image_registry}/" if self.image_registry else ""
         return f"{registry}image-pipeline-{name}:{self.image_tag}"
+
+    def deployment_id(self) -> str:
+        """A short digest of the broker and database: the shared monitoring services of one
+        deployment share it (their consumer groups carry it), others never meet them."""
+        parts = (self.kafka_bootstrap_servers or "", self.database_url)
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
     def with_kafka(self, bootstrap_servers: str) -> "Settings":
         """A copy pointing at ``bootstrap_servers`` (used once a local broker is started)."""
@@ -173,6 +201,8 @@ class Settings:
             "K8S_NAMESPACE": self.k8s_namespace,
             "IMAGE_REGISTRY": self.image_registry,
             "IMAGE_TAG": self.image_tag,
+            "MONITORS": self.monitors.value,
+            "TASK_START": self.task_start.value,
         }
         if self.kafka_bootstrap_servers:
             env["KAFKA_BOOTSTRAP_SERVERS"] = self.kafka_bootstrap_servers
@@ -196,6 +226,8 @@ class Settings:
             "K8S_NAMESPACE": self.k8s_namespace,
             "IMAGE_REGISTRY": self.image_registry or "(none: images by name only)",
             "IMAGE_TAG": self.image_tag,
+            "MONITORS": self.monitors.value,
+            "TASK_START": self.task_start.value,
         }
         for name, value in sorted(self.kafka_options.items()):
             shown[f"kafka option {name}"] = "***" if _is_secret(name) else value
@@ -294,3 +326,12 @@ def _check_database_url(value: str) -> None:
             f"DATABASE_URL={mask_url(value)!r}: expected a SQLAlchemy URL starting with "
             "sqlite:// or postgresql://"
         )
+
+
+def _choice(env: Mapping[str, str], name: str, kind: type[enum.Enum], default: enum.Enum) -> enum.Enum:
+    text = env.get(name, "").strip().lower() or default.value
+    try:
+        return kind(text)
+    except ValueError:
+        choices = ", ".join(c.value for c in kind)
+        raise SettingsError(f"{name}={text!r} is not one of: {choices}") from None

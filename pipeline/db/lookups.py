@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, Table, select
+from sqlalchemy import Connection, Engine, Table, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 
@@ -26,6 +26,19 @@ class NameLookup:
         conn.execute(dialect.insert(self.table).values(name=name).on_conflict_do_nothing(
             index_elements=["name"]))
         row_id = conn.execute(select(self.table.c.id).where(self.table.c.name == name)).scalar_one()
+        self._ids[name] = row_id
+        return row_id
+
+    def committed_id_of(self, engine: Engine, name: str) -> int:
+        """The id of ``name``, resolved in a transaction of its own that commits before the
+        id is cached: for writers whose threads share this lookup, since an id cached before
+        its row commits is invisible to another thread's foreign key check."""
+        cached = self._ids.get(name)
+        if cached is not None:
+            return cached
+        resolver = NameLookup(self.table)
+        with engine.begin() as conn:
+            row_id = resolver.id_of(conn, name)
         self._ids[name] = row_id
         return row_id
 

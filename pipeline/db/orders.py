@@ -12,6 +12,9 @@ from pipeline.db.lookups import NameLookup
 from pipeline.db.schema import measurements, orders, task_runs, tasks
 
 
+SHARED_MONITORS = "shared"  # orders.monitors of an order the shared services serve
+
+
 class OrderStatus(str, enum.Enum):
     """Lifecycle of one run of an order."""
 
@@ -37,6 +40,7 @@ class OrderRecord:
     started_at: datetime | None
     finished_at: datetime | None
     error: str | None
+    monitors: str | None = None
 
 
 def utcnow() -> datetime:
@@ -52,7 +56,7 @@ class OrderStore:
         self._tasks = NameLookup(tasks)
 
     def create(self, name: str, image: str, task_list: str,
-               image_size: tuple[int, int] | None = None) -> int:
+               image_size: tuple[int, int] | None = None, monitors: str | None = None) -> int:
         """Insert a PENDING order and return its fresh numeric orderID."""
         width, height = image_size or (None, None)
         with self.engine.begin() as conn:
@@ -60,7 +64,7 @@ class OrderStore:
                 insert(orders)
                 .values(name=name, image=image, task_list=task_list,
                         image_width=width, image_height=height,
-                        status=OrderStatus.PENDING.value, created_at=utcnow())
+                        status=OrderStatus.PENDING.value, created_at=utcnow(), monitors=monitors)
                 .returning(orders.c.id)
             )
             return int(result.scalar_one())
@@ -84,15 +88,21 @@ class OrderStore:
             return None
         return OrderRecord(**{**row, "status": OrderStatus(row["status"])})
 
+    def set_monitors(self, order_id: int, monitors: str | None) -> None:
+        """Record which monitors serve the order (the shared services look at this)."""
+        with self.engine.begin() as conn:
+            conn.execute(update(orders).where(orders.c.id == order_id).values(monitors=monitors))
+
     def start_task(self, order_id: int, position: int, attempt: int, task: str,
                    fault: str | None = None, started: datetime | None = None) -> datetime:
         """Record that attempt ``attempt`` of the task at ``position`` started (now, unless
         ``started`` says when)."""
         started = started or utcnow()
+        task_id = self._tasks.committed_id_of(self.engine, task)  # one store serves many threads
         with self.engine.begin() as conn:
             conn.execute(insert(task_runs).values(
                 order_id=order_id, position=position, attempt=attempt,
-                task_id=self._tasks.id_of(conn, task), status="RUNNING", started_at=started, fault=fault,
+                task_id=task_id, status="RUNNING", started_at=started, fault=fault,
             ))
         return started
 

@@ -41,6 +41,9 @@ orders = Table(
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
     Column("error", Text),
+    # Who samples and stores its usage: "shared" (the shared monitoring services) or
+    # "per-order" (monitors of its own); the shared services take only the former.
+    Column("monitors", String(16)),
 )
 
 # One row per task attempt. Samples name their run by position and attempt (headers), so a

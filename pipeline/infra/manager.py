@@ -40,8 +40,9 @@ class Infra:
         self.kafka = KafkaBroker(settings, port=self.ports.kafka)
         self.postgres = LocalPostgres(settings, port=self.ports.postgres)
 
-    def up(self, with_postgres: bool) -> list[str]:
-        """Start what is not running yet; returns one report line per service."""
+    def up(self, with_postgres: bool, monitors: bool = False, consumers: int | None = None) -> list[str]:
+        """Start what is not running yet (with ``monitors``, the shared monitoring services
+        too, ``consumers`` replicas of the consumer); returns one report line per service."""
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         self._remember()
         lines = []
@@ -65,7 +66,20 @@ class Infra:
             else:
                 lines.append(f"postgres: already running on 127.0.0.1:{self.postgres.port}")
             publish(self.settings, DATABASE_URL=self.postgres.url)
+        if monitors:
+            lines += self.monitors(self._published_settings()).start(consumers)
         return lines
+
+    def _published_settings(self) -> Settings:
+        """The settings a command now reads in this state folder (infra.env just written)."""
+        import os
+
+        return Settings.from_env({**os.environ, "PIPELINE_STATE_DIR": str(self.settings.state_dir)})
+
+    def monitors(self, settings: Settings | None = None):
+        from pipeline.infra.shared_monitors import SharedMonitors
+
+        return SharedMonitors(settings or self.settings)
 
     def status(self) -> list[str]:
         """One line per service: what runs where."""
@@ -79,12 +93,16 @@ class Infra:
             f"postgres: running, pid {pg.pid}, 127.0.0.1:{pg.port}, data {pg.data_dir}"
             if pg.running else "postgres: not running"
         )
+        for service in self.monitors().status():
+            lines.append(f"monitor-{service.name}: running, pid {service.pid}, log {service.log}"
+                         if service.running else f"monitor-{service.name}: not running")
         lines.append(f"settings file: {self.settings.state_dir / 'infra.env'}")
         return lines
 
     def down(self) -> list[str]:
         """Stop what ``up`` started, and nothing else."""
-        lines = ["kafka: stopped" if self.kafka.stop() else "kafka: was not running"]
+        lines = [f"monitor-{line}" for line in self.monitors().stop()]
+        lines.append("kafka: stopped" if self.kafka.stop() else "kafka: was not running")
         if not self._started_postgres:
             running = self.postgres.status().running
             lines.append("postgres: left running (not started by this state folder's `up`)"
@@ -123,3 +141,27 @@ def ensure_kafka(settings: Settings) -> Settings:
                     "(stop it with `python -m pipeline infra down`)")
         infra.up(with_postgres=False)
     return settings.with_kafka(infra.kafka.bootstrap)
+
+
+def use_shared_monitors(settings: Settings) -> bool:
+    """Whether this run's orders go to the shared monitoring services (``MONITORS``):
+    ``shared`` starts them here if needed; ``auto`` uses them when they serve these settings,
+    and starts them when the broker is this state folder's own (the local default)."""
+    from pipeline.infra.shared_monitors import SharedMonitors
+    from pipeline.settings import Monitors
+
+    if settings.monitors is Monitors.PER_ORDER:
+        return False
+    if settings.runtime is RuntimeName.KUBERNETES:
+        # The cluster's monitor-consumer Deployment (k8s/monitor-consumer.yaml).
+        return settings.monitors is Monitors.SHARED
+    shared = SharedMonitors(settings)
+    if shared.serving(settings):
+        return True
+    broker = Infra(settings).kafka
+    if settings.monitors is Monitors.SHARED or (
+            broker.status().running and broker.bootstrap == settings.kafka_bootstrap_servers):
+        for line in shared.start():
+            logger.info("%s", line)
+        return True
+    return False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import confluent_kafka
@@ -35,9 +35,10 @@ _TRANSIENT = {
 class Consumer:
     """Reads :class:`~pipeline.protocol.Message` objects from explicitly assigned partitions.
 
-    Per-order topics have one partition and one reader, so partitions are assigned rather than
-    subscribed: no group rebalance delays the start, and the group id still keeps committed
-    offsets so a restarted reader resumes where the last commit left it.
+    Per-order topics have one partition and one reader, so a per-order reader assigns its
+    partitions (:meth:`assign`, :meth:`add`) rather than subscribing: no group rebalance delays
+    the start, and the group id still keeps committed offsets so a restarted reader resumes
+    where the last commit left it. The shared services join a group instead (:meth:`subscribe`).
     """
 
     def __init__(self, settings: Settings, group_id: str | None = None, **overrides: Any) -> None:
@@ -54,6 +55,8 @@ class Consumer:
         )
         self._consumer: confluent_kafka.Consumer | None = None
         self._pending: dict[tuple[str, int], int] = {}
+        # subscribe(): called with the (topic, partition) pairs about to be taken away.
+        self.on_revoke: Callable[[list[tuple[str, int]]], None] | None = None
 
     def _client(self) -> confluent_kafka.Consumer:
         if self._consumer is None:
@@ -69,6 +72,36 @@ class Consumer:
         whose group coordinator is still loading is waited for rather than skipped.
         """
         client = self._client()
+        partitions = self._partitions(client, topics, timeout)
+        if from_end:
+            for partition in partitions:
+                _, partition.offset = client.get_watermark_offsets(partition, timeout=timeout)
+        else:
+            partitions = self._committed(client, partitions, timeout)
+        client.assign(partitions)
+
+    def add(self, topics: Sequence[str], from_end: bool = False, timeout: float = 30.0) -> None:
+        """Read ``topics`` too, beside what is assigned already (offsets as :meth:`assign`)."""
+        client = self._client()
+        partitions = self._partitions(client, topics, timeout)
+        if from_end:
+            for partition in partitions:
+                _, partition.offset = client.get_watermark_offsets(partition, timeout=timeout)
+        else:
+            partitions = self._committed(client, partitions, timeout)
+        client.incremental_assign(partitions)
+
+    def remove(self, topics: Sequence[str]) -> None:
+        """Stop reading ``topics`` (added with :meth:`add`); what was not committed is dropped."""
+        if self._consumer is None:
+            return
+        wanted = set(topics)
+        partitions = [p for p in self._consumer.assignment() if p.topic in wanted]
+        if partitions:
+            self._consumer.incremental_unassign(partitions)
+        self._forget([(p.topic, p.partition) for p in partitions])
+
+    def _partitions(self, client, topics: Sequence[str], timeout: float) -> list:
         partitions = []
         for topic in topics:
             try:
@@ -79,12 +112,31 @@ class Consumer:
             if topic_meta is None or topic_meta.error is not None or not topic_meta.partitions:
                 raise KafkaClientError(f"topic {topic} does not exist")
             partitions += [confluent_kafka.TopicPartition(topic, p) for p in sorted(topic_meta.partitions)]
-        if from_end:
-            for partition in partitions:
-                _, partition.offset = client.get_watermark_offsets(partition, timeout=timeout)
-        else:
-            partitions = self._committed(client, partitions, timeout)
-        client.assign(partitions)
+        return partitions
+
+    def subscribe(self, patterns: Sequence[str]) -> None:
+        """Join the consumer group and read whatever partitions of ``patterns`` (topic names or
+        ``^``-regexes) the group assigns this member, as topics appear and members come and go.
+
+        Assignment is incremental (cooperative-sticky): a new order's topic moves nothing
+        else. Before partitions are taken away, :attr:`on_revoke` (if set) is called with
+        their ``(topic, partition)`` pairs, so the caller can finish and commit them; the
+        offsets of lost partitions are dropped uncommitted (their new owner reads them again).
+        """
+        def revoked(_client, partitions) -> None:
+            pairs = [(p.topic, p.partition) for p in partitions]
+            if self.on_revoke is not None:
+                self.on_revoke(pairs)
+            self._forget(pairs)
+
+        def lost(_client, partitions) -> None:
+            self._forget([(p.topic, p.partition) for p in partitions])
+
+        self._client().subscribe(list(patterns), on_revoke=revoked, on_lost=lost)
+
+    def _forget(self, pairs) -> None:
+        for pair in pairs:
+            self._pending.pop(pair, None)
 
     def _committed(self, client, partitions, timeout: float):
         deadline = time.monotonic() + timeout
@@ -149,7 +201,23 @@ class Consumer:
         try:
             self._consumer.commit(offsets=offsets, asynchronous=False)
         except confluent_kafka.KafkaException as exc:
-            raise KafkaClientError(f"offset commit failed: {exc}") from exc
+            if _group_moving(exc):
+                # The group is rebalancing: the offsets stay pending for the next commit (or,
+                # if their partitions move, their new owner reads that tail again and the
+                # idempotent writes drop it).
+                logger.info("offset commit deferred: %s", exc.args[0].str())
+                return
+            if not _topic_gone(exc):
+                raise KafkaClientError(f"offset commit failed: {exc}") from exc
+            # An order's topics go once it is over, possibly between reading and committing:
+            # commit the others one by one; a deleted topic's offsets go with it.
+            for offset in offsets:
+                try:
+                    self._consumer.commit(offsets=[offset], asynchronous=False)
+                except confluent_kafka.KafkaException as one:
+                    if not _topic_gone(one):
+                        raise KafkaClientError(f"offset commit failed: {one}") from one
+                    logger.debug("%s is gone; its offset is not committed", offset.topic)
         self._pending.clear()
 
     def close(self) -> None:
@@ -165,6 +233,28 @@ class Consumer:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.close()
+
+
+_GROUP_MOVING = {
+    confluent_kafka.KafkaError.REBALANCE_IN_PROGRESS,
+    confluent_kafka.KafkaError.ILLEGAL_GENERATION,
+    confluent_kafka.KafkaError.UNKNOWN_MEMBER_ID,
+    confluent_kafka.KafkaError._ASSIGNMENT_LOST,
+    confluent_kafka.KafkaError.NOT_COORDINATOR,
+    confluent_kafka.KafkaError.COORDINATOR_NOT_AVAILABLE,
+    confluent_kafka.KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+}
+
+
+def _group_moving(exc: confluent_kafka.KafkaException) -> bool:
+    error = exc.args[0] if exc.args else None
+    return isinstance(error, confluent_kafka.KafkaError) and (error.code() in _GROUP_MOVING or error.retriable())
+
+
+def _topic_gone(exc: confluent_kafka.KafkaException) -> bool:
+    error = exc.args[0] if exc.args else None
+    return isinstance(error, confluent_kafka.KafkaError) and \
+        error.code() == confluent_kafka.KafkaError.UNKNOWN_TOPIC_OR_PART
 
 
 def _to_message(msg: confluent_kafka.Message) -> Message:

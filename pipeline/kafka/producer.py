@@ -19,10 +19,15 @@ class Producer:
     """Produces :class:`~pipeline.protocol.Message` objects.
 
     Connects on first use. The first delivery error reported by a callback is raised on the
-    next :meth:`send` or :meth:`flush`. Leaving the ``with`` block flushes.
+    next :meth:`send` or :meth:`flush`; a producer shared by many orders (``shared=True``)
+    logs and counts delivery errors instead, so that one order's lost topic never fails the
+    messages of another (:meth:`send_now` still raises its own message's error). Leaving the
+    ``with`` block flushes.
     """
 
-    def __init__(self, settings: Settings, **overrides: Any) -> None:
+    def __init__(self, settings: Settings, shared: bool = False, **overrides: Any) -> None:
+        self.shared = shared
+        self.delivery_errors = 0
         self._config = client_config(
             settings,
             **{"enable.idempotence": True, "linger.ms": 5, "acks": "all", **overrides},
@@ -36,7 +41,14 @@ class Producer:
         return self._producer
 
     def _on_delivery(self, err: confluent_kafka.KafkaError | None, msg: Any) -> None:
-        if err is not None and self._error is None:
+        if err is None:
+            return
+        if self.shared:
+            self.delivery_errors += 1
+            if self.delivery_errors == 1 or self.delivery_errors % 100 == 0:
+                logger.warning("delivery to %s failed: %s (%d so far)", msg.topic(), err.str(),
+                               self.delivery_errors)
+        elif self._error is None:
             self._error = KafkaClientError(f"delivery to {msg.topic()} failed: {err.str()}")
 
     def _raise_pending(self) -> None:
@@ -44,7 +56,7 @@ class Producer:
             error, self._error = self._error, None
             raise error
 
-    def send(self, message: Message) -> None:
+    def send(self, message: Message, on_delivery: Any = None) -> None:
         """Queue ``message`` for delivery (asynchronous; see :meth:`flush`)."""
         self._raise_pending()
         client = self._client()
@@ -52,7 +64,7 @@ class Producer:
             "key": message.key.encode("utf-8"),
             "value": message.value.encode("utf-8"),
             "headers": list(message.headers),
-            "on_delivery": self._on_delivery,
+            "on_delivery": on_delivery or self._on_delivery,
         }
         if message.timestamp_ms is not None:
             kwargs["timestamp"] = message.timestamp_ms
@@ -76,9 +88,19 @@ class Producer:
         self._raise_pending()
 
     def send_now(self, message: Message, timeout: float = 30.0) -> None:
-        """Send one message and wait until the broker has it."""
-        self.send(message)
-        self.flush(timeout)
+        """Send one message and wait until the broker has it; raise its delivery error."""
+        outcome: list[str] = []
+
+        def delivered(err: confluent_kafka.KafkaError | None, msg: Any) -> None:
+            outcome.append(err.str() if err is not None else "")
+
+        self.send(message, on_delivery=delivered)
+        if self._producer is not None:
+            self._producer.flush(timeout)
+        if not outcome:
+            raise KafkaClientError(f"{message.key} to {message.topic} not delivered within {timeout:g}s")
+        if outcome[0]:
+            raise KafkaClientError(f"delivery to {message.topic} failed: {outcome[0]}")
 
     def close(self) -> None:
         """Flush what is queued; the client is dropped even when flushing fails."""

@@ -445,12 +445,12 @@ def test_kustomization_lists_every_manifest_and_no_secret():
                if p.name != "kustomization.yaml" and p.parent.name != "jobs"}
     assert listed == on_disk == {"namespace.yaml", "rbac/serviceaccount.yaml", "rbac/role.yaml",
                                  "settings.yaml", "artifacts-pvc.yaml", "kafka.yaml",
-                                 "postgres.yaml", "mlflow.yaml"}
+                                 "postgres.yaml", "mlflow.yaml", "monitor-consumer.yaml"}
     kinds = {(o["kind"], o["metadata"]["name"]) for o in manifest_objects()}
     assert not any(kind == "Secret" for kind, _ in kinds)
     assert {("StatefulSet", "kafka"), ("Service", "kafka"), ("Service", "kafka-headless"),
             ("StatefulSet", "postgres"), ("Service", "postgres"), ("Deployment", "mlflow"),
-            ("Service", "mlflow"), ("PersistentVolumeClaim", "mlflow-data"),
+            ("Deployment", "monitor-consumer"), ("Service", "mlflow"), ("PersistentVolumeClaim", "mlflow-data"),
             ("PersistentVolumeClaim", "pipeline-artifacts"), ("ConfigMap", "pipeline-settings"),
             ("ServiceAccount", "orchestrator"), ("Role", "orchestrator"),
             ("RoleBinding", "orchestrator"), ("Namespace", "image-pipeline")} == kinds

@@ -1,0 +1,64 @@
+"""Which orders a shared monitoring service serves.
+
+Every order on the broker has ``task<ID>`` and ``resource<ID>`` topics, whoever monitors it:
+an order run with monitors of its own, or one stored in another database (an ID means
+nothing outside its database), must be left alone, or its samples would be stored twice or
+in the wrong place and its monitors told to TERMINATE early. So a shared service takes an
+order only when its own database holds it as running and asking for the shared services
+(``orders.monitors``), which the orchestrator records before it creates the order's topics.
+A found order's answer is final for the service's lifetime (an order never changes its
+monitors).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from sqlalchemy import Engine
+
+from pipeline.db.orders import SHARED_MONITORS, OrderStatus, OrderStore
+
+logger = logging.getLogger(__name__)
+
+
+class OrderClaims:
+    """``ours(order_id)``: a found order's answer is remembered; an order not (yet) in the
+    database is asked about again, at most once a second (a topic left over from an earlier
+    database can carry the ID of an order created later)."""
+
+    RETRY_UNKNOWN = 1.0
+
+    def __init__(self, engine: Engine) -> None:
+        self._store = OrderStore(engine)
+        self._known: dict[int, bool] = {}
+        self._unknown_since: dict[int, float] = {}
+
+    def ours(self, order_id: int) -> bool | None:
+        """True: serve it; False: not ours (or not in the database); None: the database
+        cannot tell now."""
+        known = self._known.get(order_id)
+        if known is not None:
+            return known
+        asked = self._unknown_since.get(order_id)
+        if asked is not None and time.monotonic() - asked < self.RETRY_UNKNOWN:
+            return False
+        try:
+            found = self._store.get(order_id)
+        except Exception as exc:  # noqa: BLE001 - a database outage: ask again later
+            logger.warning("order_id=%d cannot tell whether it is ours (%s); asking again", order_id, exc)
+            return None
+        if found is None:
+            self._unknown_since[order_id] = time.monotonic()
+            return False
+        self._unknown_since.pop(order_id, None)
+        answer = found.monitors == SHARED_MONITORS and \
+            found.status in (OrderStatus.PENDING, OrderStatus.RUNNING)
+        if not answer:
+            logger.info("order_id=%d is not served by the shared monitors (its own monitors, or "
+                        "over); its messages are left alone", order_id)
+        self._known[order_id] = answer
+        return answer
+
+    def forget(self, order_id: int) -> None:
+        self._known.pop(order_id, None)
