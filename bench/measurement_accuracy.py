@@ -84,6 +84,9 @@ def _environment(folder: Path) -> dict[str, str]:
     # store, the consumer looks for one and stores the samples unscored.
     env.update({"DATABASE_URL": f"sqlite:///{folder / 'bench.db'}", "ARTIFACT_DIR": str(folder / "artifacts"),
                 "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}", "PYTHONPATH": str(REPO_ROOT)})
+    # The ground truth wraps each task's command in kernel_account.py (ProcessHandle above):
+    # a task forked by the fork server has no command to wrap.
+    env["TASK_START"] = "spawn"
     return env
 
 

@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 from orchestrator.runtime.base import Handle, Runtime, RuntimeFailure, TaskLaunch
+from orchestrator.runtime.fork_client import ForkServerClient, ForkServerUnavailable
 from pipeline.lifetime import PARENT_PID_VARIABLE
 from pipeline.proctime import started_ns, wall_time
-from pipeline.settings import Settings
+from pipeline.settings import Settings, TaskStart
 from services.catalog import task_module
 
 logger = logging.getLogger(__name__)
@@ -109,15 +110,30 @@ class LocalRuntime(Runtime):
         env["PYTHONUNBUFFERED"] = "1"
         env[PARENT_PID_VARIABLE] = str(os.getpid())
         self.env = env
+        # TASK_START=fork-server: tasks are forked from a server with their imports loaded
+        # (started with the first task); a start it cannot serve is spawned instead.
+        self.fork_server = (ForkServerClient(env, _REPO_ROOT, log_dir)
+                            if settings.task_start is TaskStart.FORK_SERVER else None)
 
     def start_task(self, launch: TaskLaunch, resources=None, timeout_seconds: float = 300.0) -> Handle:
         # Local processes share the machine; requests and limits are a cluster's business.
         name = f"task {launch.task_name} (order {launch.order_id}, position {launch.position}, attempt {launch.attempt})"
         log = self.log_dir / f"order-{launch.order_id}" / f"{launch.position:02d}-{launch.task_name}-{launch.attempt}.log"
-        command = [sys.executable, "-m", task_module(launch.task_name), *launch.to_args()]
+        module, args = task_module(launch.task_name), launch.to_args()
+        if self.fork_server is not None:
+            try:
+                return self.fork_server.start(name, module, args, self.env, _REPO_ROOT, log)
+            except ForkServerUnavailable as exc:
+                logger.warning("%s: fork server unavailable (%s); spawning it", name, exc)
+        command = [sys.executable, "-m", module, *args]
         return ProcessHandle(name, command, self.env, log, ready_pipe=False)
 
     def start_monitor(self, kind: str, order_id: int) -> Handle:
         log = self.log_dir / f"order-{order_id}" / f"monitor-{kind}.log"
         command = [sys.executable, "-m", "monitor", kind, str(order_id)]
         return ProcessHandle(f"monitor-{kind} (order {order_id})", command, self.env, log, ready_pipe=True)
+
+    def close(self) -> None:
+        """Stop the fork server (tasks of orders still running are stopped with it)."""
+        if self.fork_server is not None:
+            self.fork_server.close()

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.errors import SettingsError
 from pipeline.kafka.config import client_config
-from pipeline.settings import Runtime, Settings
+from pipeline.settings import Runtime, Settings, TaskStart
 
 SASL_PASSWORD = "sasl-pw-hunter2"
 DB_PASSWORD = "db-pw-correct-horse"
@@ -73,6 +73,14 @@ def test_environment_overrides_every_default(base: dict[str, str], tmp_path: Pat
 
 def test_runtime_is_case_insensitive(base: dict[str, str]) -> None:
     assert Settings.from_env({**base, "RUNTIME": " Kubernetes "}).runtime is Runtime.KUBERNETES
+
+
+def test_tasks_start_from_the_fork_server_unless_told_to_spawn(base: dict[str, str]) -> None:
+    assert Settings.from_env(base).task_start is TaskStart.FORK_SERVER
+    spawning = Settings.from_env({**base, "TASK_START": " Spawn "})
+    assert spawning.task_start is TaskStart.SPAWN
+    assert spawning.to_env()["TASK_START"] == "spawn"
+    assert Settings.from_env(spawning.to_env()) == spawning
 
 
 def test_local_services_are_found_through_infra_env(base: dict[str, str], tmp_path: Path) -> None:
@@ -193,6 +201,7 @@ def test_to_env_reproduces_the_settings_in_a_child(base: dict[str, str], extra: 
     ("name", "value"),
     [
         ("RUNTIME", "docker"),
+        ("TASK_START", "vfork"),
         ("KAFKA_BOOTSTRAP_SERVERS", "nohostport"),
         ("KAFKA_BOOTSTRAP_SERVERS", "host:notaport"),
         ("KAFKA_BOOTSTRAP_SERVERS", "host:99999"),
