@@ -125,13 +125,18 @@ class MonitorConsumer:
             if self.scorer is not None:
                 # Score in the pauses between arrivals: live, that is within a second.
                 self.scorer.consumer_busy(bool(messages))
+            stops = []
             for message in messages:
                 stopped = self._decode(message)
-                if stopped is None:
-                    continue
+                if stopped is not None:
+                    stops.append((stopped, message))
+            if stops:
+                # Every STOP of this batch: its order's samples stored (one flush for all),
+                # then each order's TERMINATE, then the STOPs' own offsets.
                 self._flush()
-                self._terminate(stopped, producer)
-                self._consumer.mark_processed(message)
+                self._terminate([order_id for order_id, _ in stops], producer)
+                for _, message in stops:
+                    self._consumer.mark_processed(message)
                 self._consumer.commit()
                 if not self.shared:
                     return True
@@ -199,17 +204,22 @@ class MonitorConsumer:
                 self.signals.requested.wait(delay)
                 delay = min(delay * 2, 10.0)
 
-    def _terminate(self, order_id: int, producer: Producer) -> None:
-        """The order's samples are stored (and scored): tell its monitor-producer."""
+    def _terminate(self, order_ids: list[int], producer: Producer) -> None:
+        """The orders' samples are stored (and scored): tell their monitor-producers."""
         if self.scorer is not None:
-            self.scorer.finish(order_id)
-        producer.send_now(MonitorTerminated(order_id).encode())
-        self.orders_done += 1
-        if self._claims is not None:
-            self._claims.forget(order_id)
-        if self.shared:
-            logger.info("order_id=%d STOP received: samples stored; TERMINATE sent", order_id)
-        else:
-            scored = self.scorer.summary() if self.scorer else "scoring off"
-            logger.info("order_id=%d STOP received: %d samples stored (%s), %d malformed; TERMINATE sent",
-                        order_id, self.stored, scored, self.malformed)
+            # A per-order consumer exits next, so it scores first; the shared one scores on,
+            # in the pauses between arrivals, and its deviations follow within seconds.
+            self.scorer.finish(order_ids, wait=not self.shared)
+        for order_id in order_ids:
+            producer.send(MonitorTerminated(order_id).encode())
+        producer.flush()
+        for order_id in order_ids:
+            self.orders_done += 1
+            if self._claims is not None:
+                self._claims.forget(order_id)
+            if self.shared:
+                logger.info("order_id=%d STOP received: samples stored; TERMINATE sent", order_id)
+            else:
+                scored = self.scorer.summary() if self.scorer else "scoring off"
+                logger.info("order_id=%d STOP received: %d samples stored (%s), %d malformed; TERMINATE sent",
+                            order_id, self.stored, scored, self.malformed)

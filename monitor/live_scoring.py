@@ -31,6 +31,14 @@ from pipeline.settings import Settings
 logger = logging.getLogger(__name__)
 
 
+class _Finished(threading.Event):
+    """In the queue after the last batch of some orders: their contexts go once it is reached."""
+
+    def __init__(self, order_ids: tuple[int, ...]) -> None:
+        super().__init__()
+        self.order_ids = order_ids
+
+
 class LiveScorer:
     """Scores samples, batch by batch, with the champion model: one order's (a per-order
     consumer) or every order's (the shared consumer; the model is loaded once)."""
@@ -44,8 +52,8 @@ class LiveScorer:
         self.model_version: str | None = None
         self.scored = self.anomalies = self.errors = 0
         self._contexts: dict[int, OrderContext] = {}
-        # Batches to score; an Event is a marker, set once everything before it is scored.
-        self._batches: queue.Queue[list[Measurement] | threading.Event | None] = queue.Queue()
+        # Batches to score; a _Finished marker is set once everything before it is scored.
+        self._batches: queue.Queue[list[Measurement] | _Finished | None] = queue.Queue()
         self._caught_up = threading.Event()
         self._caught_up.set()
         self._worker = threading.Thread(target=self._work, name="live-scoring", daemon=True)
@@ -69,16 +77,18 @@ class LiveScorer:
         else:
             self._caught_up.set()
 
-    def finish(self, order_id: int, timeout: float = 30.0) -> None:
-        """The order's last samples are stored: score what is queued, then forget the order."""
+    def finish(self, order_ids: Sequence[int], wait: bool = True, timeout: float = 30.0) -> None:
+        """The orders' last samples are stored: forget them once what is queued is scored;
+        with ``wait``, return only then (a per-order consumer, which exits next)."""
         if self.detector is None:
             return
-        done = threading.Event()
-        self._caught_up.set()
+        done = _Finished(tuple(order_ids))
+        if wait:
+            self._caught_up.set()
         self._batches.put(done)
-        if not done.wait(timeout):
-            logger.warning("order_id=%d scoring did not catch up within %gs", order_id, timeout)
-        self._contexts.pop(order_id, None)
+        if wait and not done.wait(timeout):
+            logger.warning("%s scoring did not catch up within %gs (orders %s)", self.label, timeout,
+                           ", ".join(map(str, order_ids)))
 
     def close(self, timeout: float = 60.0) -> None:
         """Score what is queued, then stop."""
@@ -95,7 +105,9 @@ class LiveScorer:
 
     def _work(self) -> None:
         while (batch := self._batches.get()) is not None:
-            if isinstance(batch, threading.Event):
+            if isinstance(batch, _Finished):
+                for order_id in batch.order_ids:
+                    self._contexts.pop(order_id, None)
                 batch.set()
                 continue
             if self.detector is None:
