@@ -19,7 +19,10 @@ and, measured from outside the pipeline:
   durations), as percent of one core per running task.
 
     ./dev python bench/concurrent_orders.py [--sizes 1,10,50,200] [--monitors shared|per-order]
-                                            [--json results.json]
+                                            [--replicas 2 --kill-one] [--json results.json]
+
+``--replicas 2 --kill-one`` runs two consumer replicas and SIGKILLs one of them once samples
+are being stored: rows must still equal the samples sent.
 """
 
 from __future__ import annotations
@@ -97,14 +100,26 @@ class Watcher(threading.Thread):
             self.monitor_rss_peak = max(self.monitor_rss_peak, sum(rss_bytes(p) for p in self.pids))
 
 
-def monitor_pids(state: Path) -> list[int]:
-    pids = []
+def monitor_pids(state: Path) -> dict[int, str]:
+    """pid -> service name (sampler, consumer-1, ...)."""
+    pids = {}
     for path in (state / "monitors").glob("*.pid"):
         try:
-            pids.append(int(path.read_text()))
+            pids[int(path.read_text())] = path.stem
         except ValueError:
             pass
     return pids
+
+
+def _stored(state: Path) -> int:
+    try:
+        db = sqlite3.connect(state / "pipeline.db", timeout=1)
+        try:
+            return db.execute("select count(*) from measurements").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return 0
 
 
 def run_size(n: int, args: argparse.Namespace, env_base: dict[str, str]) -> dict:
@@ -116,20 +131,34 @@ def run_size(n: int, args: argparse.Namespace, env_base: dict[str, str]) -> dict
     if args.monitors == "shared":  # started before the clock runs, as `infra up` does
         subprocess.run([sys.executable, "-c", "from pipeline.settings import Settings;"
                         "from pipeline.infra.shared_monitors import SharedMonitors;"
-                        "print(*SharedMonitors(Settings.from_env()).start(), sep='\\n')"],
+                        f"print(*SharedMonitors(Settings.from_env()).start({args.replicas}), sep='\\n')"],
                        env=env, cwd=REPO, check=True)
-    pids = monitor_pids(state)
+    names = monitor_pids(state)
+    pids = list(names)
     cpu_before = {p: cpu_seconds(p) for p in pids}
     watcher = Watcher(pids)
     watcher.start()
     began = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(order_file), "--repeat", str(n),
-                             "--max-concurrent", str(n)], env=env, cwd=REPO, capture_output=True, text=True)
+    orchestrator = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(order_file), "--repeat",
+                                     str(n), "--max-concurrent", str(n)], env=env, cwd=REPO,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = None
+    if args.kill_one:  # SIGKILL one consumer replica once samples are being stored
+        victim = state / "monitors" / "consumer-1.pid"
+        while orchestrator.poll() is None and killed is None:
+            if _stored(state) > 0:
+                killed = int(victim.read_text())
+                os.kill(killed, 9)
+                pids.remove(killed)
+            time.sleep(0.1)
+    stdout, stderr = orchestrator.communicate()
+    result = subprocess.CompletedProcess(orchestrator.args, orchestrator.returncode, stdout, stderr)
     wall = time.monotonic() - began
     time.sleep(1.0)  # the services' last log lines
     watcher.done.set()
     watcher.join()
-    monitor_cpu = sum(cpu_seconds(p) - cpu_before[p] for p in pids)
+    monitor_cpu = sum(cpu_seconds(p) - cpu_before[p] for p in pids)  # (a killed replica's not counted)
+    sampler_cpu = sum(cpu_seconds(p) - cpu_before[p] for p in pids if names[p] == "sampler")
     db = sqlite3.connect(state / "pipeline.db")
     statuses = dict(db.execute("select status, count(*) from orders group by status").fetchall())
     runs = db.execute("select count(*), sum((julianday(finished_at) - julianday(started_at)) * 86400) "
@@ -164,6 +193,9 @@ def run_size(n: int, args: argparse.Namespace, env_base: dict[str, str]) -> dict
         "monitor_rss_peak_mb": round(watcher.monitor_rss_peak / 2**20),
         "monitor_cpu_s": round(monitor_cpu, 2), "task_seconds": round(task_seconds, 1),
         "monitor_cpu_per_task_pct": round(100 * monitor_cpu / task_seconds, 3) if task_seconds else None,
+        "sampler_cpu_s": round(sampler_cpu, 2),
+        "sampler_cpu_per_task_pct": round(100 * sampler_cpu / task_seconds, 3) if task_seconds else None,
+        "replicas": args.replicas, "killed_replica_pid": killed,
         "exit_status": result.returncode, "stderr_tail": result.stderr[-600:] if result.returncode else "",
     }
     if not args.keep:
@@ -178,6 +210,9 @@ def main() -> None:
     parser.add_argument("--monitors", choices=("shared", "per-order"), default="shared")
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--keep", action="store_true", help="keep each run's state folder")
+    parser.add_argument("--replicas", type=int, default=1, help="shared consumer replicas")
+    parser.add_argument("--kill-one", action="store_true",
+                        help="SIGKILL consumer replica 1 once samples are being stored (use --replicas 2)")
     args = parser.parse_args()
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO)
@@ -190,10 +225,11 @@ def main() -> None:
     rows = [run_size(int(n), args, env) for n in args.sizes.split(",")]
     print(markdown_table(
         ["N", "succeeded", "wall s", "task runs/s", "samples stored / sent", "runs missing a resource",
-         "peak memory in use", "monitors' peak RSS", f"monitoring CPU per task"],
+         "peak memory in use", "monitors' peak RSS", "monitoring CPU per running task (sampler alone)"],
         [[r["n"], f'{r["succeeded"]}/{r["orders"]}', r["wall_s"], r["task_runs_per_s"],
           f'{r["samples_stored"]} / {r["samples_sent"]}', r["task_runs_missing_a_resource"],
-          f'{r["peak_memory_mb"]} MB', f'{r["monitor_rss_peak_mb"]} MB', f'{r["monitor_cpu_per_task_pct"]} %']
+          f'{r["peak_memory_mb"]} MB', f'{r["monitor_rss_peak_mb"]} MB',
+          f'{r["monitor_cpu_per_task_pct"]} % ({r["sampler_cpu_per_task_pct"]} %)']
          for r in rows]))
     print(f"monitors: {args.monitors}; machine: {machine()}; load average after: {loadavg()}")
     write_json(args.json, {"machine": machine(), "monitors": args.monitors, "rows": rows})

@@ -75,7 +75,7 @@ class Consumer:
         partitions = self._partitions(client, topics, timeout)
         if from_end:
             for partition in partitions:
-                _, partition.offset = client.get_watermark_offsets(partition, timeout=timeout)
+                partition.offset = _end_offset(client, partition, timeout)
         else:
             partitions = self._committed(client, partitions, timeout)
         client.assign(partitions)
@@ -86,7 +86,7 @@ class Consumer:
         partitions = self._partitions(client, topics, timeout)
         if from_end:
             for partition in partitions:
-                _, partition.offset = client.get_watermark_offsets(partition, timeout=timeout)
+                partition.offset = _end_offset(client, partition, timeout)
         else:
             partitions = self._committed(client, partitions, timeout)
         client.incremental_assign(partitions)
@@ -233,6 +233,22 @@ class Consumer:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.close()
+
+
+def _end_offset(client: confluent_kafka.Consumer, partition, timeout: float) -> int:
+    """The partition's current end; a topic created a moment ago may still be electing its
+    leader ("not leader for partition"), which is waited for."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.get_watermark_offsets(partition, timeout=min(5.0, timeout))[1]
+        except confluent_kafka.KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            transient = isinstance(error, confluent_kafka.KafkaError) and (
+                error.code() in _TRANSIENT or error.retriable())
+            if not transient or time.monotonic() > deadline:
+                raise KafkaClientError(f"cannot read the end of {partition.topic}: {exc}") from exc
+            time.sleep(0.2)
 
 
 _GROUP_MOVING = {
