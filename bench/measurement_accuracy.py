@@ -47,6 +47,7 @@ from sqlalchemy import select  # noqa: E402
 from pipeline.db import connect  # noqa: E402
 from pipeline.db.schema import measurements, orders, resources, task_runs, tasks  # noqa: E402
 from pipeline.invocation import TaskInvocation  # noqa: E402
+from pipeline.settings import Settings  # noqa: E402
 
 KERNEL_ACCOUNT = REPO_ROOT / "bench" / "kernel_account.py"
 ALL_TASKS = [
@@ -78,16 +79,28 @@ def _orchestrate_accounted(record_dir: str, argv: list[str]) -> int:
     return cli.main(argv)
 
 
-def _environment(folder: Path) -> dict[str, str]:
+def _environment(folder: Path, task_start: str = "fork-server", monitors: str = "per-order") -> dict[str, str]:
     env = dict(os.environ)
     # Live scoring stays on, as by default: with no model registered in this fresh MLflow
     # store, the consumer looks for one and stores the samples unscored.
     env.update({"DATABASE_URL": f"sqlite:///{folder / 'bench.db'}", "ARTIFACT_DIR": str(folder / "artifacts"),
                 "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}", "PYTHONPATH": str(REPO_ROOT)})
-    # The ground truth wraps each task's command in kernel_account.py (ProcessHandle above):
-    # a task forked by the fork server has no command to wrap.
-    env["TASK_START"] = "spawn"
+    # The ground truth: a spawned task's command runs under kernel_account.py (ProcessHandle
+    # above); a forked one is accounted by the fork server when it reaps it, in the same form.
+    env["TASK_START"] = task_start
+    if task_start == "fork-server":
+        env["PIPELINE_KERNEL_ACCOUNT_DIR"] = str(folder / "kernel")
+    # Monitors per order, or the shared services of this run's own state folder (stopped at
+    # the end, see _stop_shared).
+    env["MONITORS"] = monitors
+    env["PIPELINE_STATE_DIR"] = str(folder / "state")
     return env
+
+
+def _stop_shared(env: dict[str, str]) -> None:
+    from pipeline.infra.shared_monitors import SharedMonitors
+
+    SharedMonitors(Settings.from_env(env)).stop()
 
 
 def _photo(path: Path, width: int, height: int, seed: int = 7) -> Path:
@@ -188,7 +201,8 @@ def bench_accuracy(args) -> dict:
     image = _photo(folder / f"photo-{args.width}x{args.height}.jpg", args.width, args.height)
     files = [_order_file(folder, "all-tasks", image, ALL_TASKS),
              _order_file(folder, "forking", REPO_ROOT / "orders" / "images" / "scene-1024x768.jpg", FORKING)]
-    env = _environment(folder)
+    (folder / "state").mkdir()
+    env = _environment(folder, args.task_start, args.monitors)
     began = time.monotonic()
     # --copies N runs N copies of both orders at once: the accounting must hold on a busy
     # machine, as must --busy-cores K, K processes spinning beside the pipeline.
@@ -201,6 +215,7 @@ def bench_accuracy(args) -> dict:
         for spinner in spinners:
             spinner.kill()
             spinner.wait()
+        _stop_shared(env)
     if result.returncode != 0:
         raise SystemExit(f"orchestrator failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-3000:]}")
     truth, monitors = _truth(record_dir)
@@ -263,7 +278,7 @@ def _sampler_cost(samples: int = 200) -> dict:
 
 def bench_overhead(args) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
-    env = _environment(folder)
+    env = _environment(folder, args.task_start, args.monitors)
     order = _order_file(folder, "light", REPO_ROOT / "orders" / "images" / "scene-640x480.jpg", LIGHT)
     _run_light(folder, env, order, monitors=True)  # warm-up: broker topics, page cache
     runs = []
@@ -276,6 +291,7 @@ def bench_overhead(args) -> dict:
         for spinner in spinners:
             spinner.kill()
             spinner.wait()
+        _stop_shared(env)
     rows = []
     summary = {}
     for monitors in (True, False):
@@ -313,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     overhead.add_argument("--busy-cores", type=int, default=0, help="spinning processes beside the runs")
     for sub in (accuracy, overhead):
         sub.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+        sub.add_argument("--task-start", choices=("fork-server", "spawn"), default="fork-server",
+                         help="how tasks start (TASK_START); default the product's, fork-server")
+        sub.add_argument("--monitors", choices=("per-order", "shared"), default="per-order",
+                         help="MONITORS: per-order (every monitor accounted too) or shared")
     args = parser.parse_args(argv)
     print(f"machine: {machine()}; load average before: {loadavg()}")
     payload = bench_accuracy(args) if args.command == "accuracy" else bench_overhead(args)

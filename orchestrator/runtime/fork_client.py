@@ -302,8 +302,11 @@ class ForkedTaskHandle(Handle):
                 time.sleep(timeout)  # closed before its end: nothing can tell it
             return
         try:
-            readable, _, _ = select.select([self._sock], [], [], max(timeout, 0.0))
-            if not readable:
+            # poll, not select: an orchestrator of a few hundred orders has descriptors
+            # above select's limit of 1024.
+            poller = select.poll()
+            poller.register(self._sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+            if not poller.poll(max(timeout, 0.0) * 1000):
                 return
             data = self._sock.recv(4096)
         except (BlockingIOError, InterruptedError):

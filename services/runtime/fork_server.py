@@ -119,6 +119,31 @@ def _blas_threads(env: dict[str, str]) -> int:
 # --------------------------------------------------------------------------- the server
 
 
+ACCOUNT_DIR_VARIABLE = "PIPELINE_KERNEL_ACCOUNT_DIR"
+
+
+def _zombie_record(pid: int) -> dict | None:
+    """What /proc still tells of an exited, unreaped child: its start and storage I/O."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
+        with open(f"/proc/{pid}/io") as handle:
+            io = dict(line.strip().split(": ") for line in handle if ": " in line)
+    except (OSError, ValueError, IndexError):
+        return None
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    return {"pid": pid, "started_ms": (time.time() - age) * 1000, "ended_ms": time.time() * 1000,
+            "read_bytes": int(io["read_bytes"]), "write_bytes": int(io["write_bytes"])}
+
+
+def _write_record(folder: str, pid: int, record: dict) -> None:
+    try:
+        with open(os.path.join(folder, f"fork-{pid}-{time.monotonic_ns()}.json"), "w") as handle:
+            json.dump(record, handle)
+    except OSError as exc:
+        log(f"cannot write the kernel record of pid {pid}: {exc}")
+
+
 class _Connection:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -132,6 +157,10 @@ class ForkServer:
         self.remove_folder = remove_folder  # the socket's folder is its own: removed at the end
         self.pid = os.getpid()
         self.parent = os.getppid()
+        self.commands: dict[int, list[str]] = {}  # pid -> the command line it stands for
+        # bench/measurement_accuracy.py: the kernel's own account of every task, written at
+        # its reaping in bench/kernel_account.py's format (independent of the sampler).
+        self.account_dir = os.environ.get(ACCOUNT_DIR_VARIABLE) or None
         self.start_cwd = os.getcwd()
         self.children: dict[int, _Connection | None] = {}
         self.stopping = False
@@ -253,6 +282,7 @@ class ForkServer:
             self._child(request)  # never returns
         conn.pid = pid
         self.children[pid] = conn
+        self.commands[pid] = [sys.executable, "-m", request["module"], *request["args"]]
         self._reply(conn, {"pid": pid})
 
     def _reply(self, conn: _Connection, message: dict) -> None:
@@ -273,11 +303,19 @@ class ForkServer:
     def _reap(self) -> None:
         while self.children:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 return
-            if pid == 0:
+            if found is None:
                 return
+            pid = found.si_pid
+            record = _zombie_record(pid) if self.account_dir else None  # before it is reaped
+            _, status, usage = os.wait4(pid, 0)
+            command = self.commands.pop(pid, None)
+            if record is not None and command is not None:
+                _write_record(self.account_dir, pid, {**record, "command": command,
+                                                      "cpu_seconds": usage.ru_utime + usage.ru_stime,
+                                                      "peak_rss_kib": usage.ru_maxrss})
             conn = self.children.pop(pid, None)
             if conn is not None:
                 self._reply(conn, {"exit": os.waitstatus_to_exitcode(status)})
