@@ -93,6 +93,9 @@ def _environment(folder: Path, task_start: str = "fork-server", monitors: str = 
     # Monitors per order, or the shared services of this run's own state folder (stopped at
     # the end, see _stop_shared).
     env["MONITORS"] = monitors
+    bootstrap = Settings.from_env().kafka_bootstrap_servers  # the broker infra.env names
+    if bootstrap:
+        env["KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
     env["PIPELINE_STATE_DIR"] = str(folder / "state")
     return env
 
