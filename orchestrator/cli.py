@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-monitors", action="store_true",
                      help="run the tasks without sampling or storing their usage (to measure "
                           "what monitoring costs); nothing is stored but the orders and task runs")
+    status = commands.add_parser("status", help="where orders stand: newest first, with their task runs, "
+                                                "samples and anomalies")
+    status.add_argument("order_id", type=int, nargs="?", help="only this order")
+    status.add_argument("--limit", type=int, default=20, metavar="N", help="the newest N orders; default 20")
+    status.add_argument("--json", action="store_true", help="as JSON, for scripts")
     submit = commands.add_parser(
         "submit", help="run orders inside the cluster: one orchestrator Job per order (RUNTIME=kubernetes)")
     submit.add_argument("orders", nargs="+", metavar="ORDER.json")
@@ -57,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
+    if args.command == "status":
+        return show_status(args.order_id, args.limit, args.json)
     try:
         settings = Settings.from_env()
         orders = load_orders(args.orders)  # every file checked before anything starts
@@ -132,6 +139,22 @@ def machine_capacity(shared_monitors: bool) -> int:
         return 4
     per_order = ORDER_MEMORY_SHARED if shared_monitors else ORDER_MEMORY_PER_ORDER
     return max(1, min(MAX_DEFAULT_CONCURRENCY, available // per_order))
+
+
+def show_status(order_id: int | None, limit: int, as_json: bool) -> int:
+    """Print where the orders stand (``status``); 2 for an unknown order or a bad limit."""
+    from orchestrator.status import format_statuses, order_statuses, to_json
+
+    if limit < 1:
+        print("error: --limit must be at least 1", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        reports = order_statuses(connect(Settings.from_env().database_url), order_id, limit)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(to_json(reports) if as_json else format_statuses(reports))
+    return EXIT_OK
 
 
 def submit_orders(settings: Settings, paths: list[str], wait: bool, timeout: float) -> int:
