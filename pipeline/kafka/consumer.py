@@ -71,25 +71,21 @@ class Consumer:
         before this returns, so nothing produced after the call can be missed, and a broker
         whose group coordinator is still loading is waited for rather than skipped.
         """
-        client = self._client()
-        partitions = self._partitions(client, topics, timeout)
-        if from_end:
-            for partition in partitions:
-                partition.offset = _end_offset(client, partition, timeout)
-        else:
-            partitions = self._committed(client, partitions, timeout)
-        client.assign(partitions)
+        self._client().assign(self._positioned(topics, from_end, timeout))
 
     def add(self, topics: Sequence[str], from_end: bool = False, timeout: float = 30.0) -> None:
         """Read ``topics`` too, beside what is assigned already (offsets as :meth:`assign`)."""
+        self._client().incremental_assign(self._positioned(topics, from_end, timeout))
+
+    def _positioned(self, topics: Sequence[str], from_end: bool, timeout: float) -> list:
+        """Every partition of ``topics`` with the offset to start reading it from."""
         client = self._client()
         partitions = self._partitions(client, topics, timeout)
-        if from_end:
-            for partition in partitions:
-                partition.offset = _end_offset(client, partition, timeout)
-        else:
-            partitions = self._committed(client, partitions, timeout)
-        client.incremental_assign(partitions)
+        if not from_end:
+            return self._committed(client, partitions, timeout)
+        for partition in partitions:
+            partition.offset = _end_offset(client, partition, timeout)
+        return partitions
 
     def remove(self, topics: Sequence[str]) -> None:
         """Stop reading ``topics`` (added with :meth:`add`); what was not committed is dropped."""
