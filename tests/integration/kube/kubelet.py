@@ -319,6 +319,8 @@ class KubeletStandIn:
                 target = _condition("FailureTarget", reason, message)
                 self._patch(name, {"active": 0, "ready": 0, "conditions": [target]})
                 terminate(self._processes(pod), grace)
+                if pod.phase == "Running":  # the pod has failed before its Job is marked Failed
+                    pod.phase = "Failed"
                 self._patch(name, {"failed": failed,
                                    "conditions": [target, _condition("Failed", reason, message)]})
                 break
