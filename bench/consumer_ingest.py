@@ -54,21 +54,21 @@ TASKS = ("resize", "grayscale", "rotate")
 VALUES = {"cpu": 92.5, "memory": 61.2, "disk_read": 0.0, "disk_write": 1650.25, "cpu_wait": 3.1}
 
 
-def fresh_database(server_url: str, name: str) -> str:
-    url = make_url(server_url)
-    admin = connect(url.set(database="postgres").render_as_string(hide_password=False))
+def _on_server(server_url: str, sql: str) -> None:
+    """One statement outside a transaction on the server's ``postgres`` database."""
+    admin = connect(make_url(server_url).set(database="postgres").render_as_string(hide_password=False))
     with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
+        conn.execute(text(sql))
     admin.dispose()
-    return url.set(database=name).render_as_string(hide_password=False)
+
+
+def fresh_database(server_url: str, name: str) -> str:
+    _on_server(server_url, f'CREATE DATABASE "{name}"')
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
 
 
 def drop_database(server_url: str, name: str) -> None:
-    url = make_url(server_url)
-    admin = connect(url.set(database="postgres").render_as_string(hide_password=False))
-    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    _on_server(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def plan(n_orders: int, n_samples: int):

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import abc
+import logging
+import signal
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 
 from pipeline.invocation import TaskInvocation
+
+logger = logging.getLogger(__name__)
 
 # The runtimes' name for what a task attempt is started with.
 TaskLaunch = TaskInvocation
@@ -41,6 +45,28 @@ class Handle(abc.ABC):
     def started_at(self) -> datetime | None:
         """When its process started, where the runtime can tell; None: now is as good."""
         return None
+
+
+class ProcessGroupHandle(Handle):
+    """A local process in a session of its own: stopped by signalling its whole group."""
+
+    @abc.abstractmethod
+    def _signal_group(self, signum: int) -> None:
+        """Send ``signum`` to its process group (nothing once it has ended)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release what the handle holds once the process has ended."""
+
+    def stop(self, grace: float = 10.0) -> int | None:
+        if self.exit_code() is None:
+            self._signal_group(signal.SIGTERM)
+            if self.wait(grace) is None:
+                logger.warning("%s ignored SIGTERM for %gs; killing it", self.name, grace)
+                self._signal_group(signal.SIGKILL)
+                self.wait(5.0)
+        self.close()
+        return self.exit_code()
 
 
 class RuntimeFailure(Exception):

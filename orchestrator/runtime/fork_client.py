@@ -17,7 +17,6 @@ import os
 import queue
 import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from orchestrator.runtime.base import Handle, RuntimeFailure
+from orchestrator.runtime.base import ProcessGroupHandle, RuntimeFailure
 from pipeline.proctime import read_start_ticks, start_ns, wall_time
 
 logger = logging.getLogger(__name__)
@@ -258,7 +257,7 @@ def _stop_process(process: subprocess.Popen) -> None:
             process.wait(5.0)
 
 
-class ForkedTaskHandle(Handle):
+class ForkedTaskHandle(ProcessGroupHandle):
     """A task forked by the fork server: its own pid and session; its exit status arrives on
     the connection it was requested on. Safe to use from several threads."""
 
@@ -366,16 +365,6 @@ class ForkedTaskHandle(Handle):
     def started_at(self):
         # The kernel's start of the process: the fork, as ProcessHandle's is the spawn's.
         return wall_time(start_ns(self._start_ticks)) if self._start_ticks is not None else None
-
-    def stop(self, grace: float = 10.0) -> int | None:
-        if self.exit_code() is None:
-            self._signal_group(signal.SIGTERM)
-            if self.wait(grace) is None:
-                logger.warning("%s ignored SIGTERM for %gs; killing it", self.name, grace)
-                self._signal_group(signal.SIGKILL)
-                self.wait(5.0)
-        self.close()
-        return self._code
 
     def close(self) -> None:
         """Drop the connection (a task still running is then reaped by the server unseen)."""

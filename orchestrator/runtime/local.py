@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import select
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from orchestrator.runtime.base import Handle, Runtime, RuntimeFailure, TaskLaunch
+from orchestrator.runtime.base import Handle, ProcessGroupHandle, Runtime, RuntimeFailure, TaskLaunch
 from orchestrator.runtime.fork_client import ForkServerClient, ForkServerUnavailable
 from pipeline.lifetime import PARENT_PID_VARIABLE
 from pipeline.proctime import started_ns, wall_time
@@ -23,7 +22,7 @@ logger = logging.getLogger(__name__)
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-class ProcessHandle(Handle):
+class ProcessHandle(ProcessGroupHandle):
     """A child process in its own process group (Ctrl-C reaches only the orchestrator, which
     then stops the children itself), with its output in a log file."""
 
@@ -74,16 +73,6 @@ class ProcessHandle(Handle):
             + (f" (exit status {code})" if code is not None else "")
             + f"; see {self.log_path}"
         )
-
-    def stop(self, grace: float = 10.0) -> int | None:
-        if self.process.poll() is None:
-            self._signal_group(signal.SIGTERM)
-            if self.wait(grace) is None:
-                logger.warning("%s ignored SIGTERM for %gs; killing it", self.name, grace)
-                self._signal_group(signal.SIGKILL)
-                self.wait(5.0)
-        self.close()
-        return self.process.poll()
 
     def close(self) -> None:
         """Release the pipe and log file once the process has ended."""

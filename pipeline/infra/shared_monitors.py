@@ -10,7 +10,6 @@ database never stores its samples in the wrong place.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from pathlib import Path
 from pipeline.errors import InfraError
 from pipeline.infra.state import pid_alive, process_cmdline
 from pipeline.lifetime import PARENT_PID_VARIABLE
-from pipeline.settings import Settings
+from pipeline.settings import Settings, mask_url
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +44,9 @@ class ServiceStatus:
 
 
 def fingerprint(settings: Settings) -> str:
-    """What the services' stored samples depend on, as one short digest."""
-    parts = (settings.kafka_bootstrap_servers or "", settings.database_url, settings.mlflow_tracking_uri)
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    """What the services' work depends on: the deployment (broker and database, see
+    :meth:`Settings.deployment_id`) and the model store they score with."""
+    return f"{settings.deployment_id()} {mask_url(settings.mlflow_tracking_uri)}"
 
 
 class SharedMonitors:

@@ -47,6 +47,7 @@ import time
 import traceback
 
 from pipeline.lifetime import PARENT_PID_VARIABLE, stop_with_parent
+from pipeline.proctime import started_ns, wall_time
 
 MAX_REQUEST_BYTES = 1 << 20
 STOP_GRACE_SECONDS = 5.0
@@ -124,15 +125,15 @@ ACCOUNT_DIR_VARIABLE = "PIPELINE_KERNEL_ACCOUNT_DIR"
 
 def _zombie_record(pid: int) -> dict | None:
     """What /proc still tells of an exited, unreaped child: its start and storage I/O."""
+    started = started_ns(pid)
     try:
-        with open(f"/proc/{pid}/stat") as handle:
-            ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
         with open(f"/proc/{pid}/io") as handle:
             io = dict(line.strip().split(": ") for line in handle if ": " in line)
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError):
         return None
-    age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
-    return {"pid": pid, "started_ms": (time.time() - age) * 1000, "ended_ms": time.time() * 1000,
+    if started is None:
+        return None
+    return {"pid": pid, "started_ms": wall_time(started).timestamp() * 1000, "ended_ms": time.time() * 1000,
             "read_bytes": int(io["read_bytes"]), "write_bytes": int(io["write_bytes"])}
 
 
