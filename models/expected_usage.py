@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.features import FEATURE_COLUMNS, EncodedBatch, Preprocessor
+from models.features import CONTEXT_RESOURCE, FEATURE_COLUMNS, NUMERIC, EncodedBatch, Preprocessor
+from models.work import ExpectedWork
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ PREDICTION_COLUMNS = ["p10", "p50", "p90"]
 _PREPROCESSING_FILE = "preprocessing.json"
 _CONFIG_FILE = "config.json"
 _WEIGHTS_FILE = "weights.pt"
+_WORK_FILE = "work.json"
 _PREDICT_CHUNK = 65_536
 
 
@@ -38,7 +40,7 @@ class NetConfig:
     n_tasks: int
     n_resources: int
     n_prev_tasks: int
-    n_numeric: int = 3
+    n_numeric: int = len(NUMERIC)
     task_dim: int = 8
     resource_dim: int = 4
     prev_task_dim: int = 4
@@ -80,12 +82,14 @@ def pinball_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class ExpectedUsageModel:
-    """Preprocessing and network together: ``predict(frame)`` gives p10/p50/p90 in units."""
+    """Preprocessing and network together: ``predict(frame)`` gives p10/p50/p90 in units;
+    ``work`` the expected CPU time (and so duration) of each task's runs."""
 
     def __init__(self, preprocessor: Preprocessor, net: QuantileNet, config: NetConfig,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", work: ExpectedWork | None = None) -> None:
         self.preprocessor = preprocessor
         self.config = config
+        self.work = work or ExpectedWork({})
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
 
@@ -103,7 +107,8 @@ class ExpectedUsageModel:
 
         Columns ``p10``, ``p50``, ``p90``; the index is ``frame``'s.
         """
-        missing = [c for c in FEATURE_COLUMNS if c not in frame.columns]
+        # The node's pressure may be unknown (a kernel without PSI): the training median stands in.
+        missing = [c for c in FEATURE_COLUMNS if c not in frame.columns and c != CONTEXT_RESOURCE]
         if missing:
             raise ValueError(f"missing feature columns: {', '.join(missing)}")
         self.net.eval()
@@ -126,6 +131,7 @@ class ExpectedUsageModel:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / _PREPROCESSING_FILE).write_text(json.dumps(self.preprocessor.to_dict(), indent=1))
         (directory / _CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=1))
+        (directory / _WORK_FILE).write_text(json.dumps(self.work.to_dict(), indent=1))
         state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
         torch.save(state, directory / _WEIGHTS_FILE)
         return directory
@@ -138,7 +144,9 @@ class ExpectedUsageModel:
         config = NetConfig(**json.loads((directory / _CONFIG_FILE).read_text()))
         net = QuantileNet(config)
         net.load_state_dict(torch.load(directory / _WEIGHTS_FILE, map_location="cpu", weights_only=True))
-        return cls(preprocessor, net, config, device)
+        work_file = directory / _WORK_FILE
+        work = ExpectedWork.from_dict(json.loads(work_file.read_text())) if work_file.is_file() else None
+        return cls(preprocessor, net, config, device, work)
 
     @staticmethod
     def is_saved_in(directory: str | Path) -> bool:

@@ -1,10 +1,13 @@
-"""Features of the expected-usage model, built from a pandas frame (no database here).
+"""Features of the expected-usage model and their encoding as tensors (no database here).
 
-A row is one sample of one resource of one running task. Only what is known while the task
-runs is used: the task, the resource, seconds since the task started, the task's position in
-its order, the task before it and the input image's size. Categories become indices into
-learned embeddings (index 0 is ``<unk>``, so a task the model never saw still scores); numbers
-are log-scaled where they span orders of magnitude and standardised with training statistics.
+Model rows come from :func:`models.rows.model_rows`, the one path from samples to rows that
+training and live scoring share.
+
+A model row is one target resource of one tick: the task, the resource, seconds since the
+task started, the task's position in its order, the task before it, the pixels of the image
+it reads and the node's pressure. Categories become indices into learned embeddings (index 0
+is ``<unk>``, so a task the model never saw still scores); numbers are log-scaled where they
+span orders of magnitude and standardised with training statistics.
 
 The target is ``log1p(value)``, standardised per resource: usage spans orders of magnitude
 (a few KiB/s to hundreds of MiB) and quantiles survive a monotone transform, so predicted
@@ -20,11 +23,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-FEATURE_COLUMNS = ["task", "resource", "seconds", "position", "prev_task", "image_pixels"]
+from models.rows import CONTEXT_RESOURCE, NO_PREVIOUS, previous_task  # noqa: F401 - part of this module's face
+
+FEATURE_COLUMNS = ["task", "resource", "seconds", "position", "prev_task", "image_pixels",
+                   "node_cpu_pressure"]
 CATEGORICAL = ("task", "resource", "prev_task")
-NUMERIC = ("log_seconds", "position", "log_pixels")
+NUMERIC = ("log_seconds", "position", "log_pixels", "node_cpu_pressure")
 UNKNOWN = "<unk>"
-NO_PREVIOUS = "<none>"
 _MIN_STD = 1e-6
 
 
@@ -60,6 +65,7 @@ class Preprocessor:
     numeric_mean: tuple[float, ...]
     numeric_std: tuple[float, ...]
     log_pixels_fill: float
+    pressure_fill: float  # a node without PSI reports none: taken as the training median
     target_mean: tuple[float, ...]  # per resource index, log1p scale
     target_std: tuple[float, ...]
 
@@ -69,7 +75,9 @@ class Preprocessor:
         resources = (UNKNOWN, *sorted(frame["resource"].astype(str).unique()))
         pixels = _log_pixels(frame["image_pixels"])
         fill = float(np.nanmedian(pixels)) if np.isfinite(pixels).any() else 0.0
-        numeric = _numeric(frame, fill)
+        pressure = _pressure(frame)
+        pressure_fill = float(np.nanmedian(pressure)) if np.isfinite(pressure).any() else 0.0
+        numeric = _numeric(frame, fill, pressure_fill)
         target = np.log1p(frame["value"].to_numpy(dtype=np.float64).clip(min=0))
         by_resource = pd.Series(target).groupby(frame["resource"].astype(str).to_numpy())
         overall = (float(target.mean()), _std(target))
@@ -82,13 +90,14 @@ class Preprocessor:
             numeric_mean=tuple(float(v) for v in numeric.mean(axis=0)),
             numeric_std=tuple(_std(column) for column in numeric.T),
             log_pixels_fill=fill,
+            pressure_fill=pressure_fill,
             target_mean=tuple(means),
             target_std=tuple(stds),
         )
 
     def encode(self, frame: pd.DataFrame) -> EncodedBatch:
         """The model inputs for ``frame``; unknown categories map to ``<unk>``."""
-        numeric = (_numeric(frame, self.log_pixels_fill) - np.asarray(self.numeric_mean)) \
+        numeric = (_numeric(frame, self.log_pixels_fill, self.pressure_fill) - np.asarray(self.numeric_mean)) \
             / np.asarray(self.numeric_std)
         return EncodedBatch(
             task=_indices(frame["task"], self.tasks),
@@ -120,14 +129,12 @@ class Preprocessor:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Preprocessor":
+        missing = {f for f in cls.__dataclass_fields__} - set(data)
+        if missing:
+            raise ValueError(f"preprocessing saved by an older version (no {', '.join(sorted(missing))}); "
+                             "train a new model with `python -m training fit`")
         return cls(**{key: tuple(value) if isinstance(value, list) else value
                       for key, value in data.items()})
-
-
-def previous_task(task_list: str, position: int) -> str:
-    """The task run before ``position`` in a ``,``-joined task list, or ``<none>``."""
-    names = task_list.split(",")
-    return names[position - 1] if 0 < position <= len(names) else NO_PREVIOUS
 
 
 def _indices(column: pd.Series, vocabulary: tuple[str, ...]) -> torch.Tensor:
@@ -142,12 +149,20 @@ def _log_pixels(column: pd.Series) -> np.ndarray:
         return np.where(pixels > 0, np.log(pixels), np.nan)
 
 
-def _numeric(frame: pd.DataFrame, log_pixels_fill: float) -> np.ndarray:
+def _pressure(frame: pd.DataFrame) -> np.ndarray:
+    if CONTEXT_RESOURCE not in frame:
+        return np.full(len(frame), np.nan)
+    return pd.to_numeric(frame[CONTEXT_RESOURCE], errors="coerce").to_numpy(dtype=np.float64) / 100.0
+
+
+def _numeric(frame: pd.DataFrame, log_pixels_fill: float, pressure_fill: float) -> np.ndarray:
     seconds = pd.to_numeric(frame["seconds"], errors="coerce").fillna(0).to_numpy(dtype=np.float64)
     position = pd.to_numeric(frame["position"], errors="coerce").fillna(0).to_numpy(dtype=np.float64)
     pixels = _log_pixels(frame["image_pixels"])
     pixels = np.where(np.isfinite(pixels), pixels, log_pixels_fill)
-    return np.column_stack([np.log1p(seconds.clip(min=0)), position, pixels])
+    pressure = _pressure(frame)
+    pressure = np.where(np.isfinite(pressure), pressure, pressure_fill)
+    return np.column_stack([np.log1p(seconds.clip(min=0)), position, pixels, pressure])
 
 
 def _std(values: np.ndarray) -> float:

@@ -9,6 +9,11 @@ CPU from storing. Live, with a few samples a second per order, the consumer is i
 every second, so samples are scored within about a second; after a backlog they are scored
 once it is stored (bench/detection.py measures both). Deviations lost with a killed consumer can be
 recomputed with ``python -m monitor rescore``.
+
+Samples become model rows through models.rows.model_rows, the function training uses. A tick's
+resources arrive as separate messages and may straddle two batches, so the newest tick of a
+running task waits until it is complete (as many resources as the tick before it) or a later
+tick arrives, at most about a second; an order's last samples go when its STOP is stored.
 """
 
 from __future__ import annotations
@@ -16,16 +21,20 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import Counter
 from collections.abc import Sequence
 
 from sqlalchemy import Engine
 
+import pandas as pd
+
+from models.rows import RAW_COLUMNS, RunState, model_rows
 from monitor.order_context import OrderContext
-from monitor.scoring import ConsecutiveFilter, Detector, ModelBandScorer, Scored
+from monitor.scoring import ConsecutiveFilter, Detector, ModelBandScorer, OverrunCheck, Scored, contexts
 from pipeline.db import Measurement
 from pipeline.db.deviations import DeviationRow, DeviationStore
 from pipeline.kafka import Producer, TopicAdmin
-from pipeline.protocol import ANOMALIES_TOPIC, Anomaly
+from pipeline.protocol import ANOMALIES_TOPIC, RESOURCES, Anomaly
 from pipeline.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -52,6 +61,9 @@ class LiveScorer:
         self.model_version: str | None = None
         self.scored = self.anomalies = self.errors = 0
         self._contexts: dict[int, OrderContext] = {}
+        self._pending: dict[tuple, list[dict]] = {}  # run -> raw samples not yet scored
+        self._widths: dict[tuple, int] = {}  # run -> resources in its last complete tick
+        self._states: dict[tuple, RunState] = {}  # run -> what its scored ticks left
         # Batches to score; a _Finished marker is set once everything before it is scored.
         self._batches: queue.Queue[list[Measurement] | _Finished | None] = queue.Queue()
         self._caught_up = threading.Event()
@@ -106,8 +118,12 @@ class LiveScorer:
     def _work(self) -> None:
         while (batch := self._batches.get()) is not None:
             if isinstance(batch, _Finished):
-                for order_id in batch.order_ids:
-                    self._contexts.pop(order_id, None)
+                try:
+                    self._finish_orders(batch.order_ids)
+                except Exception:  # noqa: BLE001 - a scoring fault must never stop ingestion
+                    self.errors += 1
+                    logger.exception("%s scoring the last samples of orders %s failed; they are "
+                                     "stored", self.label, batch.order_ids)
                 batch.set()
                 continue
             if self.detector is None:
@@ -147,19 +163,58 @@ class LiveScorer:
         logger.info("%s scoring with expected-usage version %s", self.label, self.model_version)
 
     def score(self, batch: Sequence[Measurement]) -> list[Scored]:
-        """Score, store and publish one batch (already stored as measurements)."""
-        contexts = []
+        """Score, store and publish the complete ticks of one batch (already stored as
+        measurements) and of earlier ones that were waiting."""
         for m in sorted(batch, key=lambda m: m.timestamp_ms):
-            context = self._context_of(m.order_id).context(m.task, m.resource, m.timestamp_ms, m.value, m.position, m.attempt)
-            if context is not None:
-                contexts.append(context)
-        results = self.detector.process(contexts)
+            raw = self._context_of(m.order_id).raw(m.task, m.resource, m.timestamp_ms, m.value, m.position, m.attempt)
+            if raw is None:
+                continue
+            run = (raw["order_id"], raw["position"], raw["attempt"])
+            if run in self._states and raw["ts_ms"] <= self._states[run].last_ms:
+                continue  # a redelivered sample of a tick already scored
+            self._pending.setdefault(run, []).append(raw)
+        return self._score_rows(self._release())
+
+    def _release(self, order_ids: Sequence[int] = ()) -> list[dict]:
+        """The pending samples that can be scored: every tick but a run's newest, which goes
+        once it is complete; every tick of ``order_ids``."""
+        released = []
+        for run, rows in list(self._pending.items()):
+            ticks = Counter(r["ts_ms"] for r in rows)
+            newest = max(ticks)
+            done = run[0] in order_ids or ticks[newest] >= self._widths.get(run, len(RESOURCES))
+            complete = sorted(ts for ts in ticks if done or ts != newest)
+            if complete:
+                self._widths[run] = ticks[complete[-1]]
+            released += [r for r in rows if done or r["ts_ms"] != newest]
+            if done:
+                del self._pending[run]
+            else:
+                self._pending[run] = [r for r in rows if r["ts_ms"] == newest]
+        return released
+
+    def _score_rows(self, released: list[dict]) -> list[Scored]:
+        if not released:
+            return []
+        samples = contexts(model_rows(pd.DataFrame(released, columns=RAW_COLUMNS), self._states))
+        results = self.detector.process(samples)
         self._store.write([to_row(r) for r in results], self.model_version)
         for result in results:
             if result.first_of_episode:
                 self._raise(result)
         self.scored += len(results)
         return results
+
+    def _finish_orders(self, order_ids: Sequence[int]) -> None:
+        if self.detector is not None:
+            self._score_rows(self._release(order_ids))
+        for order_id in order_ids:
+            self._contexts.pop(order_id, None)
+            if self.detector is not None and self.detector.overrun is not None:
+                self.detector.overrun.forget(order_id)
+        for table in (self._widths, self._states):
+            for run in [run for run in table if run[0] in order_ids]:
+                del table[run]
 
     def _context_of(self, order_id: int) -> OrderContext:
         context = self._contexts.get(order_id)
@@ -183,7 +238,8 @@ def model_detector(model, settings: Settings) -> Detector:
     """The model-band detector with the anomaly rule of ``settings``: what live scoring and
     re-scoring both run."""
     return Detector(ModelBandScorer(model),
-                    ConsecutiveFilter(settings.anomaly_threshold, settings.anomaly_consecutive))
+                    ConsecutiveFilter(settings.anomaly_threshold, settings.anomaly_consecutive),
+                    OverrunCheck(model.work))
 
 
 def to_row(result: Scored) -> DeviationRow:

@@ -1,5 +1,6 @@
 """What a sample's scoring needs to know beyond the sample: which run of its task it belongs
-to (position, start time), the task before it, and the order's input image size."""
+to (position, attempt, start time), the task before it, and the size of the image the run
+reads. :meth:`OrderContext.raw` gives a sample as models.rows.model_rows reads it."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine, select
 
+import pandas as pd
+
+from models.rows import RAW_COLUMNS, model_rows, previous_task
 from pipeline.db.deviations import to_ms
 from pipeline.db.schema import orders, task_runs, tasks
-from monitor.scoring import SampleContext
-
-NO_PREVIOUS_TASK = "<none>"
+from monitor.scoring import SampleContext, contexts
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,7 @@ class _Run:
     task: str
     started_ms: int
     finished_ms: int | None
+    input_pixels: int | None
 
 
 class OrderContext:
@@ -30,7 +33,7 @@ class OrderContext:
     def __init__(self, engine: Engine, order_id: int) -> None:
         self.engine = engine
         self.order_id = order_id
-        self.task_list: list[str] = []
+        self.task_list = ""
         self.image_pixels = math.nan
         self._runs: list[_Run] = []
         self.refresh()
@@ -41,35 +44,37 @@ class OrderContext:
             order = conn.execute(select(orders).where(orders.c.id == self.order_id)).mappings().first()
             runs = conn.execute(
                 select(task_runs.c.position, task_runs.c.attempt, tasks.c.name, task_runs.c.started_at,
-                       task_runs.c.finished_at)
+                       task_runs.c.finished_at, task_runs.c.input_pixels)
                 .join(tasks, tasks.c.id == task_runs.c.task_id)
                 .where(task_runs.c.order_id == self.order_id)
                 .order_by(task_runs.c.started_at)
             ).all()
         if order is not None:
-            self.task_list = order["task_list"].split(",")
+            self.task_list = order["task_list"]
             if order["image_width"] and order["image_height"]:
                 self.image_pixels = float(order["image_width"] * order["image_height"])
-        self._runs = [_Run(p, a, name, to_ms(s), to_ms(f) if f else None) for p, a, name, s, f in runs]
+        self._runs = [_Run(p, a, name, to_ms(s), to_ms(f) if f else None, px) for p, a, name, s, f, px in runs]
 
     def started_ms(self, position: int) -> int | None:
         """When the last attempt of the task run at ``position`` started (None: unknown)."""
         starts = [run.started_ms for run in self._runs if run.position == position]
         return max(starts) if starts else None
 
-    def context(self, task: str, resource: str, timestamp_ms: int, value: float,
-                position: int | None = None, attempt: int | None = None) -> SampleContext | None:
-        """The sample with its run's facts, or None when no run of ``task`` covers it. A
-        sample that names its run (``position``, ``attempt``) is matched by that alone."""
+    def raw(self, task: str, resource: str, timestamp_ms: int, value: float,
+            position: int | None = None, attempt: int | None = None) -> dict | None:
+        """The sample with its run's facts (models.rows.RAW_COLUMNS), or None when no run of
+        ``task`` covers it. A sample that names its run (``position``, ``attempt``) is matched
+        by that alone."""
         run = self._match(task, timestamp_ms, position, attempt)
         if run is None:
             self.refresh()
             run = self._match(task, timestamp_ms, position, attempt)
             if run is None:
                 return None
-        previous = self.task_list[run.position - 1] if 0 < run.position <= len(self.task_list) else NO_PREVIOUS_TASK
-        return SampleContext(self.order_id, task, run.position, resource, timestamp_ms, value,
-                             max(timestamp_ms - run.started_ms, 0) / 1000.0, previous, self.image_pixels)
+        pixels = run.input_pixels or self.image_pixels
+        return {"order_id": self.order_id, "position": run.position, "attempt": run.attempt, "task": task,
+                "prev_task": previous_task(self.task_list, run.position), "image_pixels": float(pixels),
+                "started_ms": run.started_ms, "ts_ms": timestamp_ms, "resource": resource, "value": value}
 
     def _match(self, task: str, timestamp_ms: int, position: int | None, attempt: int | None) -> _Run | None:
         if position is not None:
@@ -86,7 +91,7 @@ class OrderContext:
 
 
 def order_samples(engine: Engine, order_id: int) -> list[SampleContext]:
-    """Every stored sample of an order with its run's facts, in time order."""
+    """Every stored sample of an order as scored samples (model rows), in time order per run."""
     from pipeline.db.schema import measurements, resources
 
     query = (
@@ -100,6 +105,6 @@ def order_samples(engine: Engine, order_id: int) -> list[SampleContext]:
     with engine.connect() as conn:
         rows = conn.execute(query).all()
     context = OrderContext(engine, order_id)
-    samples = (context.context(task, resource, to_ms(ts), value, position, attempt)
-               for task, resource, ts, value, position, attempt in rows)
-    return [s for s in samples if s is not None]
+    raw = (context.raw(task, resource, to_ms(ts), value, position, attempt)
+           for task, resource, ts, value, position, attempt in rows)
+    return contexts(model_rows(pd.DataFrame([r for r in raw if r is not None], columns=RAW_COLUMNS)))

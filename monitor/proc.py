@@ -118,6 +118,23 @@ def _thread_waits(base: str) -> dict[int, int] | None:
     return waits
 
 
+PRESSURE_FILE = "/proc/pressure/cpu"
+
+
+def cpu_pressure_us(path: str = PRESSURE_FILE) -> int | None:
+    """The node's cumulative CPU pressure (PSI ``some`` total): microseconds during which at
+    least one runnable task waited for a CPU. None where the kernel has no PSI."""
+    try:
+        with open(path, "rb") as handle:
+            first = handle.readline()
+    except OSError:
+        return None
+    for field in first.split():
+        if field.startswith(b"total="):
+            return int(field[6:])
+    return None
+
+
 def children_of(pid: int) -> list[int]:
     """Every live descendant of ``pid`` (a pass over ``/proc``: the kernel keeps no list a
     reader outside the process can use)."""

@@ -16,6 +16,9 @@ itself at its end and sends in HALT) ends at the task's end. So:
 - memory is the resident size of the tree; a process whose peak (VmHWM) rose during the
   interval counts with that peak, so a peak between two readings is not missed.
 - cpu_wait is the time the tree's threads waited on a run queue (schedstat ``run_delay``).
+- node_cpu_pressure is the node's, not the tree's: the share of the interval in which some
+  runnable task on the node waited for a CPU (PSI ``cpu some``). It tells the model how busy
+  the machine was; a kernel without PSI gives no such sample.
 - A counter that cannot be read (another user's ``/proc/<pid>/io``) yields no sample of its
   resources, never a zero; the first such reading logs one warning.
 """
@@ -27,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from monitor.proc import ProcessCounters, children_of, read_process
+from monitor.proc import ProcessCounters, children_of, cpu_pressure_us, read_process
 from pipeline.errors import PipelineError
 from pipeline.proctime import TICK_NS, boottime_ns, start_ns
 from pipeline.protocol import TaskTotals
@@ -93,6 +96,9 @@ class ProcessTreeSampler:
         self._seen = _Seen()
         self._io_readable = True
         self._waits_readable = True
+        # The node's pressure counter at the previous reading (the first: now, as the
+        # counter's value at the task's start is not known).
+        self._pressure = (boottime_ns(), cpu_pressure_us())
         self.samples = 0
 
     def sample(self) -> Usage:
@@ -142,6 +148,9 @@ class ProcessTreeSampler:
         seconds = max(now_ns - self._last_ns, 1_000_000) / 1e9
         self._last_ns, self._last_ms = now_ns, max(now_ms, self._last_ms + 1)
         values = {"cpu": 100.0 * cpu_ns / 1e9 / seconds, "memory": memory_kib / _KIB}
+        pressure = self._node_pressure()
+        if pressure is not None:
+            values["node_cpu_pressure"] = pressure
         if wait_ns is not None:
             values["cpu_wait"] = 100.0 * wait_ns / 1e9 / seconds
         if read is not None and write is not None:
@@ -149,6 +158,16 @@ class ProcessTreeSampler:
             values["disk_write"] = write / _KIB / seconds
         self.samples += 1
         return Usage(values, self._last_ms, seconds)
+
+    def _node_pressure(self) -> float | None:
+        """Percent of the time since the previous reading in which some task on the node
+        waited for a CPU; None without PSI or over too short a time to tell."""
+        now_ns, total = boottime_ns(), cpu_pressure_us()
+        then_ns, then_total = self._pressure
+        self._pressure = (now_ns, total)
+        if total is None or then_total is None or now_ns - then_ns < 10_000_000:
+            return None
+        return min(max(100.0 * (total - then_total) * 1000 / (now_ns - then_ns), 0.0), 100.0)
 
     def _read_tree(self) -> list[ProcessCounters] | None:
         root = read_process(self.pid)

@@ -1,33 +1,64 @@
 """Deviation scoring: how far a sample lies from what was expected, and when that is an anomaly.
 
 As in river's anomaly module, the parts are small and separate: a *scorer* turns a sample into
-a score (higher is more anomalous, signed: above or below expectation), and a
-:class:`ConsecutiveFilter` decides when a run of high scores is an anomaly. Three scorers share
-one contract: :class:`ModelBandScorer` (the expected-usage model's band), and two simple
-detectors to compare it with, :class:`FixedThresholdScorer` and :class:`RollingZScorer`.
+a score (higher is more anomalous, signed: above or below expectation), an :data:`ALARMS`
+policy says which side of which resource can be an anomaly, and a :class:`ConsecutiveFilter`
+decides when a run of high scores is one. Four scorers share one contract:
+:class:`ModelBandScorer` (the expected-usage model's band), and three simple detectors to
+compare it with, :class:`FixedThresholdScorer`, :class:`RollingZScorer` and
+:class:`NSigmaScorer`. :class:`OverrunCheck` raises ``duration`` anomalies: a run that has
+used far more CPU time than its task ever needs (models.work).
+
+Why the policy: on a shared node a task gets a share of the cores, so its ``cpu`` falls and
+its ``cpu_wait`` rises with the load, while its ``cpu_demand`` (their sum) stays what the task
+asks for. Anomalies are raised on demand (both sides: a hog above, a stall below), and on
+memory and storage I/O above their band only (a slower task writes and grows more slowly);
+cpu and cpu_wait are scored and stored for the plots but raise nothing.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import pandas as pd
+
+from models.rows import DEMAND
 
 # The P10-P90 band of a normal distribution is +-1.2816 standard deviations.
 BAND_EDGE_Z = 1.2816
 # Smallest half-width a band may have, per resource: a task that reads nothing from disk has
 # P10 = P50 = P90 = 0, and a single page read must not count as infinitely surprising.
-MIN_HALF_WIDTH = {"cpu": 5.0, "memory": 8.0, "disk_read": 256.0, "disk_write": 256.0, "cpu_wait": 10.0}
+MIN_HALF_WIDTH = {"cpu": 5.0, "memory": 24.0, "disk_read": 1024.0, "disk_write": 1024.0, "cpu_wait": 10.0,
+                  DEMAND: 25.0}
+# ... and at least this share of the expected median: a task that holds 2 GiB moves by more
+# than one that holds 50 MiB.
+MIN_RELATIVE_HALF_WIDTH = {"memory": 0.1, DEMAND: 0.15}
 DEFAULT_THRESHOLD = 2.5
 DEFAULT_CONSECUTIVE = 3
+DURATION = "duration"  # the resource name of an overrun anomaly (value and band in seconds)
+
+
+class Side(str, enum.Enum):
+    """Which deviations of a resource can be anomalies."""
+
+    BOTH = "both"
+    ABOVE = "above"
+    NONE = "none"
+
+
+ALARMS = {DEMAND: Side.BOTH, "memory": Side.ABOVE, "disk_read": Side.ABOVE, "disk_write": Side.ABOVE}
+"""Resources that raise anomalies, and on which side; every other resource is only scored."""
 
 
 @dataclass(frozen=True)
 class SampleContext:
-    """One sample with what is known about it while its task runs (the model's features)."""
+    """One model row (models.features.model_rows): a sample of one tick of a task run with
+    what is known about it while the task runs. The unit every scorer and the tables share."""
 
     order_id: int
     task: str
@@ -37,12 +68,42 @@ class SampleContext:
     value: float
     seconds: float  # since the task started
     prev_task: str
-    image_pixels: float
+    image_pixels: float  # of the image the run reads
+    node_cpu_pressure: float = math.nan  # percent, this tick
+    attempt: int = 1
+    cpu_seconds: float = 0.0  # the run's CPU time up to this tick
 
     @property
-    def series(self) -> tuple[int, int, str]:
+    def series(self) -> tuple[int, int, int, str]:
         """The time series this sample belongs to: one task run's one resource."""
-        return self.order_id, self.position, self.resource
+        return self.order_id, self.position, self.attempt, self.resource
+
+    @property
+    def run(self) -> tuple[int, int, int]:
+        return self.order_id, self.position, self.attempt
+
+
+def contexts(rows: pd.DataFrame) -> list[SampleContext]:
+    """The samples of model rows (models.features.ROW_COLUMNS), in their order."""
+    return [SampleContext(int(o), str(t), int(p), str(r), int(ts), float(v), float(sec), str(prev),
+                          float(px), float(pr), int(a), float(cs))
+            for o, t, p, r, ts, v, sec, prev, px, pr, a, cs in zip(
+                rows["order_id"], rows["task"], rows["position"], rows["resource"], rows["ts_ms"],
+                rows["value"], rows["seconds"], rows["prev_task"], rows["image_pixels"],
+                rows["node_cpu_pressure"], rows["attempt"], rows["cpu_seconds"])]
+
+
+def feature_frame(samples: Sequence[SampleContext]) -> pd.DataFrame:
+    """The model's input columns for ``samples``."""
+    return pd.DataFrame({
+        "task": [s.task for s in samples],
+        "resource": [s.resource for s in samples],
+        "seconds": [s.seconds for s in samples],
+        "position": [s.position for s in samples],
+        "prev_task": [s.prev_task for s in samples],
+        "image_pixels": [s.image_pixels for s in samples],
+        "node_cpu_pressure": [s.node_cpu_pressure for s in samples],
+    })
 
 
 @dataclass(frozen=True)
@@ -61,7 +122,7 @@ class Scored:
 def band_score(value: float, p10: float, p50: float, p90: float, resource: str) -> float:
     """Signed deviation from the median in standard-deviation equivalents: the band's edges
     are at +-1.28, each side scaled by its own half of the band."""
-    floor = MIN_HALF_WIDTH.get(resource, 1.0)
+    floor = max(MIN_HALF_WIDTH.get(resource, 1.0), MIN_RELATIVE_HALF_WIDTH.get(resource, 0.0) * p50)
     half = max(p90 - p50, floor) if value >= p50 else max(p50 - p10, floor)
     return BAND_EDGE_Z * (value - p50) / half
 
@@ -78,15 +139,7 @@ class ModelBandScorer:
         """(expected, lower, upper, score) per sample, predicted in one batch."""
         if not samples:
             return []
-        frame = pd.DataFrame({
-            "task": [s.task for s in samples],
-            "resource": [s.resource for s in samples],
-            "seconds": [s.seconds for s in samples],
-            "position": [s.position for s in samples],
-            "prev_task": [s.prev_task for s in samples],
-            "image_pixels": [s.image_pixels for s in samples],
-        })
-        predicted = self.model.predict(frame)
+        predicted = self.model.predict(feature_frame(samples))
         out = []
         for sample, p10, p50, p90 in zip(samples, predicted["p10"], predicted["p50"], predicted["p90"]):
             p10, p50, p90 = float(p10), float(p50), float(p90)
@@ -107,7 +160,7 @@ class FixedThresholdScorer:
     def score_many(self, samples: Sequence[SampleContext]) -> list[tuple[float, float, float, float]]:
         out = []
         for sample in samples:
-            limit = self.limits[sample.resource]
+            limit = self.limits.get(sample.resource, 0.0)
             out.append((limit / 2, 0.0, limit, self.threshold * sample.value / limit if limit else 0.0))
         return out
 
@@ -160,17 +213,92 @@ class ConsecutiveFilter:
         return streak >= self.consecutive, streak == self.consecutive
 
 
-class Detector:
-    """A scorer and a filter: what the monitor-consumer, re-scoring and the benchmark run."""
+class NSigmaScorer:
+    """The mean and standard deviation of each (task, resource) in the history: a sample N
+    standard deviations off scores at the alarm threshold (the classic control chart)."""
 
-    def __init__(self, scorer, filter_: ConsecutiveFilter) -> None:
+    name = "n-sigma"
+
+    def __init__(self, n: float = 3.0, threshold: float = DEFAULT_THRESHOLD) -> None:
+        self.n = n
+        self.threshold = threshold
+        self.stats: dict[tuple[str, str], tuple[float, float]] = {}
+
+    def fit(self, rows: pd.DataFrame) -> "NSigmaScorer":
+        """Learn from model rows (task, resource, value) of healthy runs."""
+        grouped = rows.groupby(["task", "resource"])["value"]
+        for (task, resource), mean, std in zip(grouped.mean().index, grouped.mean(), grouped.std(ddof=0)):
+            self.stats[(task, resource)] = (float(mean), float(std) if np.isfinite(std) else 0.0)
+        return self
+
+    def score_many(self, samples: Sequence[SampleContext]) -> list[tuple[float, float, float, float]]:
+        out = []
+        for sample in samples:
+            mean, std = self.stats.get((sample.task, sample.resource), (sample.value, 0.0))
+            std = max(std, MIN_HALF_WIDTH.get(sample.resource, 1.0) / BAND_EDGE_Z)
+            out.append((mean, mean - self.n * std, mean + self.n * std,
+                        self.threshold * (sample.value - mean) / (self.n * std)))
+        return out
+
+
+class OverrunCheck:
+    """A run whose CPU time so far exceeds ``slack`` times the P90 its task needs (plus
+    ``floor_s``) overran: one ``duration`` anomaly per run, raised at that tick.
+
+    Its value is the seconds the task has run; its band the expected duration at the share of
+    a core the run has been getting (expected CPU time / CPU time per second so far)."""
+
+    def __init__(self, work, slack: float = 1.5, floor_s: float = 1.0) -> None:
+        self.work = work  # models.work.ExpectedWork
+        self.slack = slack
+        self.floor_s = floor_s
+        self._raised: set[tuple[int, int, int]] = set()
+
+    def check(self, samples: Sequence[SampleContext]) -> list[Scored]:
+        found = []
+        for s in samples:
+            if s.resource != "cpu" or s.run in self._raised:
+                continue
+            band = self.work.band(s.task, s.image_pixels)
+            if band is None or s.cpu_seconds <= self.slack * band[2] + self.floor_s:
+                continue
+            self._raised.add(s.run)
+            rate = s.cpu_seconds / s.seconds if s.seconds > 0 else 1.0  # CPU seconds per second
+            p10, p50, p90 = (b / rate for b in band)
+            found.append(Scored(replace(s, resource=DURATION, value=s.seconds), p50, p10, p90,
+                                s.cpu_seconds / band[2], True, True))
+        return found
+
+    def forget(self, order_id: int) -> None:
+        self._raised = {run for run in self._raised if run[0] != order_id}
+
+
+def alarm_score(resource: str, score: float) -> float:
+    """The part of ``score`` that can raise an anomaly under :data:`ALARMS`."""
+    side = ALARMS.get(resource, Side.NONE)
+    if side is Side.BOTH:
+        return score
+    if side is Side.ABOVE:
+        return max(score, 0.0)
+    return 0.0
+
+
+class Detector:
+    """A scorer, the alarm policy and a filter, and optionally the overrun check: what the
+    monitor-consumer, re-scoring and the benchmark run."""
+
+    def __init__(self, scorer, filter_: ConsecutiveFilter, overrun: OverrunCheck | None = None) -> None:
         self.scorer = scorer
         self.filter = filter_
+        self.overrun = overrun
 
     def process(self, samples: Sequence[SampleContext]) -> list[Scored]:
-        """Score a batch (in time order within each series) and classify every sample."""
+        """Score a batch (in time order within each series) and classify every sample; an
+        overrun adds a ``duration`` result after the batch's samples."""
         results = []
         for sample, (expected, lower, upper, score) in zip(samples, self.scorer.score_many(samples)):
-            anomaly, first = self.filter.update(sample.series, score)
+            anomaly, first = self.filter.update(sample.series, alarm_score(sample.resource, score))
             results.append(Scored(sample, expected, lower, upper, score, anomaly, first))
+        if self.overrun is not None:
+            results.extend(self.overrun.check(samples))
         return results

@@ -37,10 +37,14 @@ ORCHESTRATOR_TOPIC = "orchestrator"
 ANOMALIES_TOPIC = "anomalies"
 TASK_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]*")
 RESOURCE_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
-RESOURCES = ("cpu", "memory", "disk_read", "disk_write", "cpu_wait")
+RESOURCES = ("cpu", "memory", "disk_read", "disk_write", "cpu_wait", "node_cpu_pressure")
 """Resources measured by the monitor-producer (docs/protocol.md): cpu = percent of one core,
 memory = resident MiB, disk_read/disk_write = KiB/s, cpu_wait = percent of the interval the
-tree's threads waited for a CPU (summed over threads, like cpu)."""
+tree's threads waited for a CPU (summed over threads, like cpu), node_cpu_pressure = percent of
+the interval in which some task on the node waited for a CPU (the node's, not the task's: the
+load the task ran under)."""
+TASK_RESOURCES = RESOURCES[:5]
+"""The task's own usage (what accounting and scoring are about)."""
 
 Headers = tuple[tuple[str, bytes], ...]
 

@@ -1,4 +1,6 @@
-"""Training data: stored measurements joined with their task runs and orders; splits by order.
+"""Training data: stored measurements joined with their task runs and orders, turned into
+model rows by :func:`models.features.model_rows` (the same function live scoring uses); splits
+by order.
 
 A sample belongs to the SUCCEEDED run it names (position and attempt, from its headers);
 samples stored before producers sent those are matched by time window instead (``started_at
@@ -17,7 +19,7 @@ import pandas as pd
 from sqlalchemy import Engine, and_, inspect, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from models.features import previous_task
+from models.rows import RAW_COLUMNS, ROW_COLUMNS, model_rows, previous_task
 from pipeline.db.schema import measurements, orders, resources, task_runs, tasks
 from pipeline.errors import DatabaseError
 from pipeline.settings import mask_url
@@ -25,8 +27,7 @@ from pipeline.errors import InsufficientDataError
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ["order_id", "task", "resource", "seconds", "position", "prev_task", "image_pixels",
-           "value", "ts"]
+COLUMNS = ROW_COLUMNS
 COLLECT_HINT = ("collect more history first, e.g. `./dev run orders/example-*.json --repeat 20` "
                 "(each run of an order adds its tasks' samples)")
 
@@ -48,7 +49,7 @@ class Split:
 
 def load_measurements(engine: Engine, since: datetime | None = None,
                       until: datetime | None = None) -> pd.DataFrame:
-    """Every sample of a SUCCEEDED task run, with its features (columns :data:`COLUMNS`).
+    """Model rows of every sample of a SUCCEEDED task run (columns :data:`COLUMNS`).
 
     ``since``/``until`` select orders by their creation time (``since <= created_at <
     until``), so an order is never cut in half. An empty database gives an empty frame.
@@ -77,8 +78,8 @@ def _query(since: datetime | None, until: datetime | None):
     query = (
         select(measurements.c.order_id, tasks.c.name.label("task"),
                resources.c.name.label("resource"), measurements.c.value, measurements.c.ts,
-               task_runs.c.position, task_runs.c.started_at, orders.c.task_list,
-               orders.c.image_width, orders.c.image_height)
+               task_runs.c.position, task_runs.c.attempt, task_runs.c.started_at,
+               task_runs.c.input_pixels, orders.c.task_list, orders.c.image_width, orders.c.image_height)
         .select_from(measurements)
         .join(task_runs, run)
         .join(orders, orders.c.id == measurements.c.order_id)
@@ -96,20 +97,31 @@ def _query(since: datetime | None, until: datetime | None):
 def _frame(raw: pd.DataFrame) -> pd.DataFrame:
     if raw.empty:
         return pd.DataFrame(columns=COLUMNS)
-    ts = _utc(raw["ts"])
+    return model_rows(raw_samples(raw))
+
+
+def raw_samples(raw: pd.DataFrame) -> pd.DataFrame:
+    """Joined rows (sample, run, order) as :func:`models.features.model_rows` reads them."""
+    order_pixels = pd.to_numeric(raw["image_width"], errors="coerce") \
+        * pd.to_numeric(raw["image_height"], errors="coerce")
+    run_pixels = pd.to_numeric(raw["input_pixels"], errors="coerce")
     frame = pd.DataFrame({
         "order_id": raw["order_id"].astype("int64"),
-        "task": raw["task"].astype(str),
-        "resource": raw["resource"].astype(str),
-        "seconds": (ts - _utc(raw["started_at"])).dt.total_seconds().clip(lower=0.0),
         "position": raw["position"].astype("int64"),
+        "attempt": raw["attempt"].astype("int64"),
+        "task": raw["task"].astype(str),
         "prev_task": [previous_task(tl, int(p)) for tl, p in zip(raw["task_list"], raw["position"])],
-        "image_pixels": pd.to_numeric(raw["image_width"], errors="coerce")
-        * pd.to_numeric(raw["image_height"], errors="coerce"),
+        "image_pixels": run_pixels.fillna(order_pixels).astype("float64"),
+        "started_ms": _ms(raw["started_at"]),
+        "ts_ms": _ms(raw["ts"]),
+        "resource": raw["resource"].astype(str),
         "value": raw["value"].astype("float64"),
-        "ts": ts,
     })
-    return frame[COLUMNS]
+    return frame[RAW_COLUMNS]
+
+
+def _ms(column: pd.Series) -> pd.Series:
+    return (_utc(column) - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(milliseconds=1)
 
 
 def _utc(column: pd.Series) -> pd.Series:

@@ -3,7 +3,7 @@
 Usage depends on the task, the image size, the time since the task started and (a little) on
 the position and the previous task, times log-normal noise of known spread, so the true P10,
 P50 and P90 of every sample are known: ``true_p50`` is returned alongside, and the true band is
-``true_p50 * exp(+-1.2816 * sigma)``. Same columns as :func:`training.data.load_measurements`.
+``true_p50 * exp(+-1.2816 * sigma)``. The model's feature columns, the value and its time (``ts``).
 """
 
 from __future__ import annotations
@@ -31,12 +31,14 @@ START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 def generate(n_orders: int = 240, seed: int = 0) -> pd.DataFrame:
     """``n_orders`` orders of 2-4 random tasks over images of 0.1-4 megapixels."""
     rng = np.random.default_rng(seed)
+    load = np.random.default_rng(seed + 1)  # the node's pressure: an input that explains nothing here
     names = list(TASKS)
     rows: list[tuple] = []
     for order_id in range(1, n_orders + 1):
         pixels = float(np.exp(rng.uniform(np.log(0.1e6), np.log(4e6))))
         order_tasks = list(rng.choice(names, size=int(rng.integers(2, 5))))
         clock = START + timedelta(minutes=order_id)
+        pressure = float(load.uniform(0, 90))
         for position, task in enumerate(order_tasks):
             prev = order_tasks[position - 1] if position else NO_PREVIOUS
             megapixels = pixels / 1e6
@@ -46,10 +48,11 @@ def generate(n_orders: int = 240, seed: int = 0) -> pd.DataFrame:
                     median = expected_median(task, resource, second, megapixels, position, prev)
                     value = median * np.exp(rng.normal(0.0, SIGMA[resource]))
                     rows.append((order_id, task, resource, float(second), position, prev, pixels,
-                                 float(value), clock + timedelta(seconds=float(second)), median))
+                                 pressure, float(value), clock + timedelta(seconds=float(second)), median))
             clock += timedelta(seconds=duration + 0.5)
     return pd.DataFrame(rows, columns=["order_id", "task", "resource", "seconds", "position",
-                                       "prev_task", "image_pixels", "value", "ts", "true_p50"])
+                                       "prev_task", "image_pixels", "node_cpu_pressure", "value", "ts",
+                                       "true_p50"])
 
 
 def expected_median(task: str, resource: str, seconds: float, megapixels: float,

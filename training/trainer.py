@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from models.expected_usage import ExpectedUsageModel, pinball_loss
 from models.features import EncodedBatch, Preprocessor
+from models.work import ExpectedWork
 from pipeline.errors import TrainingError
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ def fit(train: pd.DataFrame, validation: pd.DataFrame, config: TrainConfig,
     device = torch.device(device)
     preprocessor = Preprocessor.fit(train)
     model = ExpectedUsageModel.create(preprocessor, device, hidden=config.hidden, layers=config.layers)
+    model.work = ExpectedWork.fit(train)
     train_x, train_y = _tensors(preprocessor, train, device)
     val_x, val_y = _tensors(preprocessor, validation, device)
     optimizer = torch.optim.AdamW(model.net.parameters(), lr=config.learning_rate,

@@ -94,15 +94,17 @@ class OrderStore:
             conn.execute(update(orders).where(orders.c.id == order_id).values(monitors=monitors))
 
     def start_task(self, order_id: int, position: int, attempt: int, task: str,
-                   fault: str | None = None, started: datetime | None = None) -> datetime:
+                   fault: str | None = None, started: datetime | None = None,
+                   input_pixels: int | None = None) -> datetime:
         """Record that attempt ``attempt`` of the task at ``position`` started (now, unless
-        ``started`` says when)."""
+        ``started`` says when), with the size of the image it reads when known."""
         started = started or utcnow()
         task_id = self._tasks.committed_id_of(self.engine, task)  # one store serves many threads
         with self.engine.begin() as conn:
             conn.execute(insert(task_runs).values(
                 order_id=order_id, position=position, attempt=attempt,
                 task_id=task_id, status="RUNNING", started_at=started, fault=fault,
+                input_pixels=input_pixels,
             ))
         return started
 

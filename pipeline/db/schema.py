@@ -62,6 +62,9 @@ task_runs = Table(
     # An injected fault (services/runtime/faults.py): such runs are not normal usage, and
     # training leaves them out.
     Column("fault", String(16)),
+    # Pixels of the image this run read (the order's image, or the previous task's output):
+    # what a task's work scales with, known when it starts.
+    Column("input_pixels", BigInteger),
     UniqueConstraint("order_id", "position", "attempt", name="uq_task_runs_attempt"),
 )
 

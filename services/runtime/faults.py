@@ -3,12 +3,18 @@ detector can be tested on known anomalies.
 
 ``raise`` and ``stall`` break the task itself; ``cpu_hog``, ``memory_leak`` and ``io_storm``
 let it succeed while it uses what it should not, for ``FAULT_SECONDS`` from ``fault_at``.
+Every fault starts ``fault_at`` seconds after the task started, while its work goes on: a
+``stall`` blocks the task's main thread then (a timer signal whose handler waits forever, so
+the work stops at the next Python instruction: inside one long native call, when that call
+returns), as a task wedged on a lock would be, until SIGTERM or the orchestrator's timeout
+ends it. Its Kafka client keeps running, so the task is seen to hang, not to vanish.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,19 +45,34 @@ class Fault:
         if self.kind is None:
             return
         logger.warning("injected fault %s starts %.1fs after task start", self.kind, self.at)
-        if self.kind in ("raise", "stall"):
+        if self.kind == "raise":
             self.stop.wait(self.at)
-            if self.kind == "raise":
-                raise InjectedFault("injected fault: raise")
-            self.stop.wait()  # stall: hang until killed, as a wedged task would
+            raise InjectedFault("injected fault: raise")
+        if self.kind == "stall":
+            self._stall_later()
             return
         body = {"cpu_hog": _cpu_hog, "memory_leak": _memory_leak, "io_storm": _io_storm}[self.kind]
         self._thread = threading.Thread(target=self._delayed, args=(body,), daemon=True,
                                         name=f"fault-{self.kind}")
         self._thread.start()
 
+    def _stall_later(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            self.stop.wait()  # no signals off the main thread: hang from the start
+            return
+
+        def freeze(_signum, _frame) -> None:
+            self.stop.wait()  # SIGTERM's handler still runs in here and ends the task
+
+        signal.signal(signal.SIGALRM, freeze)
+        signal.setitimer(signal.ITIMER_REAL, max(self.at, 0.001))
+
     def after_work(self) -> None:
-        """Let a background fault run its full length, so it shows in the measurements."""
+        """Let a background fault run its full length, so it shows in the measurements. A
+        stall due after the work ended is called off: there is no work left to stall."""
+        if self.kind == "stall" and threading.current_thread() is threading.main_thread():
+            if signal.setitimer(signal.ITIMER_REAL, 0)[0] > 0:
+                logger.warning("injected stall at %.1fs came after the work ended: not injected", self.at)
         if self._thread is not None:
             self._thread.join()
 

@@ -12,10 +12,11 @@ from monitor.scoring import (
 
 
 class ConstantModel:
-    """Expects cpu 50 (band 40-60) and memory 100 (band 90-110) whatever the features."""
+    """Expects cpu and cpu_demand 50 (band 40-60) and memory 100 (band 90-110) whatever the
+    features."""
 
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
-        centre = frame["resource"].map({"cpu": 50.0, "memory": 100.0}).astype(float)
+        centre = frame["resource"].map({"cpu": 50.0, "cpu_demand": 50.0, "memory": 100.0}).astype(float)
         return pd.DataFrame({"p10": centre - 10, "p50": centre, "p90": centre + 10})
 
 
@@ -57,7 +58,7 @@ def test_the_band_score_is_1_28_at_the_band_edges_and_signed():
 def test_a_zero_width_band_has_a_floor():
     """A task that never reads from disk: one small read is not infinitely surprising."""
     assert abs(band_score(4.0, 0, 0, 0, "disk_read")) < 0.1
-    assert band_score(50_000.0, 0, 0, 0, "disk_read") > 100
+    assert band_score(50_000.0, 0, 0, 0, "disk_read") > 50
 
 
 def test_an_anomaly_needs_n_consecutive_samples_outside_and_is_raised_once():
@@ -83,10 +84,68 @@ def test_the_filter_rejects_meaningless_settings(threshold, consecutive):
 def test_the_detector_flags_a_sustained_excess_on_the_right_resource_only():
     samples = []
     for second, (cpu, memory) in enumerate([(50, 100)] * 3 + [(190, 101)] * 4):
-        samples += [SampleContext(7, "blur", 0, "cpu", 1000 * second, cpu, second, "<none>", 1e6),
+        samples += [SampleContext(7, "blur", 0, "cpu_demand", 1000 * second, cpu, second, "<none>", 1e6),
                     SampleContext(7, "blur", 0, "memory", 1000 * second, memory, second, "<none>", 1e6)]
     results = Detector(ModelBandScorer(ConstantModel()), ConsecutiveFilter(2.5, 3)).process(samples)
     flagged = [(r.sample.resource, r.sample.seconds) for r in results if r.anomaly]
-    assert flagged == [("cpu", 5.0), ("cpu", 6.0)]
+    assert flagged == [("cpu_demand", 5.0), ("cpu_demand", 6.0)]
     raised = [r for r in results if r.first_of_episode]
     assert len(raised) == 1 and raised[0].expected == 50 and raised[0].upper == 60
+
+
+def _ticks(resource, values, order_id=7):
+    return [SampleContext(order_id, "blur", 0, resource, 1000 * (i + 1), v, float(i + 1), "<none>", 1e6)
+            for i, v in enumerate(values)]
+
+
+def test_contention_is_no_anomaly_but_a_stall_and_a_hog_are():
+    """Sharing the cores moves usage from cpu to cpu_wait: cpu far below its band raises
+    nothing, nor does cpu_wait far above; cpu_demand (their sum) does, on either side; memory
+    and storage I/O only above their band (a slower task writes and grows more slowly)."""
+    def flagged(resource, values):
+        detector = Detector(ModelBandScorer(ConstantModel()), ConsecutiveFilter(2.5, 3))
+        return any(r.anomaly for r in detector.process(_ticks(resource, values)))
+
+    assert not flagged("cpu", [10] * 6)
+    assert not flagged("cpu_wait", [400] * 6)
+    assert flagged("cpu_demand", [0] * 6)  # a stall
+    assert flagged("cpu_demand", [400] * 6)  # a hog
+    assert not flagged("memory", [20] * 6)
+    assert flagged("memory", [400] * 6)
+
+
+class _Work:
+    """Every task needs 2-3 CPU seconds (P10-P90), 2.5 typically."""
+
+    def band(self, task, pixels):
+        return (2.0, 2.5, 3.0)
+
+
+def test_a_run_that_used_far_more_cpu_time_than_its_task_needs_overran_once():
+    from dataclasses import replace
+
+    from monitor.scoring import DURATION, OverrunCheck
+
+    check = OverrunCheck(_Work(), slack=1.5, floor_s=1.0)  # overrun past 1.5 * 3 + 1 = 5.5 s
+    # Half a core (a busy node): 0.5 CPU seconds a second.
+    ticks = [replace(s, cpu_seconds=0.5 * (i + 1)) for i, s in enumerate(_ticks("cpu", [50] * 14))]
+    raised = check.check(ticks[:10])
+    assert raised == []  # 5 CPU seconds after 10 s: slow, but within its work
+    raised = check.check(ticks[10:])
+    assert len(raised) == 1
+    overrun = raised[0]
+    assert overrun.sample.resource == DURATION and overrun.anomaly and overrun.first_of_episode
+    assert overrun.sample.value == 12.0  # seconds the task has run
+    # the expected duration at half a core: 4-6 s
+    assert (overrun.lower, overrun.expected, overrun.upper) == pytest.approx((4.0, 5.0, 6.0))
+    assert check.check(ticks[12:]) == []  # once per run
+
+
+def test_every_detector_of_the_benchmark_keeps_the_contract():
+    from monitor.scoring import NSigmaScorer
+
+    history = pd.DataFrame({"task": ["blur"] * 6, "resource": ["cpu"] * 6,
+                            "value": [48.0, 50.0, 52.0, 49.0, 51.0, 50.0]})
+    scorer = NSigmaScorer(n=3).fit(history)
+    scores = [score for *_, score in scorer.score_many(_series([50, 52, 49, 400]))]
+    assert all(abs(s) < 2.5 for s in scores[:-1]) and scores[-1] > 2.5
