@@ -9,6 +9,8 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from orchestrator.anomalies import order_anomalies, wait_for_scoring
+from orchestrator.anomaly_feed import AnomalyFeed
 from orchestrator.order_run import OrderRun, Services
 from orchestrator.orders import load_orders
 from orchestrator.progress_listener import ProgressListener
@@ -18,7 +20,7 @@ from pipeline.db import connect, create_schema
 from pipeline.db.orders import OrderStore
 from pipeline.errors import PipelineError
 from pipeline.infra.manager import ensure_kafka, use_shared_monitors
-from pipeline.kafka import Producer, TopicAdmin
+from pipeline.kafka import Consumer, Producer, TopicAdmin
 from pipeline.logs import configure_logging
 from pipeline.protocol import ANOMALIES_TOPIC, ORCHESTRATOR_TOPIC
 from pipeline.settings import Settings
@@ -102,25 +104,42 @@ def run_orders(settings: Settings, orders, keep_topics: bool = False, max_concur
         _install_cancel(cancel, reporter)
         listener = ProgressListener(settings)
         listener.start()
+        feed = AnomalyFeed(Consumer(settings), reporter).start() if monitoring else None
         try:
             with Producer(settings, shared=True) as producer:
                 services = Services(runtime, OrderStore(engine), admin, producer, listener, reporter,
                                     cancel, keep_topics, monitoring, shared,
-                                    settings.mlflow_tracking_uri if settings.live_scoring else None)
+                                    settings.mlflow_tracking_uri if settings.live_scoring else None, feed)
                 workers = max(1, min(max_concurrent, len(orders)))
                 if len(orders) > 1:
                     reporter.line(f"{len(orders)} orders, up to {workers} at once"
                                   + (" (shared monitors)" if shared else ""))
                 with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="order") as pool:
                     results = list(pool.map(lambda order: OrderRun(order, services).run(), orders))
+            if feed is not None:
+                add_anomalies(engine, results, feed, cancel)
         finally:
             listener.close()
+            if feed is not None:
+                feed.close()
     finally:
         runtime.close()
     print(format_summary(results))
     if cancel.is_set():
         return EXIT_CANCELLED
     return EXIT_OK if all(r.status == "SUCCEEDED" for r in results) else EXIT_FAILED
+
+
+def add_anomalies(engine, results, feed: AnomalyFeed, cancel: threading.Event) -> None:
+    """Give each order's result the anomalies live scoring raised (read once scoring has
+    reached its last samples, or a short while has passed; the feed prints the late ones)."""
+    started = [r.order_id for r in results if r.order_id is not None]
+    behind = wait_for_scoring(engine, started, stop=cancel)
+    for result in results:
+        if result.order_id is not None:
+            result.anomalies = order_anomalies(engine, result.order_id, feed.received(result.order_id))
+            if result.anomalies is not None:
+                result.anomalies.caught_up = result.order_id not in behind
 
 
 # What one concurrent order holds in memory: its task process (and, per order, its two

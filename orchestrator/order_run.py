@@ -8,6 +8,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from orchestrator.anomaly_feed import AnomalyFeed
 from orchestrator.orders import Order, TaskSpec
 from orchestrator.progress_listener import ProgressListener
 from orchestrator.report import OrderResult, Reporter, TaskResult
@@ -47,6 +48,7 @@ class Services:
     shared_monitors: bool = False  # True: the shared sampler and consumer serve the orders
     # Where live scoring looks for its model (None: live scoring is off).
     scoring_tracking_uri: str | None = None
+    anomalies: AnomalyFeed | None = None  # shows the orders' anomalies as they are raised
 
 
 class _AttemptFailed(Exception):
@@ -139,6 +141,8 @@ class OrderRun:
         order_id = self.order_id
         self._fresh_topics()
         self._progress = self.s.listener.register(order_id)
+        if self.s.anomalies is not None:
+            self.s.anomalies.register(order_id, self.order.name, len(self.order.tasks))
         self._image = self.s.runtime.stage_input(self.order.image, order_id)
         if self.s.monitoring and self.s.shared_monitors:
             self._terminated = self.s.listener.watch_terminate(order_id)

@@ -7,6 +7,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from orchestrator.anomalies import OrderAnomalies, summary_lines
+
 
 @dataclass
 class TaskResult:
@@ -33,6 +35,7 @@ class OrderResult:
     rows: int = 0
     tasks: list[TaskResult] = field(default_factory=list)
     error: str | None = None
+    anomalies: OrderAnomalies | None = None  # None: live scoring did not judge the order
 
 
 class Reporter:
@@ -50,16 +53,21 @@ class Reporter:
 
 
 def format_summary(results: list[OrderResult]) -> str:
-    """The end-of-run summary: status, duration per task, outputs, rows stored."""
+    """The end-of-run summary: status, duration per task, outputs, rows stored, and the
+    anomalies live scoring raised (an order with one still SUCCEEDED: its first line says how
+    many, so it cannot be missed, and one line each follows its tasks)."""
     lines = []
     for result in results:
         ident = f"order {result.order_id}" if result.order_id else "order (not started)"
+        flagged = len(result.anomalies.flags) if result.anomalies else 0
         lines.append(f"{ident} {result.name} ({result.source}): {result.status} in {result.seconds:.1f}s, "
-                     f"{result.rows} sample rows stored")
+                     f"{result.rows} sample rows stored"
+                     + (f", {flagged} ANOMAL{'Y' if flagged == 1 else 'IES'}" if flagged else ""))
         for task in result.tasks:
             retry = f", {task.attempts} attempts" if task.attempts > 1 else ""
             detail = task.output or task.error or ""
             lines.append(f"  {task.position + 1}. {task.name:<12} {task.status:<9} {task.seconds:6.1f}s{retry}  {detail}")
         if result.error:
             lines.append(f"  error: {result.error}")
+        lines += summary_lines(result.anomalies, result.order_id)
     return "\n".join(lines)

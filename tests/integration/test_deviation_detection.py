@@ -17,6 +17,7 @@ figure of bench/detection.py, not a test.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ class Trained:
     folder: Path
     orders: dict  # name -> StoredOrder of the scored orders
     run_began_ms: int
+    scored: subprocess.CompletedProcess  # the orchestrator's run of the scored orders
 
 
 def _python(settings: Settings, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -77,7 +79,7 @@ def trained(infra_env, tmp_path_factory) -> Trained:
         scored = run_orchestrator(settings, *map(str, files), "--max-concurrent", "1", timeout=600)
         assert scored.returncode == 0, scored.stderr[-3000:]
         orders = {name: order for name, order in stored_orders(settings).items() if name != "history"}
-        yield Trained(settings, folder, orders, began)
+        yield Trained(settings, folder, orders, began, scored)
 
 
 def _deviations(trained: Trained, name: str, version: str = "1"):
@@ -132,6 +134,17 @@ def test_anomalies_are_published_with_order_task_and_resource(trained):
     assert all(a.model_version == "1" for a in found)
 
 
+def test_the_orchestrator_shows_an_anomaly_as_it_is_raised_and_in_the_orders_summary(trained):
+    hog, normal = trained.orders["cpu-hog"].id, trained.orders["normal"].id
+    progress, summary = trained.scored.stderr, trained.scored.stdout
+    assert re.search(rf"^\[ *[0-9.]+s\] order {hog} cpu-hog: ANOMALY task 1/3 median [a-z_]+ [0-9.]+.*? against band ",
+                     progress, re.MULTILINE), progress[-3000:]
+    blocks = {int(b.split()[0]): b for b in re.split(r"^order ", summary, flags=re.MULTILINE) if b.strip()}
+    assert re.match(rf"{hog} cpu-hog \(.*\): SUCCEEDED in .*, \d+ ANOMAL(Y|IES)$", blocks[hog].splitlines()[0])
+    assert "  ANOMALY task 1 median: " in blocks[hog] and "ANOMALY task 2" not in blocks[hog], blocks[hog]
+    assert "  no anomalies" in blocks[normal] and "ANOMALY" not in blocks[normal], blocks[normal]
+
+
 def test_rescoring_with_two_model_versions_keeps_rows_for_both(trained):
     refit = _python(trained.settings, "-m", "training", "fit", "--min-orders", "6", "--no-progress", "--seed", "2")
     assert refit.returncode == 0, refit.stderr[-3000:]
@@ -148,6 +161,9 @@ def test_rescoring_with_two_model_versions_keeps_rows_for_both(trained):
     assert missing.returncode == 2 and "no version 99" in missing.stderr
 
 
+FIVE = ("cpu", "memory", "disk_read", "disk_write", "cpu_wait")
+
+
 def test_the_plot_command_draws_one_png_per_task_with_a_panel_per_resource(trained):
     order = trained.orders["cpu-hog"]
     out = trained.folder / "plots"
@@ -155,10 +171,16 @@ def test_the_plot_command_draws_one_png_per_task_with_a_panel_per_resource(train
     assert result.returncode == 0, result.stderr[-3000:]
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 3
+    # The five measured resources first, then whatever else the order has: derived resources
+    # the model scores (cpu_demand) and context samples (node_cpu_pressure), each once.
+    store = DeviationStore(connect(trained.settings.database_url))
+    others = ({s["resource"] for s in order.samples}
+              | {r.resource for v in store.versions(order.id) for r in store.read(order.id, v)}) - set(FIVE)
     for png in pngs:
         with Image.open(png) as image:
             assert image.format == "PNG" and image.size[0] > 300
-            assert image.text["Panels"] == "cpu,memory,disk_read,disk_write,cpu_wait"
+            panels = image.text["Panels"].split(",")
+            assert panels[:5] == list(FIVE) and sorted(panels[5:]) == sorted(others), panels
     assert "deviated first: task 1 median" in result.stdout
     assert "logged to MLflow run" in result.stdout
     # Artifacts go beside the store, never into the working folder.
