@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 from orchestrator.anomaly_feed import AnomalyFeed
-from orchestrator.orders import Order, TaskSpec
+from orchestrator.orders import Order, TaskSpec, image_pixels
 from orchestrator.progress_listener import ProgressListener
 from orchestrator.report import OrderResult, Reporter, TaskResult
 from orchestrator.runtime import Handle, Runtime, TaskLaunch
@@ -214,7 +214,8 @@ class OrderRun:
         next_heartbeat = time.monotonic() + 10.0
         try:
             self.s.store.start_task(self.order_id, launch.position, launch.attempt, spec.name, spec.fault,
-                                    started=handle.started_at())
+                                    started=handle.started_at(),
+                                    input_pixels=image_pixels(launch.input_path))
             while True:
                 if self.s.cancel.is_set():
                     raise _AttemptFailed("cancelled")

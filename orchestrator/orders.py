@@ -185,6 +185,17 @@ def load_order(path: PathLike) -> Order:
     )
 
 
+def image_pixels(path: str | Path) -> int | None:
+    """Width x height of the image at ``path`` from its header alone; None when it cannot be
+    read here (a path that only exists inside a cluster's volume)."""
+    try:
+        with Image.open(path) as opened:
+            width, height = opened.size
+    except Exception:  # noqa: BLE001 - a fact for the model, never a reason to fail a task
+        return None
+    return width * height
+
+
 def _fail(path: Path, problem: str, cause: BaseException | None = None) -> NoReturn:
     raise OrderError(f"{path}: {problem}") from cause
 
