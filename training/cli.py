@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training",
                                      description="Train the expected-usage model from stored measurements.")
     commands = parser.add_subparsers(dest="command", required=True)
-    fit = commands.add_parser("fit", help="train, compare with the baseline, log and register in MLflow")
+    fit = commands.add_parser("fit", help="compare with two baselines over folds, train, log and register in MLflow")
     fit.add_argument("--since", type=_timestamp, metavar="ISO",
                      help="only orders created at or after this time (e.g. 2026-11-01 or 2026-11-01T08:00)")
     fit.add_argument("--until", type=_timestamp, metavar="ISO", help="only orders created before this time")
@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="MLflow experiment (default expected-usage)")
     fit.add_argument("--min-orders", type=_positive, default=20, metavar="N",
                      help="refuse to train on fewer orders with measurements (default 20; at least 3)")
+    fit.add_argument("--folds", type=_at_least_two, default=3, metavar="N",
+                     help="folds of whole orders over which the network, the GBM and the quantile table "
+                          "are compared (default 3; at least 2)")
     fit.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -52,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         options = FitOptions(since=args.since, until=args.until, epochs=args.epochs, seed=args.seed,
-                             device=args.device, experiment=args.experiment, min_orders=args.min_orders)
+                             device=args.device, experiment=args.experiment, min_orders=args.min_orders,
+                             folds=args.folds)
         report = run_fit(settings, options, progress=not args.no_progress)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -66,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table)
     print(report.verdict)
     print(report.champion)
-    print(f"training took {report.training_seconds:.1f}s; batched inference "
+    print(f"comparison over the folds took {report.evaluation_seconds:.1f}s, training the registered model "
+          f"{report.training_seconds:.1f}s; batched inference "
           f"{report.predictions_per_second:,.0f} predictions/s on the CPU; MLflow run {report.run_id} "
           f"in {mask_url(settings.mlflow_tracking_uri)}")
     return EXIT_OK
@@ -81,10 +86,18 @@ def _timestamp(text: str) -> datetime:
 
 
 def _positive(text: str) -> int:
+    return _whole(text, 1)
+
+
+def _at_least_two(text: str) -> int:
+    return _whole(text, 2)
+
+
+def _whole(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+        value = least - 1
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least {least}")
     return value

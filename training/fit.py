@@ -1,20 +1,23 @@
-"""One fit, start to end: data, split, training, baseline, comparison, MLflow run, registry.
+"""One fit, start to end: data, K folds, the verdict, the final model, MLflow run, registry.
 
-One MLflow run per fit: parameters first, a metric per epoch with its step, then the test
-metrics of the model, of the baseline and of the current champion re-scored on the same test
-orders, and the model with its signature at the end, registered as a new version of
-``expected-usage``. The ``champion`` alias moves to it only when it beats the champion.
+The yardstick is honest only when it is measured more than once and per resource: over K folds
+of whole orders the network, gradient-boosted quantile trees (the GBM) and the quantile table
+are trained and scored side by side, and :mod:`training.verdict` says whether the network beats
+the GBM. The model that is registered is then trained once on all orders (a validation share
+for early stopping): the folds judge the recipe, the final fit uses all the history.
 
-Why re-score the champion rather than compare with the figure it was registered with: each fit
-draws its test orders from the history of its day, and a metric measured on other orders says
-little. The champion, loaded from the registry, is scored on this fit's test orders, so both
-models answer the same questions. (Those orders may have been training data of the champion,
-which favours the champion: a challenger only wins with a clear margin.)
+One MLflow run per fit: parameters first, then every fold's metrics per model and resource
+(``fold{k}_{model}_{metric}_{resource}``) and their means and spreads
+(``cv_{model}_{metric}_{resource}_mean``/``_std``), the comparison table (``comparison.txt``)
+and the per-fold rows (``fold_metrics.csv``); then the final training's metric per epoch and
+the model with its signature, registered as a new version of ``expected-usage``. Whether the
+``champion`` alias moves is :mod:`training.champion`'s rule.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -26,11 +29,11 @@ from mlflow import MlflowClient
 from models.expected_usage import ExpectedUsageModel
 from models.features import FEATURE_COLUMNS
 from pipeline.db import connect
-from pipeline.settings import Settings
-from training import data, trainer, tracking
-from training.baseline import QuantileTableBaseline
 from pipeline.errors import TrainingError
-from training.metrics import Scores, beats, score, side_by_side, verdict
+from pipeline.settings import Settings
+from training import champion as champion_rule
+from training import crossval, data, folds, tracking, trainer, verdict
+from training.gbm_baseline import GbmConfig
 from training.registry import load_expected_usage
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ class FitOptions:
     device: str = "auto"
     experiment: str = "expected-usage"
     min_orders: int = 20
+    folds: int = 3
 
 
 @dataclass(frozen=True)
@@ -58,44 +62,119 @@ class FitReport:
     champion: str
     run_id: str
     version: str
-    beats_baseline: bool
+    beats_baseline: bool  # the network beats the GBM by the rule of training.verdict
     promoted: bool
-    training_seconds: float
+    training_seconds: float  # the final model's training
+    evaluation_seconds: float  # the K folds, every model
     predictions_per_second: float
 
 
+@dataclass(frozen=True)
+class _Champion:
+    """The registered champion before this fit: its model, or why it cannot be loaded."""
+
+    version: str
+    model: ExpectedUsageModel | None
+    problem: str | None = None
+
+
 def run_fit(settings: Settings, options: FitOptions, progress: bool = True) -> FitReport:
-    """Train, evaluate and register one model; raises InsufficientDataError on too little data."""
+    """Evaluate over folds, train on everything, register; raises InsufficientDataError on too
+    little data."""
     frame = data.load_measurements(connect(settings.database_url), options.since, options.until)
     data.require_enough(frame, options.min_orders)
-    split = data.split_by_order(frame, options.seed)
+    parts = folds.k_folds(frame, options.folds, options.seed)
+    final_train, final_validation = folds.hold_out(frame, options.seed)
     device = trainer.resolve_device(options.device)
     config = trainer.TrainConfig(epochs=options.epochs, seed=options.seed)
-    logger.info("fitting on %s orders (train/validation/test), device=%s", split.orders(), device)
+    gbm = GbmConfig(random_state=options.seed)
+    logger.info("fitting on %d orders: %d folds, then all of them; device=%s",
+                frame["order_id"].nunique(), options.folds, device)
 
     tracking.use_store(settings.mlflow_tracking_uri)
     client = MlflowClient()
     experiment_id = tracking.ensure_experiment(client, options.experiment, settings.mlflow_tracking_uri)
+    current = _current_champion(client, settings.mlflow_tracking_uri)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"fit-{time.strftime('%Y%m%d-%H%M%S')}") as run:
-        mlflow.log_params(_params(options, config, split, device))
-        outcome = trainer.fit(split.train, split.validation, config, device, _log_epoch, progress)
+        mlflow.log_params(_params(options, config, gbm, frame, parts, final_train, final_validation,
+                                  device, current))
+        cv = crossval.cross_validate(parts, config, device, current.model if current else None, gbm,
+                                     progress, on_fold=_log_fold)
+        judged = _judge(cv, int(frame["order_id"].nunique()), options.seed)
+        _log_comparison(cv, judged)
+
+        outcome = trainer.fit(final_train, final_validation, config, device, _log_epoch, progress)
         model = outcome.model.to("cpu")
-        model_scores = score(split.test, model.predict(split.test))
-        baseline_scores = score(split.test, QuantileTableBaseline().fit(split.train).predict(split.test))
-        rate = predictions_per_second(model, split.test)
-        mlflow.log_metrics({**model_scores.as_metrics("test"), **baseline_scores.as_metrics("baseline_test"),
-                            "training_seconds": outcome.seconds, "best_epoch": outcome.best_epoch,
+        rate = predictions_per_second(model, frame)
+        mlflow.log_metrics({"training_seconds": outcome.seconds, "best_epoch": outcome.best_epoch,
                             "epochs_run": len(outcome.history), "predictions_per_second": rate})
-        table = side_by_side(model_scores, baseline_scores, split.orders()["test"])
-        mlflow.log_text(table + "\n", "comparison.txt")
-        champion = _current_champion(settings.mlflow_tracking_uri, split.test)
-        info = tracking.log_model(model, split.test[FEATURE_COLUMNS].head(5))
-        version = str(info.registered_model_version)
-        promoted, line = _decide_champion(client, version, model_scores, champion)
-        better = beats(model_scores, baseline_scores)
-        mlflow.set_tags({"beats_baseline": str(better), "champion": str(promoted), "model_version": version})
-    return FitReport(table, verdict(model_scores, baseline_scores), line, run.info.run_id, version,
-                     better, promoted, outcome.seconds, rate)
+        version, decision = _register(client, model, frame, judged, current)
+    return FitReport(judged.table, judged.text, decision.line, run.info.run_id, version,
+                     judged.against_gbm.wins, decision.promote, outcome.seconds, cv.seconds, rate)
+
+
+@dataclass(frozen=True)
+class _Judged:
+    """The comparison over the folds: printed, and as the judgements behind it."""
+
+    table: str
+    text: str
+    against_gbm: verdict.Judgement
+    others: tuple[verdict.Judgement, ...]  # against the table, and the champion when re-scored
+    against_champion: verdict.Judgement | None
+
+
+def _judge(cv: crossval.CrossValidation, orders: int, seed: int) -> _Judged:
+    against_gbm = verdict.judge(cv.metrics, crossval.NETWORK, crossval.GBM)
+    others = [verdict.judge(cv.metrics, crossval.NETWORK, crossval.TABLE)]
+    against_champion = None
+    if crossval.CHAMPION in set(cv.metrics["model"]):
+        against_champion = verdict.judge(cv.metrics, crossval.NETWORK, crossval.CHAMPION)
+        others.append(against_champion)
+    return _Judged(verdict.table(cv.metrics, orders, seed), verdict.sentences(against_gbm, tuple(others)),
+                   against_gbm, tuple(others), against_champion)
+
+
+def _log_comparison(cv: crossval.CrossValidation, judged: _Judged) -> None:
+    metrics = {**verdict.summary_metrics(cv.metrics), "cv_seconds": cv.seconds,
+               "cv_network_wins_over_gbm": float(judged.against_gbm.wins),
+               "cv_network_resources_lost_to_gbm": float(len(judged.against_gbm.losses))}
+    for judgement in (judged.against_gbm, *judged.others):
+        metrics[f"cv_network_{judgement.reference}_pinball_ratio"] = judgement.ratio
+    mlflow.log_metrics(_finite(metrics))
+    mlflow.log_text(f"{judged.table}\n\n{judged.text}\n", "comparison.txt")
+    mlflow.log_text(cv.metrics.to_csv(index=False), "fold_metrics.csv")
+
+
+def _register(client: MlflowClient, model: ExpectedUsageModel, frame: pd.DataFrame, judged: _Judged,
+              current: _Champion | None) -> tuple[str, champion_rule.Decision]:
+    """Log and register ``model``; move the alias when the champion rule says so."""
+    info = tracking.log_model(model, frame.head(5))
+    version = str(info.registered_model_version)
+    wins, ratio = judged.against_gbm.wins, judged.against_gbm.ratio
+    decision = champion_rule.decide(version, wins, ratio, _rescored(current, judged.against_champion))
+    client.set_model_version_tag(tracking.MODEL_NAME, version, "cv_pinball_ratio_vs_gbm", f"{ratio:.6f}")
+    client.set_model_version_tag(tracking.MODEL_NAME, version, "beats_gbm", str(wins))
+    if decision.promote:
+        tracking.promote(client, version)
+    mlflow.set_tags({"beats_gbm": str(wins), "champion": str(decision.promote), "model_version": version})
+    return version, decision
+
+
+def _log_fold(run: crossval.FoldRun, rows: pd.DataFrame) -> None:
+    prefix = f"fold{run.number}"
+    mlflow.log_metrics({**verdict.fold_metrics(rows),
+                        f"{prefix}_orders_test": run.orders["test"], f"{prefix}_samples_test": run.samples_test,
+                        f"{prefix}_network_best_epoch": run.best_epoch,
+                        f"{prefix}_network_epochs_run": run.epochs_run,
+                        f"{prefix}_network_training_seconds": run.network_seconds,
+                        f"{prefix}_gbm_training_seconds": run.gbm_seconds})
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` without infinite or NaN values (a ratio to a perfect forecast), which a
+    metric store cannot hold faithfully; the comparison text still shows them."""
+    return {name: value for name, value in metrics.items() if math.isfinite(value)}
 
 
 def _log_epoch(result: trainer.EpochResult) -> None:
@@ -104,62 +183,62 @@ def _log_epoch(result: trainer.EpochResult) -> None:
                        step=result.epoch)
 
 
-def _params(options: FitOptions, config: trainer.TrainConfig, split: data.Split, device) -> dict:
-    orders = split.orders()
+def _params(options: FitOptions, config: trainer.TrainConfig, gbm: GbmConfig, frame: pd.DataFrame,
+            parts: list[folds.Fold], final_train: pd.DataFrame, final_validation: pd.DataFrame,
+            device, current: _Champion | None) -> dict:
     return {
         **{f"train_{k}": v for k, v in asdict(config).items()},
+        **{f"gbm_{k}": v for k, v in asdict(gbm).items()},
         "since": options.since.isoformat() if options.since else "",
         "until": options.until.isoformat() if options.until else "",
         "device": str(device), "min_orders": options.min_orders,
         "features": ",".join(FEATURE_COLUMNS), "target": "log1p(value), standardised per resource",
-        "quantiles": "0.1,0.5,0.9", "split": "by order, seeded, 70/15/15",
-        "orders_train": orders["train"], "orders_validation": orders["validation"],
-        "orders_test": orders["test"], "rows_train": len(split.train),
-        "rows_validation": len(split.validation), "rows_test": len(split.test),
+        "quantiles": "0.1,0.5,0.9", "folds": options.folds,
+        "split": (f"{options.folds} folds by order, seeded; the network stops early on "
+                  f"{folds.VALIDATION_SHARE:.0%} of each fold's training orders; the final model trains "
+                  f"on all orders with {folds.VALIDATION_SHARE:.0%} for early stopping"),
+        "verdict": (f"network beats GBM: mean per-resource pinball ratio < {1 - verdict.TIE_MARGIN:.2f} "
+                    f"and no resource lost by more than its fold spread"),
+        "orders": int(frame["order_id"].nunique()), "rows": len(frame),
+        **{f"fold{p.number}_orders_test": p.orders()["test"] for p in parts},
+        "orders_final_train": int(final_train["order_id"].nunique()),
+        "orders_final_validation": int(final_validation["order_id"].nunique()),
+        "champion_version_before": current.version if current else "",
     }
 
 
-def _current_champion(tracking_uri: str, test: pd.DataFrame) -> tuple[str, float] | None:
-    """The champion's version and its test metric re-scored on ``test``; None without one.
+def _current_champion(client: MlflowClient, tracking_uri: str) -> _Champion | None:
+    """The champion before this fit, None without one.
 
-    A champion this code cannot load (an older format) is judged by the metric it was
-    registered with instead.
+    One this code cannot load (saved by an older version of the features) is returned without
+    its model: it cannot be re-scored, and live scoring cannot use it either.
     """
     try:
         loaded = load_expected_usage(tracking_uri)
     except TrainingError as exc:
-        client = MlflowClient()
         version = tracking.champion_version(client)
-        recorded = client.get_model_version(tracking.MODEL_NAME, version).tags.get("test_pinball_log") \
-            if version else None
-        logger.warning("%s; comparing with the test metric it was registered with (%s)", exc, recorded)
-        return (version, float(recorded)) if recorded else None
+        if version is None:
+            raise
+        logger.warning("%s; it cannot be re-scored", exc)
+        return _Champion(version, None, str(exc))
     if loaded is None:
         return None
     model, version = loaded
-    rescored = score(test, model.predict(test)).pinball_log
-    mlflow.log_metrics({"champion_test_pinball_log": rescored})
-    mlflow.log_param("champion_version_before", version)
-    return version, rescored
+    return _Champion(version, model)
 
 
-def _decide_champion(client: MlflowClient, version: str, scores: Scores,
-                     champion: tuple[str, float] | None) -> tuple[bool, str]:
-    client.set_model_version_tag(tracking.MODEL_NAME, version, "test_pinball_log", f"{scores.pinball_log:.6f}")
-    if not tracking.should_promote(scores.pinball_log, champion[1] if champion else None):
-        return False, (f"{tracking.MODEL_NAME} version {version} registered; champion stays version "
-                       f"{champion[0]} (test pinball {champion[1]:.4f} on these test orders, "
-                       f"new {scores.pinball_log:.4f})")
-    tracking.promote(client, version)
-    before = (f", was version {champion[0]} with {champion[1]:.4f} on these test orders"
-              if champion else ", the first one")
-    return True, (f"{tracking.MODEL_NAME} version {version} registered and is now the champion "
-                  f"(test pinball {scores.pinball_log:.4f}{before})")
+def _rescored(current: _Champion | None,
+              against: verdict.Judgement | None) -> champion_rule.CurrentChampion | None:
+    if current is None:
+        return None
+    if against is None:
+        return champion_rule.CurrentChampion(current.version, None, current.problem or "not re-scored")
+    return champion_rule.CurrentChampion(current.version, against.ratio)
 
 
 def predictions_per_second(model: ExpectedUsageModel, frame: pd.DataFrame, rows: int = 16_384) -> float:
     """Batched throughput of ``model.predict`` on ``rows`` rows resampled from ``frame``."""
-    sample = frame[FEATURE_COLUMNS].sample(n=rows, replace=True, random_state=0)
+    sample = tracking.input_example(frame.sample(n=rows, replace=True, random_state=0))
     model.predict(sample.head(64))  # warm-up
     began = time.perf_counter()
     model.predict(sample)

@@ -23,15 +23,12 @@ from sqlalchemy.engine import make_url
 
 import models
 from models.expected_usage import ExpectedUsageModel
-from models.features import FEATURE_COLUMNS
+from models.features import CATEGORICAL, FEATURE_COLUMNS
 from models.pyfunc import ARTIFACT_KEY
 from training.registry_probe import CHAMPION_ALIAS, MODEL_NAME
 
 logger = logging.getLogger(__name__)
 
-# A challenger must beat the champion by more than this fraction: equal or noise-level
-# differences (a refit on the same data) keep the alias where it is.
-PROMOTION_MARGIN = 1e-4
 _PACKAGE = Path(models.__file__).resolve().parent  # logged with the model as its code
 
 
@@ -63,9 +60,7 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
 
 def log_model(model: ExpectedUsageModel, example: pd.DataFrame) -> ModelInfo:
     """Log ``model`` as a pyfunc model in the active run and register a new version."""
-    example = example[FEATURE_COLUMNS].reset_index(drop=True)
-    example = example.astype({"task": object, "resource": object, "prev_task": object,
-                              "seconds": "float64", "position": "float64", "image_pixels": "float64"})
+    example = input_example(example)
     signature = infer_signature(example, model.predict(example))
     with tempfile.TemporaryDirectory() as folder:
         saved = model.save(Path(folder) / "expected_usage")
@@ -81,17 +76,18 @@ def log_model(model: ExpectedUsageModel, example: pd.DataFrame) -> ModelInfo:
         )
 
 
+def input_example(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame``'s feature columns with the types of the signature: categories as strings,
+    every other feature a float (a feature the frame lacks, such as a pressure a node does not
+    report, is missing: NaN)."""
+    example = frame.reindex(columns=FEATURE_COLUMNS).reset_index(drop=True)
+    return example.astype({c: object if c in CATEGORICAL else "float64" for c in FEATURE_COLUMNS})
+
+
 def _requirements() -> list[str]:
     # Given, not inferred: inference loads the model in a subprocess, slow and noisy.
     return [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
             f"pandas=={pd.__version__}", f"numpy=={np.__version__}"]
-
-
-def should_promote(challenger: float, champion: float | None) -> bool:
-    """Whether a new version with test metric ``challenger`` (lower is better) takes over."""
-    if champion is None or not np.isfinite(champion):
-        return True
-    return challenger < champion - PROMOTION_MARGIN * abs(champion)
 
 
 def champion_version(client: MlflowClient) -> str | None:

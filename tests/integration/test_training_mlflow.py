@@ -62,7 +62,9 @@ def test_fit_on_real_orders_logs_registers_and_promotes_only_a_better_model(sett
     assert first.returncode == 0, first.stderr[-3000:]
     print(first.stdout)
     assert "MAE of P50" in first.stdout and "pinball" in first.stdout
-    assert ("The model beats the baseline" in first.stdout) != ("does NOT beat the baseline" in first.stdout)
+    assert "3 folds by whole order" in first.stdout and "GBM" in first.stdout and "quantile table" in first.stdout
+    assert ("Overall the network beats the GBM" in first.stdout) != \
+        ("Overall the network does NOT beat the GBM" in first.stdout)
     assert "version 1 registered and is now the champion" in first.stdout
     assert "training:" in first.stderr  # the progress bar
 
@@ -72,10 +74,13 @@ def test_fit_on_real_orders_logs_registers_and_promotes_only_a_better_model(sett
     assert experiment.artifact_location.startswith((tmp_path / "mlartifacts").as_uri())
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
-    assert run.data.params["train_seed"] == "0" and int(run.data.params["orders_test"]) >= 1
-    for name in ("test_pinball_log", "test_coverage", "test_mae_p50_cpu", "baseline_test_pinball_log",
-                 "baseline_test_coverage", "baseline_test_mae_p50_memory", "training_seconds"):
+    assert run.data.params["train_seed"] == "0" and run.data.params["folds"] == "3"
+    assert int(run.data.params["fold1_orders_test"]) >= 1
+    for name in ("fold1_network_pinball_cpu", "fold3_gbm_coverage_memory", "fold2_table_mae_p50_cpu",
+                 "cv_network_pinball_cpu_mean", "cv_gbm_pinball_cpu_std", "cv_table_mae_p50_memory_mean",
+                 "cv_network_gbm_pinball_ratio", "cv_network_wins_over_gbm", "training_seconds"):
         assert name in run.data.metrics, name
+    assert {"comparison.txt", "fold_metrics.csv"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     val_loss = client.get_metric_history(run.info.run_id, "val_loss")
     assert len(val_loss) >= 3 and [m.step for m in val_loss] == list(range(1, len(val_loss) + 1))
     (version,) = client.search_model_versions(f"name='{tracking.MODEL_NAME}'")
@@ -93,7 +98,8 @@ def test_fit_on_real_orders_logs_registers_and_promotes_only_a_better_model(sett
     assert load_expected_usage(f"sqlite:///{tmp_path / 'no-store-yet.db'}") is None
     assert not (tmp_path / "no-store-yet.db").exists()
 
-    # Same data, same seed: the same model, not better, so the champion stays where it is.
+    # Same data, same seed: the same networks over the folds, which do not beat the champion
+    # re-scored on orders it trained on (nor, perhaps, the GBM): the champion stays where it is.
     second = _fit(settings)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "version 2 registered; champion stays version 1" in second.stdout

@@ -22,8 +22,7 @@ from training import cli, synthetic
 from training.baseline import QuantileTableBaseline, time_bucket
 from training.data import load_measurements, require_enough, split_by_order
 from pipeline.errors import InsufficientDataError
-from training.metrics import NOMINAL_COVERAGE, pinball, score, side_by_side, verdict
-from training.tracking import should_promote
+from training.metrics import NOMINAL_COVERAGE, pinball, score
 from training.trainer import TrainConfig, fit
 
 
@@ -40,7 +39,7 @@ def test_model_recovers_known_structure_and_beats_the_baseline(trained):
     predicted = outcome.model.predict(split.test)
     model = score(split.test, predicted)
     baseline = score(split.test, QuantileTableBaseline().fit(split.train).predict(split.test))
-    print("\n" + side_by_side(model, baseline, split.orders()["test"]) + "\n" + verdict(model, baseline))
+    print("\n" + model.per_resource.to_string() + "\n" + baseline.per_resource.to_string())
     print(f"training: {outcome.seconds:.1f}s, {len(outcome.history)} epochs, best {outcome.best_epoch}")
 
     assert abs(model.coverage - NOMINAL_COVERAGE) <= 0.05
@@ -48,7 +47,6 @@ def test_model_recovers_known_structure_and_beats_the_baseline(trained):
         assert abs(row["coverage"] - NOMINAL_COVERAGE) <= 0.08, resource
         assert row["mae_p50"] < baseline.per_resource.loc[resource, "mae_p50"], resource
     assert model.pinball_log < baseline.pinball_log
-    assert verdict(model, baseline).startswith("The model beats the baseline")
     # The median follows the generating function, image size and time included.
     truth = np.log1p(split.test["true_p50"].to_numpy())
     assert np.corrcoef(np.log1p(predicted["p50"].to_numpy()), truth)[0, 1] > 0.98
@@ -127,14 +125,6 @@ def test_metrics_on_known_values():
     # value 5 against (0, 2, 4): 0.1*5 + 0.5*3 + 0.9*1, averaged over the three quantiles.
     assert pinball(np.array([5.0]), np.array([[0.0, 2.0, 4.0]]))[0] == pytest.approx(2.9 / 3)
     assert pinball(np.array([2.0]), np.array([[2.0, 2.0, 2.0]]))[0] == 0.0
-
-
-def test_champion_moves_only_on_a_clear_improvement():
-    assert should_promote(0.5, None)
-    assert should_promote(0.4, 0.5)
-    assert not should_promote(0.5, 0.5)  # a refit on the same data keeps the champion
-    assert not should_promote(0.6, 0.5)
-    assert not should_promote(0.5 - 1e-9, 0.5)
 
 
 def test_too_little_data_is_one_line_and_exit_status_2(tmp_path, monkeypatch, capsys):
