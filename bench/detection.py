@@ -1,23 +1,28 @@
-"""Detection benchmark (issue 5): the model-based detector next to two simple ones.
+"""Detection benchmark (issue 12): the live detector on work it was not trained or tuned on,
+next to three simple detectors on the same runs.
 
-Runs a corpus of normal orders and orders with injected faults through the real pipeline,
-trains the expected-usage model on the normal orders only, then replays every stored sample
-through three detectors (the same code the monitor-consumer runs live):
+It cannot flatter itself: it builds its own database and MLflow store (a fresh state folder),
+collects a training history with ``training.collect`` (generated images of several sizes,
+several task sequences, several concurrency levels), fits, and only then runs the evaluation
+orders: other images (other seeds and sizes), other task sequences, faults injected into
+heavy tasks at varied onsets, healthy and faulty orders mixed, at each concurrency level. Only
+orders created after the fit are evaluated.
 
-- model: the champion's P10/P50/P90 band (monitor.scoring.ModelBandScorer)
-- fixed-threshold: one upper limit per resource, whatever the task
-- rolling-z: z-score against the previous 10 samples of the same task run and resource
+Every stored sample of an evaluation order is replayed through each detector with the code
+the monitor-consumer runs live (models.rows.model_rows, monitor.scoring):
 
-and reports, per fault type, the detection rate (faulty task runs flagged on the fault's
-resource after the fault began), the time from fault start to the first anomaly, and the
-false-alarm rate on the tasks of normal orders. ``ingest`` measures the monitor-consumer's
-ingestion rate with live scoring on and off, in one run.
+- model: the champion's P10/P50/P90 band with the alarm policy, plus the overrun check
+- fixed-threshold: one limit per resource, whatever the task
+- rolling-z: z-score against the previous 10 samples of the same run and resource
+- n-sigma: mean +- 3 standard deviations per (task, resource) of the training history
 
-    export PIPELINE_STATE_DIR=/tmp/bench5-state
-    ./dev python -m pipeline infra up --postgres --kafka-port 49092 --postgres-port 45433
-    ./dev python bench/detection.py detect --normal 24 --faulty 4
-    ./dev python bench/detection.py ingest --samples 20000
-    ./dev python -m pipeline infra down
+Per fault type: recall (faulty runs with an anomaly at or after the fault's onset), precision
+(those against them plus every healthy run with an alarm), F1, and the delay from onset to the
+first anomaly (p50 / p95, sample time). Healthy runs are task runs without a fault that ran;
+an alarm before the onset of a faulty run counts against the detector as well.
+
+    ./dev python bench/detection.py detect --json /tmp/detection.json
+    ./dev python bench/detection.py ingest --samples 20000   # consumer ingest, scoring on and off
 """
 
 from __future__ import annotations
@@ -25,111 +30,275 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from _common import REPO_ROOT, loadavg, machine, markdown_table, write_json
 
 sys.path.insert(0, str(REPO_ROOT))
 
+from sqlalchemy import select  # noqa: E402
+
+from monitor.live_scoring import model_detector  # noqa: E402
 from monitor.order_context import order_samples  # noqa: E402
 from monitor.scoring import (  # noqa: E402
-    ConsecutiveFilter, Detector, FixedThresholdScorer, ModelBandScorer, RollingZScorer,
+    ConsecutiveFilter, Detector, FixedThresholdScorer, NSigmaScorer, RollingZScorer,
 )
 from pipeline.db import connect  # noqa: E402
+from pipeline.db.schema import orders, task_runs, tasks  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
-from tests.integration.orderkit import all_stored_orders, write_order  # noqa: E402
+from training.collect import CollectPlan, collect, make_image  # noqa: E402
 
-IMAGE = "scene-1024x768.jpg"
-# About 7 s of one core on the colour image, first in its order: faults start well inside the
-# task's normal life, where the model has seen what to expect.
-HEAVY = {"name": "median", "params": {"size": 9, "passes": 8}}
-FAULT_AT = 2.0
-FAULTY_POSITION = 0
-FAULT_RESOURCE = {"cpu_hog": "cpu", "memory_leak": "memory", "io_storm": "disk_write", "stall": "cpu"}
-LOADED_BY = 5.0
-FIXED_LIMITS = {"cpu": 150.0, "memory": 400.0, "disk_read": 20_000.0, "disk_write": 20_000.0}
-
-
-def _orchestrate(env: dict, files: list[Path], *extra: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "orchestrator", "run", *map(str, files), *extra],
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    if result.returncode not in (0, 1):
-        raise SystemExit(f"orchestrator failed ({result.returncode}): {result.stderr[-2000:]}")
-
-
-def detect(args: argparse.Namespace, settings: Settings, env: dict) -> dict:
-    collect_s = None if args.evaluate_only else collect(args, env)
-    return {**evaluate(args, settings), "collect_seconds": collect_s}
+FAULTS = ("cpu_hog", "memory_leak", "io_storm", "stall")
+HEAVY = ("median", "denoise", "upscale")
+LIGHT_SAME_SIZE = ("grayscale", "contrast", "sepia", "sharpen", "flip", "equalize", "blur")
+HISTORY_SIZES = ((640, 480), (1024, 768), (1600, 1200))
+EVAL_SIZES = ((800, 600), (1280, 960), (1920, 1080))
+EVAL_SEQUENCES = (
+    ("blur", "median", "jpeg"),
+    ("denoise", "sharpen", "grayscale"),
+    ("contrast", "upscale", "flip"),
+    ("median", "equalize", "denoise"),
+    ("grayscale", "denoise", "edge_detect"),
+    ("upscale", "sepia", "median"),
+)
+LOADED_BY = 5.0  # ingest: seconds after READY by which the scorer has loaded its model
+FIXED_LIMITS = {"cpu_demand": 150.0, "cpu": 150.0, "memory": 1500.0, "disk_read": 50_000.0,
+                "disk_write": 50_000.0}
 
 
-def collect(args: argparse.Namespace, env: dict) -> float:
-    """Run the normal history, fit on it, then run held-out normal and faulty orders."""
-    folder = Path(tempfile.mkdtemp(prefix="detection-"))
-    normal = write_order(folder, "normal", [HEAVY, "grayscale", "sharpen"], image=IMAGE)
-    began = time.monotonic()
-    _orchestrate(env, [normal], "--repeat", str(args.normal), "--max-concurrent", "1")
-    collect_s = time.monotonic() - began
-    fit = subprocess.run([sys.executable, "-m", "training", "fit", "--min-orders", "6", "--no-progress"],
-                         cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    if fit.returncode != 0:
-        raise SystemExit(f"fit failed: {fit.stdout[-1500:]} {fit.stderr[-1500:]}")
-    # Later normal orders, not seen in training, are where false alarms are counted.
-    held_out = write_order(folder, "held-out", [HEAVY, "grayscale", "sharpen"], image=IMAGE)
-    faulty = [
-        write_order(folder, f"fault-{kind}", [{**HEAVY, "fault": kind, "fault_at": FAULT_AT}, "grayscale", "sharpen"],
-                    image=IMAGE, retry={"max_attempts": 1, "task_timeout_seconds": 15})
-        for kind in FAULT_RESOURCE
-    ]
-    _orchestrate(env, [held_out, *faulty], "--repeat", str(args.faulty), "--max-concurrent", "1")
-    return round(collect_s, 1)
+@dataclass(frozen=True)
+class Planned:
+    """An evaluation order: its file, and its fault (position, kind, onset) if any."""
+
+    name: str
+    path: Path
+    fault: tuple[int, str, float] | None
 
 
-def evaluate(args: argparse.Namespace, settings: Settings) -> dict:
-    """Replay every stored held-out and faulty order through each detector."""
+def _env(state: Path) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PIPELINE_STATE_DIR": str(state),
+           "DATABASE_URL": f"sqlite:///{state / 'bench.db'}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow.db'}", "MONITORS": "shared"}
+    return env
+
+
+def _run(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+
+
+def plan_evaluation(level: int, args, model, folder: Path, rng: random.Random) -> list[Planned]:
+    """Healthy orders over the evaluation sequences and faulty ones: each fault kind
+    ``args.faulty`` times, in a heavy task (cycling over them and over the image sizes), after
+    zero or one light task, starting at 20-60 % of the task's expected CPU time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i, (width, height) in enumerate(EVAL_SIZES):
+        path = folder / f"eval-{width}x{height}.jpg"
+        if not path.exists():
+            make_image(width, height, 9000 + i).save(path, quality=92)
+        images.append((path, width * height))
+    planned = []
+
+    def add(name: str, sequence: list, image: Path, fault=None, retry=None) -> None:
+        path = folder / f"{name}.json"
+        document = {"id": name, "image": str(image), "tasks": sequence}
+        if retry:
+            document["retry"] = retry
+        path.write_text(json.dumps(document))
+        planned.append(Planned(name, path, fault))
+
+    for i in range(args.healthy):
+        image, _ = images[i % len(images)]
+        add(f"eval-c{level}-{i:03d}-healthy", list(EVAL_SEQUENCES[i % len(EVAL_SEQUENCES)]), image)
+    number = 0
+    for kind in FAULTS:
+        for j in range(args.faulty):
+            number += 1
+            task = HEAVY[j % len(HEAVY)]
+            image, pixels = images[(j // len(HEAVY)) % len(images)]
+            band = model.work.band(task, pixels)
+            expected = band[1] if band else 2.0
+            fault_at = round(rng.uniform(0.2, 0.6) * expected, 2)
+            before = [rng.choice(LIGHT_SAME_SIZE)] if j % 2 else []
+            after = [rng.choice(LIGHT_SAME_SIZE)]
+            sequence = [*before, {"name": task, "fault": kind, "fault_at": fault_at}, *after]
+            # A stall is ended by the task timeout; the others succeed after their fault.
+            retry = {"max_attempts": 1, "task_timeout_seconds": 20 if kind == "stall" else 300}
+            add(f"eval-c{level}-{number:03d}-{kind}", sequence, image, (len(before), kind, fault_at), retry)
+    rng.shuffle(planned)
+    return planned
+
+
+def detect(args: argparse.Namespace) -> dict:
+    state = Path(args.state or tempfile.mkdtemp(prefix="detection-bench-"))
+    state.mkdir(parents=True, exist_ok=True)
+    env = _env(state)
+    os.environ.update({k: env[k] for k in ("PIPELINE_STATE_DIR", "DATABASE_URL", "MLFLOW_TRACKING_URI", "MONITORS")})
+    settings = Settings.from_env()
+    timings = {}
+    fitted_file = state / "fitted_at"
+    if args.reuse and fitted_file.exists():  # an earlier run's history and model, evaluated again
+        fitted_at, last_trained = fitted_file.read_text().split()
+        fitted_at, last_trained = datetime.fromisoformat(fitted_at), int(last_trained)
+        fit_output = "(reused)"
+    else:
+        began = time.monotonic()
+        plan = CollectPlan(sizes=HISTORY_SIZES, concurrency=tuple(args.history_concurrency), orders=args.history,
+                           seed=args.seed)
+        collect(plan, state / "history", env)
+        timings["collect_s"] = round(time.monotonic() - began, 1)
+        began = time.monotonic()
+        fit = _run(env, "-m", "training", "fit", "--min-orders", "10", "--no-progress", "--seed", str(args.seed))
+        timings["fit_s"] = round(time.monotonic() - began, 1)
+        if fit.returncode != 0:
+            raise SystemExit(f"fit failed: {fit.stdout[-3000:]} {fit.stderr[-3000:]}")
+        fit_output = fit.stdout
+        print(fit_output, flush=True)
+        fitted_at = datetime.now(timezone.utc)
+        last_trained = _last_order_id(settings)
+        fitted_file.write_text(f"{fitted_at.isoformat()} {last_trained}")
     from training.registry import load_expected_usage
 
     model, version = load_expected_usage(settings.mlflow_tracking_uri)
+    rng = random.Random(args.seed)
+    plans = {}
+    for level in args.concurrency:
+        planned = plan_evaluation(level, args, model, state / "eval", rng)
+        plans.update({p.name: p for p in planned})
+        print(f"evaluation: {len(planned)} order(s) at concurrency {level}", flush=True)
+        began = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "orchestrator", "run", *(str(p.path) for p in planned),
+                                 "--max-concurrent", str(level)], cwd=REPO_ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        timings[f"eval_c{level}_s"] = round(time.monotonic() - began, 1)
+        if result.returncode not in (0, 1):
+            raise SystemExit(f"orchestrator failed ({result.returncode}): {result.stderr[-2000:]}")
+    out = evaluate(settings, model, version, fitted_at, last_trained, plans)
+    subprocess.run([sys.executable, "-m", "pipeline", "infra", "down"], cwd=REPO_ROOT, env=env,
+                   capture_output=True)
+    return {**out, "timings": timings, "state": str(state), "fit_output": fit_output}
+
+
+def _last_order_id(settings: Settings) -> int:
+    from sqlalchemy import func
+
+    with connect(settings.database_url).connect() as conn:
+        return int(conn.execute(select(func.max(orders.c.id))).scalar() or 0)
+
+
+def _history_rows(settings: Settings, until: datetime):
+    from training.data import load_measurements
+
+    return load_measurements(connect(settings.database_url), until=until)
+
+
+def evaluate(settings: Settings, model, version: str, fitted_at: datetime, last_trained: int,
+             plans: dict) -> dict:
+    """Replay every evaluation order (run after the fit: ids above ``last_trained``) through
+    each detector; the tables' figures."""
     engine = connect(settings.database_url)
-    orders = all_stored_orders(settings)
+    history = _history_rows(settings, fitted_at)
+    nsigma = NSigmaScorer().fit(history)
     detectors = {
-        "model": lambda: Detector(ModelBandScorer(model), ConsecutiveFilter(args.threshold, args.consecutive)),
-        "fixed-threshold": lambda: Detector(FixedThresholdScorer(FIXED_LIMITS, args.threshold),
-                                            ConsecutiveFilter(args.threshold, args.consecutive)),
-        "rolling-z": lambda: Detector(RollingZScorer(), ConsecutiveFilter(args.threshold, args.consecutive)),
+        "model": lambda: model_detector(model, settings),
+        "fixed-threshold": lambda: Detector(FixedThresholdScorer(FIXED_LIMITS), ConsecutiveFilter()),
+        "rolling-z": lambda: Detector(RollingZScorer(), ConsecutiveFilter()),
+        "n-sigma": lambda: Detector(nsigma, ConsecutiveFilter()),
     }
-    results: dict[str, dict] = {}
-    for name, make in detectors.items():
-        per_fault = {kind: {"runs": 0, "detected": 0, "delays": []} for kind in FAULT_RESOURCE}
-        normal_runs = normal_alarms = 0
-        for order in orders:
-            if order.name not in ("held-out", *(f"fault-{k}" for k in FAULT_RESOURCE)):
-                continue
-            flagged = [r for r in make().process(order_samples(engine, order.id)) if r.anomaly]
-            starts = {run["position"]: run["started_at"].timestamp() * 1000 for run in order.runs}
-            if order.name == "held-out":
-                positions = {run["position"] for run in order.runs}
-                normal_runs += len(positions)
-                normal_alarms += len({r.sample.position for r in flagged})
-                continue
-            kind = order.name.removeprefix("fault-")
-            fault_ms = starts[FAULTY_POSITION] + FAULT_AT * 1000
-            hits = [r for r in flagged if r.sample.position == FAULTY_POSITION
-                    and r.sample.resource == FAULT_RESOURCE[kind] and r.sample.timestamp_ms >= fault_ms]
-            per_fault[kind]["runs"] += 1
-            # Alarms on the healthy tasks of faulty orders count as false alarms too.
-            normal_runs += 2
-            normal_alarms += len({r.sample.position for r in flagged if r.sample.position != FAULTY_POSITION})
-            if hits:
-                per_fault[kind]["detected"] += 1
-                per_fault[kind]["delays"].append((min(r.sample.timestamp_ms for r in hits) - fault_ms) / 1000)
-        results[name] = {"faults": per_fault, "normal_runs": normal_runs, "false_alarms": normal_alarms}
-    return {"model_version": version, "results": results, "threshold": args.threshold,
-            "consecutive": args.consecutive}
+    with engine.connect() as conn:
+        evaluated = conn.execute(select(orders.c.id, orders.c.name).where(orders.c.id > last_trained)).all()
+        runs = conn.execute(select(task_runs, tasks.c.name.label("task")).join(tasks, tasks.c.id == task_runs.c.task_id)
+                            .where(task_runs.c.order_id.in_([o.id for o in evaluated]))).mappings().all()
+    runs_of = defaultdict(list)
+    for run in runs:
+        runs_of[run["order_id"]].append(run)
+    levels: dict[str, dict] = {}
+    coverage = defaultdict(lambda: [0, 0])
+    for order_id, name in evaluated:
+        planned = plans.get(name)
+        if planned is None:
+            continue
+        level = name.split("-")[1]
+        samples = order_samples(engine, order_id)
+        for detector_name, make in detectors.items():
+            cell = levels.setdefault(level, {}).setdefault(detector_name, _empty())
+            results = make().process(samples)
+            alarms = defaultdict(list)  # run -> anomaly sample times
+            for r in results:
+                if r.anomaly:
+                    alarms[(r.sample.position, r.sample.attempt)].append((r.sample.timestamp_ms, r.sample.resource))
+                if detector_name == "model" and r.sample.resource != "duration":
+                    inside = r.lower <= r.sample.value <= r.upper
+                    coverage[(level, r.sample.resource)][0] += inside
+                    coverage[(level, r.sample.resource)][1] += 1
+            for run in runs_of[order_id]:
+                key = (run["position"], run["attempt"])
+                started_ms = run["started_at"].replace(tzinfo=timezone.utc).timestamp() * 1000
+                times = sorted(alarms.get(key, []))
+                if planned.fault and run["position"] == planned.fault[0]:
+                    kind, onset_ms = planned.fault[1], started_ms + planned.fault[2] * 1000
+                    fault = cell["faults"].setdefault(kind, {"runs": 0, "detected": 0, "delays": [], "by": defaultdict(int)})
+                    fault["runs"] += 1
+                    if any(t < onset_ms for t, _ in times):
+                        cell["pre_onset_alarms"] += 1
+                    after = [(t, res) for t, res in times if t >= onset_ms]
+                    if after:
+                        fault["detected"] += 1
+                        fault["delays"].append((after[0][0] - onset_ms) / 1000)
+                        fault["by"][after[0][1]] += 1
+                else:
+                    cell["healthy_runs"] += 1
+                    if times:
+                        cell["false_alarms"] += 1
+                        cell["false_alarm_resources"][times[0][1]] += 1
+    return {"model_version": version, "levels": _summarise(levels),
+            "coverage": {f"{lvl} {res}": round(inside / total, 3) for (lvl, res), (inside, total) in sorted(coverage.items())},
+            "history_rows": len(history), "history_orders": int(history["order_id"].nunique()) if len(history) else 0}
+
+
+def _empty() -> dict:
+    return {"faults": {}, "healthy_runs": 0, "false_alarms": 0, "pre_onset_alarms": 0,
+            "false_alarm_resources": defaultdict(int)}
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return round(ordered[index], 2)
+
+
+def _summarise(levels: dict) -> dict:
+    out = {}
+    for level, detectors in levels.items():
+        for name, cell in detectors.items():
+            false = cell["false_alarms"] + cell["pre_onset_alarms"]
+            faults = {}
+            for kind, fault in cell["faults"].items():
+                recall = fault["detected"] / fault["runs"] if fault["runs"] else 0.0
+                precision = fault["detected"] / (fault["detected"] + false) if fault["detected"] + false else 0.0
+                f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+                faults[kind] = {"runs": fault["runs"], "detected": fault["detected"], "recall": round(recall, 3),
+                                "precision": round(precision, 3), "f1": round(f1, 3),
+                                "delay_p50_s": _percentile(fault["delays"], 0.5),
+                                "delay_p95_s": _percentile(fault["delays"], 0.95), "first_on": dict(fault["by"])}
+            out.setdefault(level, {})[name] = {
+                "faults": faults, "healthy_runs": cell["healthy_runs"], "false_alarm_runs": cell["false_alarms"],
+                "pre_onset_alarms": cell["pre_onset_alarms"],
+                "false_alarms_per_100": round(100 * cell["false_alarms"] / cell["healthy_runs"], 2)
+                if cell["healthy_runs"] else None,
+                "false_alarm_resources": dict(cell["false_alarm_resources"])}
+    return out
 
 
 def ingest(args: argparse.Namespace, settings: Settings, env: dict) -> dict:
@@ -196,34 +365,51 @@ def _deviation_rows(engine, order_id: int) -> int:
 
 
 def _report_detect(out: dict) -> str:
-    rows = []
-    for name, result in out["results"].items():
-        for kind, fault in result["faults"].items():
-            delays = fault["delays"]
-            rows.append([name, kind, f"{fault['detected']}/{fault['runs']}",
-                         f"{statistics.median(delays):.1f} s" if delays else "-",
-                         f"{max(delays):.1f} s" if delays else "-"])
-        rows.append([name, "normal tasks: false alarms", f"{result['false_alarms']}/{result['normal_runs']}", "", ""])
-    return markdown_table(["detector", "fault", "detected", "median time to detect", "max"], rows)
+    parts = []
+    for level, detectors in out["levels"].items():
+        rows = []
+        for name, cell in detectors.items():
+            for kind, f in cell["faults"].items():
+                rows.append([name, kind, f"{f['detected']}/{f['runs']}", f"{f['recall']:.0%}", f"{f['precision']:.0%}",
+                             f"{f['f1']:.2f}", _seconds(f["delay_p50_s"]), _seconds(f["delay_p95_s"])])
+            rows.append([name, "healthy runs with an alarm", f"{cell['false_alarm_runs']}/{cell['healthy_runs']}",
+                         f"{cell['false_alarms_per_100']} per 100", f"pre-onset {cell['pre_onset_alarms']}", "", "", ""])
+        parts.append(f"### concurrency {level.removeprefix('c')}\n\n" + markdown_table(
+            ["detector", "fault", "detected", "recall", "precision", "F1", "delay p50", "delay p95"], rows))
+    coverage = [[key, f"{value:.1%}"] for key, value in out["coverage"].items()]
+    parts.append("### P10-P90 coverage on evaluation samples (model)\n\n" + markdown_table(["level resource", "coverage"], coverage))
+    return "\n\n".join(parts)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} s"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=("detect", "ingest"))
-    parser.add_argument("--normal", type=int, default=24, help="normal orders to train on")
-    parser.add_argument("--faulty", type=int, default=4, help="orders per fault type (and held-out normal ones)")
-    parser.add_argument("--threshold", type=float, default=2.5)
-    parser.add_argument("--consecutive", type=int, default=3)
+    parser.add_argument("--history", type=int, default=12, help="training orders per history concurrency level")
+    parser.add_argument("--history-concurrency", type=lambda t: [int(v) for v in t.split(",")], default=[1, 4, 8])
+    parser.add_argument("--concurrency", type=lambda t: [int(v) for v in t.split(",")], default=[8, 1],
+                        help="evaluation concurrency levels")
+    parser.add_argument("--faulty", type=int, default=20, help="faulty runs per fault type and level")
+    parser.add_argument("--healthy", type=int, default=25, help="healthy orders per level")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--state", default=None, help="state folder (default: a new temporary one)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="with --state: evaluate again on the history and model an earlier run left there")
     parser.add_argument("--samples", type=int, default=20_000)
-    parser.add_argument("--evaluate-only", action="store_true",
-                        help="detect: only replay what an earlier run stored (same database)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    settings = Settings.from_env()
-    env = {**os.environ, **settings.to_env(), "PYTHONPATH": str(REPO_ROOT)}
-    print(f"machine: {json.dumps(machine())}; load {loadavg()}")
-    out = detect(args, settings, env) if args.part == "detect" else ingest(args, settings, env)
-    print(_report_detect(out) if args.part == "detect" else json.dumps(out, indent=2))
+    print(f"machine: {json.dumps(machine())}; load {loadavg()}", flush=True)
+    if args.part == "detect":
+        out = detect(args)
+        print(_report_detect(out))
+    else:
+        settings = Settings.from_env()
+        env = {**os.environ, **settings.to_env(), "PYTHONPATH": str(REPO_ROOT)}
+        out = ingest(args, settings, env)
+        print(json.dumps(out, indent=2))
     write_json(args.json, out)
 
 

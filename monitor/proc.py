@@ -121,18 +121,20 @@ def _thread_waits(base: str) -> dict[int, int] | None:
 PRESSURE_FILE = "/proc/pressure/cpu"
 
 
-def cpu_pressure_us(path: str = PRESSURE_FILE) -> int | None:
-    """The node's cumulative CPU pressure (PSI ``some`` total): microseconds during which at
-    least one runnable task waited for a CPU. None where the kernel has no PSI."""
+def cpu_pressure(path: str = PRESSURE_FILE) -> tuple[int, float] | None:
+    """The node's CPU pressure (PSI ``some``): the cumulative microseconds during which at
+    least one runnable task waited for a CPU, and the kernel's 10-second average (percent).
+    None where the kernel has no PSI."""
     try:
         with open(path, "rb") as handle:
             first = handle.readline()
     except OSError:
         return None
-    for field in first.split():
-        if field.startswith(b"total="):
-            return int(field[6:])
-    return None
+    fields = dict(f.split(b"=", 1) for f in first.split()[1:] if b"=" in f)
+    try:
+        return int(fields[b"total"]), float(fields[b"avg10"])
+    except (KeyError, ValueError):
+        return None
 
 
 def children_of(pid: int) -> list[int]:

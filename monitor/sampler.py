@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from monitor.proc import ProcessCounters, children_of, cpu_pressure_us, read_process
+from monitor.proc import ProcessCounters, children_of, cpu_pressure, read_process
 from pipeline.errors import PipelineError
 from pipeline.proctime import TICK_NS, boottime_ns, start_ns
 from pipeline.protocol import TaskTotals
@@ -98,7 +98,7 @@ class ProcessTreeSampler:
         self._waits_readable = True
         # The node's pressure counter at the previous reading (the first: now, as the
         # counter's value at the task's start is not known).
-        self._pressure = (boottime_ns(), cpu_pressure_us())
+        self._pressure = (boottime_ns(), cpu_pressure())
         self.samples = 0
 
     def sample(self) -> Usage:
@@ -161,13 +161,16 @@ class ProcessTreeSampler:
 
     def _node_pressure(self) -> float | None:
         """Percent of the time since the previous reading in which some task on the node
-        waited for a CPU; None without PSI or over too short a time to tell."""
-        now_ns, total = boottime_ns(), cpu_pressure_us()
-        then_ns, then_total = self._pressure
-        self._pressure = (now_ns, total)
-        if total is None or then_total is None or now_ns - then_ns < 10_000_000:
+        waited for a CPU; over too short a time to tell (a closing sample right after a
+        tick), the kernel's 10-second average. None without PSI."""
+        now_ns, now = boottime_ns(), cpu_pressure()
+        then_ns, then = self._pressure
+        self._pressure = (now_ns, now)
+        if now is None:
             return None
-        return min(max(100.0 * (total - then_total) * 1000 / (now_ns - then_ns), 0.0), 100.0)
+        if then is None or now_ns - then_ns < 50_000_000:
+            return now[1]
+        return min(max(100.0 * (now[0] - then[0]) * 1000 / (now_ns - then_ns), 0.0), 100.0)
 
     def _read_tree(self) -> list[ProcessCounters] | None:
         root = read_process(self.pid)

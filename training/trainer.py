@@ -149,6 +149,9 @@ def fit(train: pd.DataFrame, validation: pd.DataFrame, config: TrainConfig,
     if best_state is not None:
         model.net.load_state_dict(best_state)
     model.net.eval()
+    widened = model.calibrate(val_x, val_y)
+    logger.info("P10-P90 bands calibrated on the validation orders: %s",
+                ", ".join(f"{name} {w:+.3f}" for name, w in widened.items()) or "no change")
     outcome.seconds = time.monotonic() - began
     logger.info("trained %d epochs in %.1fs; best epoch %d (validation loss %.4f)",
                 len(outcome.history), outcome.seconds, outcome.best_epoch, best_loss)

@@ -86,10 +86,9 @@ def _deviations(trained: Trained, name: str, version: str = "1"):
     return DeviationStore(connect(trained.settings.database_url)).read(trained.orders[name].id, version)
 
 
-# A CPU hog shows as CPU demand: on a quiet machine as cpu above one core; where other work
-# keeps the cores busy, as cpu_wait (the kernel shares CPU between sessions, so the task's
-# tree gets its share and its extra threads wait). Either is the right resource.
-FAULT_RESOURCES = {"cpu-hog": {"cpu", "cpu_wait"}, "memory-leak": {"memory"}}
+# A CPU hog shows as CPU demand (cpu + cpu_wait: the spinners run or wait to run, however busy
+# the machine), or as an overrun: the task keeps using CPU time long past what its work needs.
+FAULT_RESOURCES = {"cpu-hog": {"cpu_demand", "duration"}, "memory-leak": {"memory"}}
 
 
 @pytest.mark.parametrize("order", ["cpu-hog", "memory-leak"])
@@ -156,7 +155,12 @@ def test_rescoring_with_two_model_versions_keeps_rows_for_both(trained):
     store = DeviationStore(connect(trained.settings.database_url))
     assert store.versions(order_id) == ["1", "2"]
     first, second = store.read(order_id, "1"), store.read(order_id, "2")
-    assert len(first) == len(second) == len(trained.orders["cpu-hog"].samples)
+    # A deviation row per stored sample of the task's own usage (not the node's pressure), and
+    # the derived cpu_demand and any overrun besides.
+    own = [s for s in trained.orders["cpu-hog"].samples if s["resource"] != "node_cpu_pressure"]
+    for rows in (first, second):
+        assert len([r for r in rows if r.resource not in ("cpu_demand", "duration")]) == len(own)
+        assert {r.resource for r in rows} >= {"cpu", "memory", "cpu_wait", "cpu_demand"}
     missing = _python(trained.settings, "-m", "monitor", "rescore", str(order_id), "--model", "99")
     assert missing.returncode == 2 and "no version 99" in missing.stderr
 

@@ -15,7 +15,9 @@ import pytest
 from sqlalchemy import insert
 
 from models.expected_usage import ExpectedUsageModel
-from models.features import FEATURE_COLUMNS, NO_PREVIOUS, previous_task
+import torch
+
+from models.features import FEATURE_COLUMNS, NO_PREVIOUS, Preprocessor, previous_task
 from pipeline.db import connect, create_schema
 from pipeline.db.schema import measurements, orders, resources, task_runs, tasks
 from training import cli, synthetic
@@ -171,3 +173,17 @@ def test_loader_joins_samples_to_their_succeeded_run(tmp_path):
     assert load_measurements(engine, since=at(1)).empty
     assert previous_task("a,b,c", 2) == "b" and previous_task("a", 0) == NO_PREVIOUS
     assert load_measurements(connect(f"sqlite:///{tmp_path / 'no-tables.db'}")).empty
+
+
+def test_calibration_makes_the_band_hold_80_percent_of_held_out_samples():
+    """A network trained briefly draws its bands too tight or too wide; calibrated on the
+    validation orders, the P10-P90 band holds about 80 % of the samples of the test orders,
+    per resource."""
+    frame = synthetic.generate(200, seed=11)
+    split = split_by_order(frame, seed=0, validation=0.3, test=0.3)
+    model = fit(split.train, split.validation, TrainConfig(epochs=8, seed=0), progress=False).model
+    assert any(model.widening)
+    predicted = model.predict(split.test)
+    inside = (split.test["value"] >= predicted["p10"]) & (split.test["value"] <= predicted["p90"])
+    coverage = inside.groupby(split.test["resource"]).mean()
+    assert ((coverage > 0.72) & (coverage < 0.88)).all(), coverage.to_dict()

@@ -163,3 +163,27 @@ def test_without_scheduler_statistics_there_is_no_cpu_wait_sample_rather_than_a_
         process.wait()
     assert "cpu_wait" not in usage.values and "cpu" in usage.values
     assert [r for r in caplog.records if "schedstat" in r.getMessage()]
+
+
+def test_node_cpu_pressure_is_read_from_psi(tmp_path) -> None:
+    from monitor.proc import cpu_pressure
+
+    psi = tmp_path / "cpu"
+    psi.write_text("some avg10=12.50 avg60=3.00 avg300=1.00 total=123456789\n"
+                   "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+    assert cpu_pressure(str(psi)) == (123456789, 12.5)
+    assert cpu_pressure(str(tmp_path / "absent")) is None  # a kernel without PSI: no sample
+
+
+def test_each_sample_carries_the_nodes_cpu_pressure_over_its_interval() -> None:
+    from monitor.proc import PRESSURE_FILE
+
+    sampler = ProcessTreeSampler(os.getpid())
+    end = time.monotonic() + 0.2
+    while time.monotonic() < end:
+        pass
+    usage = sampler.sample()
+    if os.path.exists(PRESSURE_FILE):
+        assert 0.0 <= usage.values["node_cpu_pressure"] <= 100.0
+    else:
+        assert "node_cpu_pressure" not in usage.values
