@@ -37,12 +37,28 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folds of whole orders over which the network, the GBM and the quantile table "
                           "are compared (default 3; at least 2)")
     fit.add_argument("--no-progress", action="store_true", help="no progress bar")
+    collect = commands.add_parser(
+        "collect", help="run orders over generated images of several sizes at several concurrency levels "
+                        "(a history that teaches input size and load)")
+    collect.add_argument("--sizes", default="640x480,1024x768,1600x1200", metavar="WxH[,WxH...]",
+                         help="image sizes to generate (default 640x480,1024x768,1600x1200)")
+    collect.add_argument("--concurrency", default="1,4,8", metavar="N[,N...]",
+                         help="orders run at once, one level after another (default 1,4,8)")
+    collect.add_argument("--orders", type=_positive, default=12, metavar="N",
+                         help="orders at each concurrency level (default 12)")
+    collect.add_argument("--sequences", default=None, metavar="T,T;T,T",
+                         help="task sequences, ';'-separated (default: six sequences over the heavy and light tasks)")
+    collect.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the generated images")
+    collect.add_argument("--out", default=None, metavar="DIR",
+                         help="where images and order files go (default $PIPELINE_STATE_DIR/history)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
+    if args.command == "collect":
+        return _collect(args)
     # MLflow draws a progress bar per artifact download (the champion, the input example).
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Imported here: torch and MLflow take seconds to import, --help should not.
@@ -74,6 +90,31 @@ def main(argv: list[str] | None = None) -> int:
           f"{report.training_seconds:.1f}s; batched inference "
           f"{report.predictions_per_second:,.0f} predictions/s on the CPU; MLflow run {report.run_id} "
           f"in {mask_url(settings.mlflow_tracking_uri)}")
+    return EXIT_OK
+
+
+def _collect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from training import collect
+
+    try:
+        settings = Settings.from_env()
+        plan = collect.CollectPlan(
+            sizes=collect.parse_sizes(args.sizes), concurrency=collect.parse_levels(args.concurrency),
+            sequences=collect.parse_sequences(args.sequences) if args.sequences else collect.DEFAULT_SEQUENCES,
+            orders=args.orders, seed=args.seed)
+        folder = Path(args.out) if args.out else settings.state_dir / "history"
+        statuses = collect.collect(plan, folder, settings.to_env())
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EXIT_CANCELLED
+    failed = [level for level, status in statuses.items() if status]
+    print(f"collected {plan.orders} order(s) at each of concurrency {', '.join(map(str, plan.concurrency))}"
+          + (f"; some orders failed at concurrency {', '.join(map(str, failed))} (left out of training)"
+             if failed else "") + "; train with `python -m training fit`")
     return EXIT_OK
 
 

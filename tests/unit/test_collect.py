@@ -1,0 +1,51 @@
+"""``python -m training collect``: the plan it writes (no orders are run here: that is the
+integration tests' and bench/detection.py's part)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from training import cli
+from training.collect import CollectPlan, make_image, parse_levels, parse_sequences, parse_sizes, write_orders
+
+
+def test_the_plan_varies_image_size_task_sequence_and_concurrency(tmp_path):
+    plan = CollectPlan(sizes=((64, 48), (128, 96)), concurrency=(1, 4),
+                       sequences=(("median", "grayscale"), ("denoise",)), orders=4, seed=3)
+    files = write_orders(plan, tmp_path)
+    assert sorted(files) == [1, 4] and all(len(f) == 4 for f in files.values())
+    documents = [json.loads(path.read_text()) for level in files.values() for path in level]
+    assert {tuple(d["tasks"]) for d in documents} == {("median", "grayscale"), ("denoise",)}
+    sizes = set()
+    for document in documents:
+        with Image.open(document["image"]) as image:
+            sizes.add(image.size)
+    assert sizes == {(64, 48), (128, 96)}
+    assert {d["id"].split("-")[1] for d in documents} == {"c1", "c4"}  # the level is in the name
+
+
+def test_generated_images_are_repeatable_and_differ_by_seed():
+    first, again, other = make_image(96, 64, 1), make_image(96, 64, 1), make_image(96, 64, 2)
+    assert first.tobytes() == again.tobytes() != other.tobytes()
+    assert first.size == (96, 64) and first.mode == "RGB"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sizes", "640by480"], "--sizes '640by480': expected WIDTHxHEIGHT"),
+    (["--concurrency", "0,4"], "--concurrency: every level must be at least 1"),
+    (["--sequences", "median,no-such-task"], "no-such-task"),
+])
+def test_bad_arguments_are_one_line_and_status_2(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PIPELINE_STATE_DIR", str(tmp_path))
+    assert cli.main(["collect", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_parsers_read_what_the_help_shows():
+    assert parse_sizes("640x480,1024X768") == ((640, 480), (1024, 768))
+    assert parse_levels("1,4,8") == (1, 4, 8)
+    assert parse_sequences("median,grayscale; denoise") == (("median", "grayscale"), ("denoise",))
