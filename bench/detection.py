@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -176,16 +177,57 @@ def detect(args: argparse.Namespace) -> dict:
         plans.update({p.name: p for p in planned})
         print(f"evaluation: {len(planned)} order(s) at concurrency {level}", flush=True)
         began = time.monotonic()
-        result = subprocess.run([sys.executable, "-m", "orchestrator", "run", *(str(p.path) for p in planned),
-                                 "--max-concurrent", str(level)], cwd=REPO_ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        with open(state / f"eval-c{level}.out", "w") as console:
+            result = subprocess.run([sys.executable, "-m", "orchestrator", "run", *(str(p.path) for p in planned),
+                                     "--max-concurrent", str(level)], cwd=REPO_ROOT, env=env,
+                                    stdout=console, stderr=subprocess.PIPE, text=True)
         timings[f"eval_c{level}_s"] = round(time.monotonic() - began, 1)
         if result.returncode not in (0, 1):
             raise SystemExit(f"orchestrator failed ({result.returncode}): {result.stderr[-2000:]}")
     out = evaluate(settings, model, version, fitted_at, last_trained, plans)
+    out["live"] = {f"c{level}": live_from_console(state / f"eval-c{level}.out", plans) for level in args.concurrency}
     subprocess.run([sys.executable, "-m", "pipeline", "infra", "down"], cwd=REPO_ROOT, env=env,
                    capture_output=True)
     return {**out, "timings": timings, "state": str(state), "fit_output": fit_output}
+
+
+_LINE = re.compile(r"^\[\s*([\d.]+)s\] order \d+ (\S+): (.*)$")
+_STARTED = re.compile(r"^task (\d+)/\d+ \S+ started")
+_ANOMALY = re.compile(r"^ANOMALY task (\d+)/\d+ \S+ (\S+) ")
+
+
+def live_from_console(path: Path, plans: dict) -> dict:
+    """What the user saw: the orchestrator's ANOMALY lines, timed on its own clock against
+    its "task started" lines. Per fault type the faulty runs flagged live after the onset and
+    the delay from the onset to the line (scoring's lag included); healthy runs flagged."""
+    started: dict[tuple[str, int], float] = {}
+    first: dict[tuple[str, int], tuple[float, str]] = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        matched = _LINE.match(line)
+        if not matched:
+            continue
+        elapsed, name, text = float(matched[1]), matched[2], matched[3]
+        if (m := _STARTED.match(text)) and (name, int(m[1]) - 1) not in started:
+            started[(name, int(m[1]) - 1)] = elapsed
+        elif (m := _ANOMALY.match(text)) and (name, int(m[1]) - 1) not in first:
+            first[(name, int(m[1]) - 1)] = (elapsed, m[2])
+    faults: dict[str, dict] = {}
+    healthy_flagged = 0
+    for (name, position), (elapsed, resource) in first.items():
+        planned = plans.get(name)
+        if planned is None:
+            continue
+        if planned.fault and planned.fault[0] == position:
+            fault = faults.setdefault(planned.fault[1], {"detected": 0, "delays": []})
+            delay = elapsed - started.get((name, position), elapsed) - planned.fault[2]
+            if delay >= 0:
+                fault["detected"] += 1
+                fault["delays"].append(round(delay, 2))
+        else:
+            healthy_flagged += 1
+    return {"faults": {kind: {"detected": f["detected"], "delay_p50_s": _percentile(f["delays"], 0.5),
+                              "delay_p95_s": _percentile(f["delays"], 0.95)} for kind, f in faults.items()},
+            "healthy_runs_flagged": healthy_flagged}
 
 
 def _last_order_id(settings: Settings) -> int:
@@ -376,6 +418,12 @@ def _report_detect(out: dict) -> str:
                          f"{cell['false_alarms_per_100']} per 100", f"pre-onset {cell['pre_onset_alarms']}", "", "", ""])
         parts.append(f"### concurrency {level.removeprefix('c')}\n\n" + markdown_table(
             ["detector", "fault", "detected", "recall", "precision", "F1", "delay p50", "delay p95"], rows))
+    for level, live in out.get("live", {}).items():
+        rows = [[kind, f["detected"], _seconds(f["delay_p50_s"]), _seconds(f["delay_p95_s"])]
+                for kind, f in live["faults"].items()]
+        rows.append(["healthy runs with an ANOMALY line", live["healthy_runs_flagged"], "", ""])
+        parts.append(f"### what `orchestrator run` printed live, concurrency {level.removeprefix('c')}\n\n"
+                     + markdown_table(["fault", "flagged after onset", "delay p50", "delay p95"], rows))
     coverage = [[key, f"{value:.1%}"] for key, value in out["coverage"].items()]
     parts.append("### P10-P90 coverage on evaluation samples (model)\n\n" + markdown_table(["level resource", "coverage"], coverage))
     return "\n\n".join(parts)
