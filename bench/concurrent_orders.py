@@ -50,7 +50,7 @@ ORDER = {
     "image": str(REPO / "orders/images/flower.jpg"),
     "tasks": [{"name": "resize", "params": {"scale": 0.75}}, "grayscale", {"name": "rotate", "params": {"degrees": 90}}],
 }
-RESOURCES = 5
+RESOURCES = 6  # pipeline.protocol.RESOURCES: the task's five and the node's CPU pressure
 SENT = re.compile(r"order_id=(\d+) STOP sent on the resource topic after (\d+) samples")
 
 
