@@ -17,13 +17,14 @@ import pandas as pd
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature, infer_signature
 from mlflow.models.model import ModelInfo
+from mlflow.types.schema import ColSpec, Schema
 from sqlalchemy.engine import make_url
 
 import models
 from models.expected_usage import ExpectedUsageModel
-from models.features import CATEGORICAL, FEATURE_COLUMNS
+from models.features import CATEGORICAL, CONTEXT_RESOURCE, FEATURE_COLUMNS
 from models.pyfunc import ARTIFACT_KEY
 from training.registry_probe import CHAMPION_ALIAS, MODEL_NAME
 
@@ -61,7 +62,7 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
 def log_model(model: ExpectedUsageModel, example: pd.DataFrame) -> ModelInfo:
     """Log ``model`` as a pyfunc model in the active run and register a new version."""
     example = input_example(example)
-    signature = infer_signature(example, model.predict(example))
+    signature = model_signature(example, model.predict(example))
     with tempfile.TemporaryDirectory() as folder:
         saved = model.save(Path(folder) / "expected_usage")
         return mlflow.pyfunc.log_model(
@@ -82,6 +83,16 @@ def input_example(frame: pd.DataFrame) -> pd.DataFrame:
     report, is missing: NaN)."""
     example = frame.reindex(columns=FEATURE_COLUMNS).reset_index(drop=True)
     return example.astype({c: object if c in CATEGORICAL else "float64" for c in FEATURE_COLUMNS})
+
+
+def model_signature(example: pd.DataFrame, predicted: pd.DataFrame) -> ModelSignature:
+    """The signature inferred from ``example``, with the node's pressure optional: a node
+    without PSI reports none, and the model then takes the training median (so a caller that
+    does not send the column still gets an answer, as from the model itself)."""
+    inferred = infer_signature(example, predicted)
+    inputs = Schema([ColSpec(c.type, c.name, required=c.required and c.name != CONTEXT_RESOURCE)
+                     for c in inferred.inputs.inputs])
+    return ModelSignature(inputs=inputs, outputs=inferred.outputs)
 
 
 def _requirements() -> list[str]:

@@ -20,6 +20,7 @@ from training.crossval import CHAMPION, GBM, NETWORK, TABLE, cross_validate
 from training.folds import hold_out, k_folds, order_folds
 from training.gbm_baseline import GradientBoostingBaseline
 from training.metrics import score
+from training.tracking import input_example, model_signature
 from training.trainer import TrainConfig, fit
 from training.verdict import judge, sentences, table
 
@@ -188,3 +189,11 @@ def test_fit_takes_folds_from_the_command_line():
     assert build_parser().parse_args(["fit", "--folds", "5"]).folds == 5
     with pytest.raises(SystemExit):
         build_parser().parse_args(["fit", "--folds", "1"])  # one fold holds nothing out to compare on
+
+
+def test_the_logged_signature_leaves_only_the_node_pressure_optional():
+    example = input_example(synthetic.generate(3, seed=0).drop(columns="node_cpu_pressure").head(5))
+    assert list(example.columns) == FEATURE_COLUMNS and example["node_cpu_pressure"].isna().all()
+    predicted = pd.DataFrame({"p10": [1.0] * 5, "p50": [2.0] * 5, "p90": [3.0] * 5})
+    inputs = {c.name: c.required for c in model_signature(example, predicted).inputs.inputs}
+    assert inputs == {c: c != "node_cpu_pressure" for c in FEATURE_COLUMNS}
