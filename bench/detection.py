@@ -21,7 +21,8 @@ Per fault type: recall (faulty runs with an anomaly at or after the fault's onse
 first anomaly (p50 / p95, sample time). Healthy runs are task runs without a fault that ran;
 an alarm before the onset of a faulty run counts against the detector as well.
 
-    ./dev python bench/detection.py detect --json /tmp/detection.json
+    ./dev python bench/detection.py detect --state /tmp/detection --json /tmp/detection.json
+    ./dev python bench/detection.py evaluate --state /tmp/detection   # the same runs, evaluated again
     ./dev python bench/detection.py ingest --samples 20000   # consumer ingest, scoring on and off
 """
 
@@ -103,9 +104,9 @@ def plan_evaluation(level: int, args, model, folder: Path, rng: random.Random) -
     folder.mkdir(parents=True, exist_ok=True)
     images = []
     for i, (width, height) in enumerate(EVAL_SIZES):
-        path = folder / f"eval-{width}x{height}.jpg"
+        path = folder / f"eval-{width}x{height}-{args.seed}.jpg"
         if not path.exists():
-            make_image(width, height, 9000 + i).save(path, quality=92)
+            make_image(width, height, 9000 + 100 * args.seed + i).save(path, quality=92)
         images.append((path, width * height))
     planned = []
 
@@ -230,6 +231,34 @@ def live_from_console(path: Path, plans: dict) -> dict:
             "healthy_runs_flagged": healthy_flagged}
 
 
+def planned_from_files(folder: Path) -> dict[str, Planned]:
+    """The evaluation plan an earlier run wrote (its order files), to evaluate it again."""
+    plans = {}
+    for path in sorted(folder.glob("eval-*.json")):
+        document = json.loads(path.read_text())
+        fault = next(((i, t["fault"], float(t.get("fault_at", 0.0))) for i, t in enumerate(document["tasks"])
+                      if isinstance(t, dict) and t.get("fault")), None)
+        plans[document["id"]] = Planned(document["id"], path, fault)
+    return plans
+
+
+def reevaluate(args: argparse.Namespace) -> dict:
+    """Evaluate again what an earlier ``detect`` left in ``--state`` (no order is run)."""
+    state = Path(args.state)
+    env = _env(state)
+    os.environ.update({k: env[k] for k in ("PIPELINE_STATE_DIR", "DATABASE_URL", "MLFLOW_TRACKING_URI", "MONITORS")})
+    settings = Settings.from_env()
+    fitted_at, last_trained = (state / "fitted_at").read_text().split()
+    from training.registry import load_expected_usage
+
+    model, version = load_expected_usage(settings.mlflow_tracking_uri, args.model)
+    plans = planned_from_files(state / "eval")
+    out = evaluate(settings, model, version, datetime.fromisoformat(fitted_at), int(last_trained), plans)
+    out["live"] = {path.stem.removeprefix("eval-"): live_from_console(path, plans)
+                   for path in sorted(state.glob("eval-c*.out"))}
+    return out
+
+
 def _last_order_id(settings: Settings) -> int:
     from sqlalchemy import func
 
@@ -278,7 +307,8 @@ def evaluate(settings: Settings, model, version: str, fitted_at: datetime, last_
             for r in results:
                 if r.anomaly:
                     alarms[(r.sample.position, r.sample.attempt)].append((r.sample.timestamp_ms, r.sample.resource))
-                if detector_name == "model" and r.sample.resource != "duration":
+                healthy = not planned.fault or r.sample.position != planned.fault[0]
+                if detector_name == "model" and healthy and r.sample.resource != "duration":
                     inside = r.lower <= r.sample.value <= r.upper
                     coverage[(level, r.sample.resource)][0] += inside
                     coverage[(level, r.sample.resource)][1] += 1
@@ -425,7 +455,7 @@ def _report_detect(out: dict) -> str:
         parts.append(f"### what `orchestrator run` printed live, concurrency {level.removeprefix('c')}\n\n"
                      + markdown_table(["fault", "flagged after onset", "delay p50", "delay p95"], rows))
     coverage = [[key, f"{value:.1%}"] for key, value in out["coverage"].items()]
-    parts.append("### P10-P90 coverage on evaluation samples (model)\n\n" + markdown_table(["level resource", "coverage"], coverage))
+    parts.append("### P10-P90 coverage on the healthy runs' samples (model)\n\n" + markdown_table(["level resource", "coverage"], coverage))
     return "\n\n".join(parts)
 
 
@@ -435,7 +465,8 @@ def _seconds(value: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=("detect", "ingest"))
+    parser.add_argument("part", choices=("detect", "evaluate", "ingest"),
+                        help="detect: collect, fit, run and evaluate; evaluate: again, on what --state holds")
     parser.add_argument("--history", type=int, default=12, help="training orders per history concurrency level")
     parser.add_argument("--history-concurrency", type=lambda t: [int(v) for v in t.split(",")], default=[1, 4, 8])
     parser.add_argument("--concurrency", type=lambda t: [int(v) for v in t.split(",")], default=[8, 1],
@@ -446,12 +477,13 @@ def main() -> None:
     parser.add_argument("--state", default=None, help="state folder (default: a new temporary one)")
     parser.add_argument("--reuse", action="store_true",
                         help="with --state: evaluate again on the history and model an earlier run left there")
+    parser.add_argument("--model", default=None, help="evaluate: the model version (default: the champion)")
     parser.add_argument("--samples", type=int, default=20_000)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     print(f"machine: {json.dumps(machine())}; load {loadavg()}", flush=True)
-    if args.part == "detect":
-        out = detect(args)
+    if args.part in ("detect", "evaluate"):
+        out = detect(args) if args.part == "detect" else reevaluate(args)
         print(_report_detect(out))
     else:
         settings = Settings.from_env()

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.features import CONTEXT_RESOURCE, FEATURE_COLUMNS, NUMERIC, EncodedBatch, Preprocessor
-from models.work import ExpectedWork
+from models.features import FEATURE_COLUMNS, NUMERIC, OPTIONAL, EncodedBatch, Preprocessor
+from models.work import ExpectedWork, with_progress
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,10 @@ QUANTILES = (0.1, 0.5, 0.9)
 PREDICTION_COLUMNS = ["p10", "p50", "p90"]
 NOMINAL_COVERAGE = QUANTILES[2] - QUANTILES[0]
 MIN_CALIBRATION_ROWS = 20
+SCALE_WITH_PIXELS = ("memory", "disk_read", "disk_write")
+"""Resources that grow with the image: beyond the largest input a task's history had, their
+expectation is extrapolated in proportion to the pixels, not by what the network does outside
+its data (an image's buffers and its encoded bytes are linear in its pixels)."""
 _PREPROCESSING_FILE = "preprocessing.json"
 _CONFIG_FILE = "config.json"
 _WEIGHTS_FILE = "weights.pt"
@@ -115,18 +119,22 @@ class ExpectedUsageModel:
 
         Columns ``p10``, ``p50``, ``p90``; the index is ``frame``'s.
         """
-        # The node's pressure may be unknown (a kernel without PSI): the training median stands in.
-        missing = [c for c in FEATURE_COLUMNS if c not in frame.columns and c != CONTEXT_RESOURCE]
+        missing = [c for c in FEATURE_COLUMNS if c not in frame.columns and c not in OPTIONAL]
         if missing:
             raise ValueError(f"missing feature columns: {', '.join(missing)}")
         self.net.eval()
-        encoded = self.preprocessor.encode(frame)
+        encoded = self.preprocessor.encode(with_progress(frame, self.work))
         parts = []
         for start in range(0, len(encoded), _PREDICT_CHUNK):
             chunk = encoded.take(slice(start, start + _PREDICT_CHUNK)).to(self.device)
             parts.append(self.preprocessor.decode_target(self._banded(chunk), chunk.resource).cpu())
         values = torch.cat(parts).numpy() if parts else np.empty((0, 3), dtype=np.float32)
-        return pd.DataFrame(values.astype(np.float64), columns=PREDICTION_COLUMNS, index=frame.index)
+        values = values.astype(np.float64)
+        if len(values):
+            grows = frame["resource"].isin(SCALE_WITH_PIXELS).to_numpy()
+            ratio = self.work.size_ratio(frame["task"], pd.to_numeric(frame["image_pixels"], errors="coerce"))
+            values *= np.where(grows, ratio, 1.0)[:, None]
+        return pd.DataFrame(values, columns=PREDICTION_COLUMNS, index=frame.index)
 
     def _banded(self, batch: EncodedBatch) -> torch.Tensor:
         """The network's standardised quantiles with the calibrated band edges."""

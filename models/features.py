@@ -5,7 +5,10 @@ training and live scoring share.
 
 A model row is one target resource of one tick: the task, the resource, seconds since the
 task started, the task's position in its order, the task before it, the pixels of the image
-it reads and the node's pressure. Categories become indices into learned embeddings (index 0
+it reads, the node's pressure, the length of the interval the sample covers (a closing
+sample covers the end of the task, where its output is written) and the run's **progress**:
+its CPU time so far over the CPU time its task needs (models.work.with_progress), the clock a
+busy node does not stretch. Categories become indices into learned embeddings (index 0
 is ``<unk>``, so a task the model never saw still scores); numbers are log-scaled where they
 span orders of magnitude and standardised with training statistics.
 
@@ -26,9 +29,13 @@ import torch
 from models.rows import CONTEXT_RESOURCE, NO_PREVIOUS, previous_task  # noqa: F401 - part of this module's face
 
 FEATURE_COLUMNS = ["task", "resource", "seconds", "position", "prev_task", "image_pixels",
-                   "node_cpu_pressure"]
+                   "node_cpu_pressure", "interval_s", "cpu_before"]
 CATEGORICAL = ("task", "resource", "prev_task")
-NUMERIC = ("log_seconds", "position", "log_pixels", "node_cpu_pressure")
+NUMERIC = ("log_seconds", "position", "log_pixels", "node_cpu_pressure", "interval_s", "progress")
+OPTIONAL = (CONTEXT_RESOURCE, "interval_s", "cpu_before")
+"""Features a frame may lack: the node's pressure (a kernel without PSI: the training median
+stands in), the sample's interval (a whole tick is assumed) and the run's CPU time so far
+(progress is then taken as mid-way)."""
 UNKNOWN = "<unk>"
 _MIN_STD = 1e-6
 
@@ -130,6 +137,8 @@ class Preprocessor:
     @classmethod
     def from_dict(cls, data: dict) -> "Preprocessor":
         missing = {f for f in cls.__dataclass_fields__} - set(data)
+        if not missing and len(data["numeric_mean"]) != len(NUMERIC):
+            missing = {f"{len(NUMERIC) - len(data['numeric_mean'])} numeric feature(s)"}
         if missing:
             raise ValueError(f"preprocessing saved by an older version (no {', '.join(sorted(missing))}); "
                              "train a new model with `python -m training fit`")
@@ -162,7 +171,14 @@ def _numeric(frame: pd.DataFrame, log_pixels_fill: float, pressure_fill: float) 
     pixels = np.where(np.isfinite(pixels), pixels, log_pixels_fill)
     pressure = _pressure(frame)
     pressure = np.where(np.isfinite(pressure), pressure, pressure_fill)
-    return np.column_stack([np.log1p(seconds.clip(min=0)), position, pixels, pressure])
+    interval = np.ones(len(frame))
+    if "interval_s" in frame:
+        interval = pd.to_numeric(frame["interval_s"], errors="coerce").fillna(1.0).to_numpy(dtype=np.float64)
+    progress = np.full(len(frame), 0.5)
+    if "progress" in frame:
+        progress = pd.to_numeric(frame["progress"], errors="coerce").fillna(0.5).to_numpy(dtype=np.float64)
+    return np.column_stack([np.log1p(seconds.clip(min=0)), position, pixels, pressure, interval.clip(0.0, 2.0),
+                            progress])
 
 
 def _std(values: np.ndarray) -> float:

@@ -10,8 +10,10 @@ Per tick it derives:
   CPU-bound task's demand is what contention cannot change: a scored resource of its own.
 - ``node_cpu_pressure`` of the same tick as an input: how busy the node was (a context
   series the sampler measures, never a target).
-- ``cpu_seconds``: the run's CPU time up to and including the tick, its progress clock
-  (used for the expected-duration check, :mod:`models.work`).
+- ``cpu_seconds``: the run's CPU time up to and including the tick, and ``cpu_before`` up to
+  the tick's start: the run's progress clock. On a busy node a task's wall-clock seconds
+  stretch, its CPU time does not (used for the progress feature and the expected-duration
+  check, :mod:`models.work`).
 
 No PyTorch here: the monitor-consumer imports this without the model's weight.
 """
@@ -32,7 +34,7 @@ CONTEXT_RESOURCE = "node_cpu_pressure"
 DEMAND = "cpu_demand"
 TARGET_RESOURCES = ("cpu", "memory", "disk_read", "disk_write", "cpu_wait", DEMAND)
 ROW_COLUMNS = [*RUN_KEY, "task", "resource", "seconds", "prev_task", "image_pixels", CONTEXT_RESOURCE,
-               "value", "ts_ms", "interval_s", "cpu_seconds"]
+               "value", "ts_ms", "interval_s", "cpu_seconds", "cpu_before"]
 
 
 @dataclass
@@ -70,6 +72,7 @@ def model_rows(raw: pd.DataFrame, state: dict[tuple, RunState] | None = None) ->
     spent = (wide["cpu"].fillna(0.0) / 100.0 * wide["interval_s"])
     carried = np.array([state[k].cpu_seconds if k in state else 0.0 for k in keys])
     wide["cpu_seconds"] = carried + spent.groupby([wide[c] for c in RUN_KEY], sort=False).cumsum().to_numpy()
+    wide["cpu_before"] = wide["cpu_seconds"] - spent
     wide[DEMAND] = wide["cpu"] + wide["cpu_wait"]
     wide["seconds"] = np.clip((ts - wide["started_ms"].to_numpy(dtype=np.float64)) / 1000.0, 0.0, None)
     last = wide.drop_duplicates(RUN_KEY, keep="last")

@@ -72,6 +72,8 @@ class SampleContext:
     node_cpu_pressure: float = math.nan  # percent, this tick
     attempt: int = 1
     cpu_seconds: float = 0.0  # the run's CPU time up to this tick
+    interval_s: float = 1.0  # the length of the interval the sample covers
+    cpu_before: float = 0.0  # the run's CPU time before this tick
 
     @property
     def series(self) -> tuple[int, int, int, str]:
@@ -86,11 +88,12 @@ class SampleContext:
 def contexts(rows: pd.DataFrame) -> list[SampleContext]:
     """The samples of model rows (models.features.ROW_COLUMNS), in their order."""
     return [SampleContext(int(o), str(t), int(p), str(r), int(ts), float(v), float(sec), str(prev),
-                          float(px), float(pr), int(a), float(cs))
-            for o, t, p, r, ts, v, sec, prev, px, pr, a, cs in zip(
+                          float(px), float(pr), int(a), float(cs), float(i), float(cb))
+            for o, t, p, r, ts, v, sec, prev, px, pr, a, cs, i, cb in zip(
                 rows["order_id"], rows["task"], rows["position"], rows["resource"], rows["ts_ms"],
                 rows["value"], rows["seconds"], rows["prev_task"], rows["image_pixels"],
-                rows["node_cpu_pressure"], rows["attempt"], rows["cpu_seconds"])]
+                rows["node_cpu_pressure"], rows["attempt"], rows["cpu_seconds"], rows["interval_s"],
+                rows["cpu_before"])]
 
 
 def feature_frame(samples: Sequence[SampleContext]) -> pd.DataFrame:
@@ -103,6 +106,8 @@ def feature_frame(samples: Sequence[SampleContext]) -> pd.DataFrame:
         "prev_task": [s.prev_task for s in samples],
         "image_pixels": [s.image_pixels for s in samples],
         "node_cpu_pressure": [s.node_cpu_pressure for s in samples],
+        "interval_s": [s.interval_s for s in samples],
+        "cpu_before": [s.cpu_before for s in samples],
     })
 
 

@@ -48,10 +48,11 @@ def generate(n_orders: int = 240, seed: int = 0) -> pd.DataFrame:
                     median = expected_median(task, resource, second, megapixels, position, prev)
                     value = median * np.exp(rng.normal(0.0, SIGMA[resource]))
                     rows.append((order_id, task, resource, float(second), position, prev, pixels,
-                                 pressure, float(value), clock + timedelta(seconds=float(second)), median))
+                                 pressure, 1.0, float(second) * TASKS[task][1] / 100, float(value),
+                                 clock + timedelta(seconds=float(second)), median))
             clock += timedelta(seconds=duration + 0.5)
     return pd.DataFrame(rows, columns=["order_id", "task", "resource", "seconds", "position",
-                                       "prev_task", "image_pixels", "node_cpu_pressure", "value", "ts",
+                                       "prev_task", "image_pixels", "node_cpu_pressure", "interval_s", "cpu_before", "value", "ts",
                                        "true_p50"])
 
 

@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 
 import models
 from models.expected_usage import ExpectedUsageModel
-from models.features import CATEGORICAL, CONTEXT_RESOURCE, FEATURE_COLUMNS
+from models.features import CATEGORICAL, FEATURE_COLUMNS, OPTIONAL
 from models.pyfunc import ARTIFACT_KEY
 from training.registry_probe import CHAMPION_ALIAS, MODEL_NAME
 
@@ -86,11 +86,11 @@ def input_example(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def model_signature(example: pd.DataFrame, predicted: pd.DataFrame) -> ModelSignature:
-    """The signature inferred from ``example``, with the node's pressure optional: a node
+    """The signature inferred from ``example``, with models.features.OPTIONAL optional: a node
     without PSI reports none, and the model then takes the training median (so a caller that
     does not send the column still gets an answer, as from the model itself)."""
     inferred = infer_signature(example, predicted)
-    inputs = Schema([ColSpec(c.type, c.name, required=c.required and c.name != CONTEXT_RESOURCE)
+    inputs = Schema([ColSpec(c.type, c.name, required=c.required and c.name not in OPTIONAL)
                      for c in inferred.inputs.inputs])
     return ModelSignature(inputs=inputs, outputs=inferred.outputs)
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from models.expected_usage import ExpectedUsageModel, pinball_loss
 from models.features import EncodedBatch, Preprocessor
-from models.work import ExpectedWork
+from models.work import ExpectedWork, with_progress
 from pipeline.errors import TrainingError
 
 logger = logging.getLogger(__name__)
@@ -113,9 +113,11 @@ def fit(train: pd.DataFrame, validation: pd.DataFrame, config: TrainConfig,
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     device = torch.device(device)
+    work = ExpectedWork.fit(train)
+    train, validation = with_progress(train, work), with_progress(validation, work)
     preprocessor = Preprocessor.fit(train)
     model = ExpectedUsageModel.create(preprocessor, device, hidden=config.hidden, layers=config.layers)
-    model.work = ExpectedWork.fit(train)
+    model.work = work
     train_x, train_y = _tensors(preprocessor, train, device)
     val_x, val_y = _tensors(preprocessor, validation, device)
     optimizer = torch.optim.AdamW(model.net.parameters(), lr=config.learning_rate,

@@ -191,9 +191,9 @@ def test_fit_takes_folds_from_the_command_line():
         build_parser().parse_args(["fit", "--folds", "1"])  # one fold holds nothing out to compare on
 
 
-def test_the_logged_signature_leaves_only_the_node_pressure_optional():
+def test_the_logged_signature_leaves_only_the_optional_features_optional():
     example = input_example(synthetic.generate(3, seed=0).drop(columns="node_cpu_pressure").head(5))
     assert list(example.columns) == FEATURE_COLUMNS and example["node_cpu_pressure"].isna().all()
     predicted = pd.DataFrame({"p10": [1.0] * 5, "p50": [2.0] * 5, "p90": [3.0] * 5})
     inputs = {c.name: c.required for c in model_signature(example, predicted).inputs.inputs}
-    assert inputs == {c: c != "node_cpu_pressure" for c in FEATURE_COLUMNS}
+    assert inputs == {c: c not in ("node_cpu_pressure", "interval_s", "cpu_before") for c in FEATURE_COLUMNS}
