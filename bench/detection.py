@@ -181,10 +181,10 @@ def detect(args: argparse.Namespace) -> dict:
         with open(state / f"eval-c{level}.out", "w") as console:
             result = subprocess.run([sys.executable, "-m", "orchestrator", "run", *(str(p.path) for p in planned),
                                      "--max-concurrent", str(level)], cwd=REPO_ROOT, env=env,
-                                    stdout=console, stderr=subprocess.PIPE, text=True)
+                                    stdout=console, stderr=subprocess.STDOUT, text=True)
         timings[f"eval_c{level}_s"] = round(time.monotonic() - began, 1)
         if result.returncode not in (0, 1):
-            raise SystemExit(f"orchestrator failed ({result.returncode}): {result.stderr[-2000:]}")
+            raise SystemExit(f"orchestrator failed ({result.returncode}): see {state / f'eval-c{level}.out'}")
     out = evaluate(settings, model, version, fitted_at, last_trained, plans)
     out["live"] = {f"c{level}": live_from_console(state / f"eval-c{level}.out", plans) for level in args.concurrency}
     subprocess.run([sys.executable, "-m", "pipeline", "infra", "down"], cwd=REPO_ROOT, env=env,

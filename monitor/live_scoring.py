@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 
@@ -38,6 +39,8 @@ from pipeline.protocol import ANOMALIES_TOPIC, RESOURCES, Anomaly
 from pipeline.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+FOLLOW_CHAMPION_SECONDS = 60.0  # the scorer checks this often whether the champion moved
 
 
 class _Finished(threading.Event):
@@ -116,7 +119,17 @@ class LiveScorer:
         return f"{self.scored} scored with version {self.model_version}, {self.anomalies} anomalies"
 
     def _work(self) -> None:
-        while (batch := self._batches.get()) is not None:
+        follow_at = time.monotonic() + FOLLOW_CHAMPION_SECONDS
+        while True:
+            if time.monotonic() >= follow_at:
+                follow_at = time.monotonic() + FOLLOW_CHAMPION_SECONDS
+                self._follow_champion()
+            try:
+                batch = self._batches.get(timeout=5.0)
+            except queue.Empty:
+                continue
+            if batch is None:
+                break
             if isinstance(batch, _Finished):
                 try:
                     self._finish_orders(batch.order_ids)
@@ -136,6 +149,33 @@ class LiveScorer:
                 if self.errors == 1 or self.errors % 100 == 0:
                     logger.exception("%s scoring a batch failed (%d so far); its samples are "
                                      "stored", self.label, self.errors)
+
+    def _follow_champion(self) -> None:
+        """When the ``champion`` alias has moved since the model was loaded, load the new
+        one: a long-lived shared consumer outlives many fits. Runs on the scoring thread,
+        between batches."""
+        if self.detector is None:
+            return
+        try:
+            from mlflow import MlflowClient
+
+            from training.registry import load_expected_usage
+            from training.tracking import champion_version
+
+            uri = self.settings.mlflow_tracking_uri
+            version = champion_version(MlflowClient(tracking_uri=uri, registry_uri=uri))
+            if version is None or version == self.model_version:
+                return
+            loaded = load_expected_usage(uri, version)
+        except Exception as exc:  # noqa: BLE001 - keep scoring with the model there is
+            logger.warning("%s cannot follow the champion (%s); still scoring with version %s",
+                           self.label, exc, self.model_version)
+            return
+        if loaded is not None:
+            model, self.model_version = loaded
+            self.detector = model_detector(model, self.settings)
+            logger.info("%s the champion moved: scoring with expected-usage version %s from now on",
+                        self.label, self.model_version)
 
     def _load(self) -> None:
         try:
