@@ -120,7 +120,7 @@ def plan_evaluation(level: int, args, model, folder: Path, rng: random.Random) -
 
     for i in range(args.healthy):
         image, _ = images[i % len(images)]
-        add(f"eval-c{level}-{i:03d}-healthy", list(EVAL_SEQUENCES[i % len(EVAL_SEQUENCES)]), image)
+        add(f"eval-c{level}-s{args.seed}-{i:03d}-healthy", list(EVAL_SEQUENCES[i % len(EVAL_SEQUENCES)]), image)
     number = 0
     for kind in FAULTS:
         for j in range(args.faulty):
@@ -135,7 +135,7 @@ def plan_evaluation(level: int, args, model, folder: Path, rng: random.Random) -
             sequence = [*before, {"name": task, "fault": kind, "fault_at": fault_at}, *after]
             # A stall is ended by the task timeout; the others succeed after their fault.
             retry = {"max_attempts": 1, "task_timeout_seconds": 20 if kind == "stall" else 300}
-            add(f"eval-c{level}-{number:03d}-{kind}", sequence, image, (len(before), kind, fault_at), retry)
+            add(f"eval-c{level}-s{args.seed}-{number:03d}-{kind}", sequence, image, (len(before), kind, fault_at), retry)
     rng.shuffle(planned)
     return planned
 
