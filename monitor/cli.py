@@ -50,16 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The monitors run below the tasks' priority: on a busy machine the scheduler gives the work
-# being measured the CPU first (a sample is light and its interval is timed exactly anyway).
-MONITOR_NICENESS = 10
+# The monitor-producer runs below the tasks' priority: on a busy machine the scheduler gives
+# the work being measured the CPU first (a sample is light and its interval is timed exactly
+# anyway). The monitor-consumer does not: its CPU is a few percent of a core, but at nice 10
+# beside eight busy orders on two cores it got less than that, fell behind, and told the user
+# of anomalies 10-25 s late (bench/detection.py, what the console showed).
+MONITOR_NICENESS = {"producer": 10, "consumer": 0}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
-    if args.command in ("producer", "consumer"):
-        _lower_priority(MONITOR_NICENESS)
+    if MONITOR_NICENESS.get(args.command):
+        _lower_priority(MONITOR_NICENESS[args.command])
     signals = StopSignals().install()
     stop_with_parent()
     try:
