@@ -173,10 +173,7 @@ class LiveScorer:
                            self.label, exc, self.model_version)
             return
         if loaded is not None:
-            model, self.model_version = loaded
-            self.detector = model_detector(model, self.settings)
-            logger.info("%s the champion moved: scoring with expected-usage version %s from now on",
-                        self.label, self.model_version)
+            self._use(*loaded)
 
     def _load(self) -> None:
         try:
@@ -198,10 +195,14 @@ class LiveScorer:
             logger.warning("%s no 'champion' expected-usage model registered yet; samples are "
                            "stored but not scored (train one with `python -m training fit`)", self.label)
             return
-        model, self.model_version = loaded
         self._store = DeviationStore(self.engine)
+        self._use(*loaded)
+
+    def _use(self, model, version: str) -> None:
+        """Score with ``model`` (registered as ``version``) from the next batch on."""
+        self.model_version = version
         self.detector = model_detector(model, self.settings)
-        logger.info("%s scoring with expected-usage version %s", self.label, self.model_version)
+        logger.info("%s scoring with expected-usage version %s", self.label, version)
 
     def score(self, batch: Sequence[Measurement]) -> list[Scored]:
         """Score, store and publish the complete ticks of one batch (already stored as
@@ -224,9 +225,9 @@ class LiveScorer:
             ticks = Counter(r["ts_ms"] for r in rows)
             newest = max(ticks)
             done = run[0] in order_ids or ticks[newest] >= self._widths.get(run, len(RESOURCES))
-            complete = sorted(ts for ts in ticks if done or ts != newest)
-            if complete:
-                self._widths[run] = ticks[complete[-1]]
+            latest_complete = max((ts for ts in ticks if done or ts != newest), default=None)
+            if latest_complete is not None:
+                self._widths[run] = ticks[latest_complete]
             released += [r for r in rows if done or r["ts_ms"] != newest]
             if done:
                 del self._pending[run]
