@@ -25,7 +25,8 @@ import threading
 import time
 
 from pipeline.db import Measurement, MeasurementWriter, connect, create_schema
-from pipeline.errors import DatabaseError, ProtocolError
+from pipeline.db.retry import retrying
+from pipeline.errors import ProtocolError
 from pipeline.kafka import Consumer, Producer
 from pipeline.protocol import (
     RESOURCE_TOPIC_PATTERN, Message, MonitorStopped, MonitorTerminated, decode_resource_topic,
@@ -87,7 +88,8 @@ class MonitorConsumer:
         """Consume until the order's STOP (True) or a stop signal (False: for a per-order
         consumer, TERMINATE is then not sent)."""
         engine = connect(self.settings.database_url)
-        create_schema(engine)
+        retrying(lambda: create_schema(engine), f"{self._label} preparing the schema",
+                 self.settings.db_retry_seconds, self.signals.requested)
         self._writer = MeasurementWriter(engine)
         self._claims = OrderClaims(engine) if self.shared else None
         group = shared_group(self.settings) if self.shared else f"monitor-consumer-{self.order_id}"
@@ -225,19 +227,11 @@ class MonitorConsumer:
         self._consumer.commit()
 
     def _write(self, batch: list[Measurement]) -> int:
-        """Write, retrying with backoff while the database is unavailable; the offsets stay
-        uncommitted meanwhile, so a stop in between loses nothing either."""
-        delay = 0.5
-        while True:
-            try:
-                return self._writer.write(batch)
-            except DatabaseError as exc:
-                if self.signals.requested.is_set():
-                    raise
-                logger.warning("%s storing %d samples failed, retrying in %.1fs: %s",
-                               self._label, len(batch), delay, exc)
-                self.signals.requested.wait(delay)
-                delay = min(delay * 2, 10.0)
+        """Write, riding out a lost database for ``DB_RETRY_SECONDS``; the offsets stay
+        uncommitted meanwhile, so neither a stop nor giving up loses anything: the samples
+        are read again by whoever resumes (a restarted consumer, the shared one starting over)."""
+        return retrying(lambda: self._writer.write(batch), f"{self._label} storing {len(batch)} samples",
+                        self.settings.db_retry_seconds, self.signals.requested)
 
     def _terminate(self, order_ids: list[int], producer: Producer) -> None:
         """The orders' samples are stored (and scored): tell their monitor-producers."""

@@ -44,6 +44,10 @@ orders = Table(
     # Who samples and stores its usage: "shared" (the shared monitoring services) or
     # "per-order" (monitors of its own); the shared services take only the former.
     Column("monitors", String(16)),
+    # The orchestrator process running it ("host:pid:start-ticks") and when it last said it
+    # is alive: an order whose orchestrator died is found and marked FAILED (orders/owners.py).
+    Column("owner", String(200)),
+    Column("heartbeat_at", DateTime(timezone=True)),
 )
 
 # One row per task attempt. Samples name their run by position and attempt (headers), so a

@@ -1,0 +1,187 @@
+"""Riding out a lost database, and finding the orders whose orchestrator died.
+
+The retry tests use a real SQLite database and a real PostgreSQL driver error for a refused
+connection (a port where nothing listens); the restart of a real PostgreSQL server mid-order
+is in tests/integration/test_chaos.py.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import psycopg2
+import pytest
+from sqlalchemy import create_engine, select, text, update
+from sqlalchemy.exc import OperationalError
+
+from pipeline.db import connect, create_schema
+from pipeline.db.orders import OrderStatus, OrderStore, utcnow
+from pipeline.db.owners import HEARTBEAT_SECONDS, MISSED_BEATS, Owner
+from pipeline.db.retry import connection_lost, retrying
+from pipeline.db.schema import orders, task_runs
+from pipeline.errors import DatabaseError
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def engine(tmp_path: Path):
+    engine = connect(f"sqlite:///{tmp_path / 'pipeline.db'}")
+    create_schema(engine)
+    yield engine
+    engine.dispose()
+
+
+def _refused_connection_error() -> OperationalError:
+    engine = create_engine(f"postgresql+psycopg2://user:pw@127.0.0.1:{_closed_port()}/db")
+    with pytest.raises(OperationalError) as caught:
+        engine.connect()
+    return caught.value
+
+
+def test_a_refused_connection_counts_as_lost_and_a_bad_query_does_not(engine) -> None:
+    assert connection_lost(_refused_connection_error())
+    assert not connection_lost(DatabaseError("no cause"))
+    wrapped = DatabaseError("storing failed")
+    wrapped.__cause__ = _refused_connection_error()
+    assert connection_lost(wrapped)
+    with pytest.raises(OperationalError) as bad_query:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT * FROM no_such_table"))
+    assert not connection_lost(bad_query.value)
+    assert not connection_lost(psycopg2.OperationalError(
+        'connection to server failed: FATAL:  password authentication failed for user "x"'))
+
+
+def test_retrying_returns_once_the_database_answers_again() -> None:
+    lost = _refused_connection_error()
+    calls = []
+
+    def flaky() -> str:
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise lost
+        return "stored"
+
+    assert retrying(flaky, "storing", patience=30.0) == "stored"
+    assert len(calls) == 3
+    assert calls[2] - calls[1] >= calls[1] - calls[0]  # backing off, not hammering
+
+
+def test_retrying_gives_up_after_its_patience_with_one_clear_error() -> None:
+    lost = _refused_connection_error()
+
+    def never() -> None:
+        raise lost
+
+    began = time.monotonic()
+    with pytest.raises(DatabaseError, match=r"order 7: recording FAILED: the database has been "
+                                            r"unreachable for 1\.5s \(connection to server"):
+        retrying(never, "order 7: recording FAILED", patience=1.5)
+    assert time.monotonic() - began >= 1.5
+
+
+def test_a_stop_request_ends_the_waiting_early() -> None:
+    lost = _refused_connection_error()
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    began = time.monotonic()
+    with pytest.raises(DatabaseError):
+        retrying(lambda: (_ for _ in ()).throw(lost), "storing", patience=60.0, stop=stop)
+    assert time.monotonic() - began < 10.0
+
+
+def test_an_error_waiting_cannot_fix_is_raised_at_once(engine) -> None:
+    calls = []
+
+    def bad() -> None:
+        calls.append(1)
+        with engine.connect() as conn:
+            conn.execute(text("SELECT * FROM no_such_table"))
+
+    with pytest.raises(OperationalError):
+        retrying(bad, "reading", patience=60.0)
+    assert len(calls) == 1
+
+
+def test_an_order_records_its_owner_and_heartbeat(engine) -> None:
+    me = Owner.me()
+    store = OrderStore(engine, owner=me)
+    order_id = store.create("o", "in.png", "blur")
+    record = store.get(order_id)
+    assert Owner.parse(record.owner) == me
+    assert record.heartbeat_at is not None
+    before = record.heartbeat_at
+    time.sleep(0.01)
+    store.heartbeat()
+    assert store.get(order_id).heartbeat_at > before
+
+
+def _dead_owner() -> Owner:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    owner = Owner(Owner.me().host, child.pid, 1)
+    child.wait()
+    return owner
+
+
+def test_orders_of_a_dead_orchestrator_are_marked_failed_with_their_running_tasks(engine) -> None:
+    dead = OrderStore(engine, owner=_dead_owner())
+    running = dead.create("left-running", "in.png", "blur,sepia")
+    dead.set_status(running, OrderStatus.RUNNING)
+    dead.start_task(running, 0, 1, "blur")
+    dead.finish_task(running, 0, 1, "SUCCEEDED", output="a.png")
+    dead.start_task(running, 1, 1, "sepia")
+    pending = dead.create("left-pending", "in.png", "blur")
+    done = dead.create("finished", "in.png", "blur")
+    dead.set_status(done, OrderStatus.SUCCEEDED)
+    mine = OrderStore(engine, owner=Owner.me())
+    live = mine.create("mine", "in.png", "blur")
+    mine.set_status(live, OrderStatus.RUNNING)
+
+    marked = mine.mark_abandoned()
+
+    assert sorted(r.id for r in marked) == [running, pending]
+    for order_id in (running, pending):
+        record = mine.get(order_id)
+        assert record.status is OrderStatus.FAILED
+        assert "orchestrator" in record.error and "died" in record.error
+        assert record.finished_at is not None
+    assert mine.get(done).status is OrderStatus.SUCCEEDED
+    assert mine.get(live).status is OrderStatus.RUNNING
+    with engine.connect() as conn:
+        runs = {r.position: r for r in conn.execute(select(task_runs).where(task_runs.c.order_id == running))}
+    assert runs[0].status == "SUCCEEDED"
+    assert runs[1].status == "FAILED" and "died" in runs[1].error
+    assert mine.mark_abandoned() == []  # marked once
+
+
+def test_another_hosts_order_is_marked_only_once_its_heartbeat_is_stale(engine) -> None:
+    elsewhere = OrderStore(engine, owner=Owner("pod-orchestrator-abc", 1, 100))
+    fresh = elsewhere.create("fresh", "in.png", "blur")
+    stale = elsewhere.create("stale", "in.png", "blur")
+    patience = 120.0
+    too_old = utcnow() - timedelta(seconds=patience + MISSED_BEATS * HEARTBEAT_SECONDS + 5)
+    with engine.begin() as conn:
+        conn.execute(update(orders).where(orders.c.id == stale).values(heartbeat_at=too_old))
+
+    marked = OrderStore(engine, patience=patience, owner=Owner.me()).mark_abandoned()
+
+    assert [r.id for r in marked] == [stale]
+    assert elsewhere.get(fresh).status is OrderStatus.PENDING
+
+
+def test_a_database_that_never_answers_fails_the_store_call_after_its_patience() -> None:
+    engine = connect(f"postgresql+psycopg2://user:pw@127.0.0.1:{_closed_port()}/db")
+    store = OrderStore(engine, patience=1.0, owner=Owner.me())
+    with pytest.raises(DatabaseError, match="recording order late: the database has been unreachable"):
+        store.create("late", "in.png", "blur")
