@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from pipeline.db import connect, create_schema  # noqa: E402
+from pipeline.db.retry import retrying  # noqa: E402
 from pipeline.db.deviations import DeviationRow, DeviationStore, to_ms  # noqa: E402
 from pipeline.db.schema import measurements, resources, task_runs, tasks  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
@@ -51,19 +52,9 @@ class PlotResult:
 def plot_order(settings: Settings, order_id: int, out_dir: Path, version: str | None = None) -> PlotResult:
     """Write the PNGs and the summary for ``order_id`` into ``out_dir``."""
     engine = connect(settings.database_url)
-    create_schema(engine)
-    store = DeviationStore(engine)
-    versions = store.versions(order_id)
-    if version is not None and version not in versions:
-        raise PlotError(f"order {order_id} has no deviations of model version {version}; "
-                        f"run `python -m monitor rescore {order_id} --model {version}` first")
-    version = version or (max(versions, key=_version_key) if versions else None)
-    rows = store.read(order_id, version) if version else []
-    scored = {r.resource for r in rows}
-    # What the model did not score (context such as node_cpu_pressure, or a resource newer
-    # than the model) is drawn as measured, without a band.
-    starts = _run_starts(engine, order_id)
-    rows += [r for r in _stored_samples(engine, order_id, starts) if r.resource not in scored]
+    version, rows, scored, starts = retrying(lambda: _order_rows(engine, order_id, version),
+                                             f"order {order_id}: reading its samples",
+                                             settings.db_retry_seconds)
     if not rows:
         raise PlotError(f"order {order_id} has no stored samples")
     panels = panels_for(r.resource for r in rows)
@@ -160,6 +151,25 @@ def _summary(order_id: int, rows: list[DeviationRow], version: str | None) -> st
         f"(value {first.value:.1f}, expected {first.expected:.1f})",
         f"deviated most: task {most.position + 1} {most.task}, {most.resource} (score {most.score:+.1f})",
     ])
+
+
+def _order_rows(engine: Engine, order_id: int, version: str | None):
+    """The model version drawn; the rows to draw: the scored samples of that version (the
+    newest by default) and, as measured, what the model did not score (context such as
+    node_cpu_pressure, or a resource newer than the model); the scored resources; when each
+    run's attempts started."""
+    create_schema(engine)
+    store = DeviationStore(engine)
+    versions = store.versions(order_id)
+    if version is not None and version not in versions:
+        raise PlotError(f"order {order_id} has no deviations of model version {version}; "
+                        f"run `python -m monitor rescore {order_id} --model {version}` first")
+    version = version or (max(versions, key=_version_key) if versions else None)
+    rows = store.read(order_id, version) if version else []
+    scored = {r.resource for r in rows}
+    starts = _run_starts(engine, order_id)
+    rows += [r for r in _stored_samples(engine, order_id, starts) if r.resource not in scored]
+    return version, rows, scored, starts
 
 
 def _run_starts(engine: Engine, order_id: int) -> dict[int, dict[str, int]]:

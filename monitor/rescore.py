@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from monitor.live_scoring import model_detector, to_row
 from monitor.order_context import order_samples
 from pipeline.db import connect, create_schema
+from pipeline.db.retry import retrying
 from pipeline.db.deviations import DeviationStore
 from pipeline.errors import PipelineError
 from pipeline.settings import Settings
@@ -36,18 +37,21 @@ def rescore(settings: Settings, order_id: int, version: str | None = None) -> Re
     from training.registry import load_expected_usage
 
     engine = connect(settings.database_url)
-    create_schema(engine)
+    patience = settings.db_retry_seconds
+    retrying(lambda: create_schema(engine), "preparing the schema", patience)
     loaded = load_expected_usage(settings.mlflow_tracking_uri, version)
     if loaded is None:
         which = f"version {version}" if version else "a 'champion' version"
         raise RescoreError(f"expected-usage has no {which} in {settings.mlflow_tracking_uri}; "
                            "train one with `python -m training fit`")
     model, model_version = loaded
-    samples = order_samples(engine, order_id)
+    samples = retrying(lambda: order_samples(engine, order_id), f"order {order_id}: reading its samples", patience)
     if not samples:
         raise RescoreError(f"order {order_id} has no stored samples in {settings.database_url.split('@')[-1]}")
     results = model_detector(model, settings).process(samples)
-    DeviationStore(engine).replace(order_id, [to_row(r) for r in results], model_version)
+    rows = [to_row(r) for r in results]
+    retrying(lambda: DeviationStore(engine).replace(order_id, rows, model_version),
+             f"order {order_id}: storing its deviations", patience)
     anomalies = Counter((r.sample.task, r.sample.position, r.sample.resource) for r in results if r.anomaly)
     logger.info("order_id=%d rescored %d samples with version %s: %d anomalous",
                 order_id, len(results), model_version, sum(anomalies.values()))

@@ -11,6 +11,8 @@ from datetime import datetime
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from pipeline.db.orders import ACTIVE, utcnow
+from pipeline.db.owners import Owner
 from pipeline.db.schema import deviations, measurements, orders, task_runs, tasks
 from pipeline.errors import DatabaseError, PipelineError
 from pipeline.settings import mask_url
@@ -45,10 +47,14 @@ class OrderStatusReport:
     anomalies: int
     error: str | None
     runs: list[RunStatus] = field(default_factory=list)
+    orchestrator: str | None = None  # the process running it: "pid N on host"
+    orchestrator_gone: bool = False  # unfinished, but that process is gone (see pipeline/db/owners.py)
 
 
-def order_statuses(engine: Engine, order_id: int | None = None, limit: int = 20) -> list[OrderStatusReport]:
-    """The newest ``limit`` orders (or the one ``order_id``), newest first."""
+def order_statuses(engine: Engine, order_id: int | None = None, limit: int = 20,
+                   patience: float = 120.0) -> list[OrderStatusReport]:
+    """The newest ``limit`` orders (or the one ``order_id``), newest first; ``patience`` is
+    DB_RETRY_SECONDS, for telling whether an unfinished order's orchestrator is gone."""
     try:
         with engine.connect() as conn:
             query = select(orders).order_by(orders.c.id.desc())
@@ -72,11 +78,17 @@ def order_statuses(engine: Engine, order_id: int | None = None, limit: int = 20)
         raise DatabaseError(f"cannot read the orders from {mask_url(str(engine.url))}: "
                             f"{str(exc).splitlines()[0]}") from exc
     reports = []
+    now = utcnow()
     for row in rows:
         report = OrderStatusReport(
             row["id"], row["name"], row["status"], _iso(row["created_at"]), _iso(row["finished_at"]),
             _seconds(row["started_at"] or row["created_at"], row["finished_at"]), row["task_list"].split(","),
             samples.get(row["id"], 0), anomalies.get(row["id"], 0), row["error"])
+        owner = Owner.parse(row["owner"])
+        if owner is not None:
+            report.orchestrator = owner.describe()
+            report.orchestrator_gone = row["status"] in ACTIVE and not owner.alive(
+                row["heartbeat_at"], now, patience)
         report.runs = [RunStatus(r["position"], r["attempt"], r["task"], r["status"], _iso(r["started_at"]),
                                  _iso(r["finished_at"]), _seconds(r["started_at"], r["finished_at"]), r["error"])
                        for r in runs if r["order_id"] == row["id"]]
@@ -91,7 +103,9 @@ def format_statuses(reports: list[OrderStatusReport]) -> str:
     lines = []
     for o in reports:
         took = f"{o.seconds:.1f}s" if o.seconds is not None else "-"
-        lines.append(f"order {o.order_id} {o.name}: {o.status}, created {o.created_at or '-'}, {took}, "
+        gone = f" (its orchestrator, {o.orchestrator}, is gone: the next run marks it FAILED)" \
+            if o.orchestrator_gone else ""
+        lines.append(f"order {o.order_id} {o.name}: {o.status}{gone}, created {o.created_at or '-'}, {took}, "
                      f"{o.samples} samples, {o.anomalies} anomalies" + (f"; {o.error}" if o.error else ""))
         for r in o.runs:
             took = f"{r.seconds:.1f}s" if r.seconds is not None else "running"

@@ -29,6 +29,7 @@ from mlflow import MlflowClient
 from models.expected_usage import ExpectedUsageModel
 from models.features import FEATURE_COLUMNS
 from pipeline.db import connect
+from pipeline.db.retry import retrying
 from pipeline.errors import TrainingError
 from pipeline.settings import Settings
 from training import champion as champion_rule
@@ -81,7 +82,9 @@ class _Champion:
 def run_fit(settings: Settings, options: FitOptions, progress: bool = True) -> FitReport:
     """Evaluate over folds, train on everything, register; raises InsufficientDataError on too
     little data."""
-    frame = data.load_measurements(connect(settings.database_url), options.since, options.until)
+    engine = connect(settings.database_url)
+    frame = retrying(lambda: data.load_measurements(engine, options.since, options.until),
+                     "reading the measurements", settings.db_retry_seconds)
     data.require_enough(frame, options.min_orders)
     parts = folds.k_folds(frame, options.folds, options.seed)
     final_train, final_validation = folds.hold_out(frame, options.seed)

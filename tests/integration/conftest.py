@@ -75,16 +75,22 @@ def fresh_database(server_url: str) -> Iterator[str]:
     name = f"test_{uuid.uuid4().hex[:12]}"
     admin = dict(host=server.host, port=server.port, user=server.username,
                  password=server.password, dbname="postgres")
-    conn = psycopg2.connect(**admin)
-    conn.autocommit = True
-    with conn.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {name}")
+
+    def execute(statement: str) -> None:
+        # A connection per statement: the server may have been restarted in between.
+        conn = psycopg2.connect(**admin)
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute(statement)
+        finally:
+            conn.close()
+
+    execute(f"CREATE DATABASE {name}")
     try:
         yield server.set(database=name).render_as_string(hide_password=False)
     finally:
-        with conn.cursor() as cursor:
-            cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.close()
+        execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def settings_for(infra_env: dict[str, str], database_url: str, folder: Path) -> Settings:

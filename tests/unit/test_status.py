@@ -61,3 +61,25 @@ def test_an_unknown_order_or_a_bad_limit_is_one_line_and_status_2(database, caps
     err = capsys.readouterr().err
     assert err.startswith("error: no order 424242") and len(err.strip().splitlines()) == 1
     assert cli.main(["status", "--limit", "0"]) == 2
+
+
+def test_an_order_whose_orchestrator_is_gone_says_so(database, capsys, tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline.db.owners import Owner
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    engine = connect(f"sqlite:///{tmp_path / 'status.db'}")
+    orphan = OrderStore(engine, owner=Owner(Owner.me().host, child.pid, 1)).create("orphan", "c.jpg", "blur")
+    OrderStore(engine, owner=Owner.me()).create("live", "d.jpg", "blur")
+
+    assert cli.main(["status", "--json"]) == 0
+    reports = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert reports["orphan"]["orchestrator_gone"] is True
+    assert reports["orphan"]["orchestrator"] == f"pid {child.pid} on {Owner.me().host}"
+    assert reports["live"]["orchestrator_gone"] is False
+    assert reports["done"]["orchestrator_gone"] is False  # finished: nothing to mark
+    assert cli.main(["status", str(orphan)]) == 0
+    assert "PENDING (its orchestrator, pid" in capsys.readouterr().out

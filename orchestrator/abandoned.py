@@ -1,0 +1,113 @@
+"""Orders whose orchestrator died, and the heartbeat that tells a live orchestrator apart.
+
+An orchestrator killed outright (SIGKILL, out of memory, a lost node) cannot record how its
+orders ended; its local tasks and monitors stop with it (pipeline.lifetime). The next
+orchestrator to start marks such orders FAILED (pipeline/db/owners.py says how "dead" is
+decided), tells any monitor still serving them to stop, and removes their topics once the
+samples on them are stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from orchestrator.progress_listener import ProgressListener
+from orchestrator.report import Reporter
+from pipeline.db.orders import SHARED_MONITORS, OrderRecord, OrderStore
+from pipeline.db.owners import HEARTBEAT_SECONDS
+from pipeline.errors import PipelineError
+from pipeline.kafka import Producer, TopicAdmin
+from pipeline.protocol import OrderStopped, order_topics, task_topic
+
+logger = logging.getLogger(__name__)
+
+# How long the shared consumer gets to store an abandoned order's last samples (it has been
+# storing them all along; this covers its backlog) before the order's topics are deleted.
+SHARED_DRAIN_SECONDS = 60.0
+
+
+class AbandonedOrders:
+    """Marks the abandoned orders at start; :meth:`close` waits for their topics' removal."""
+
+    def __init__(self, store: OrderStore, admin: TopicAdmin, producer: Producer,
+                 listener: ProgressListener, reporter: Reporter) -> None:
+        self._store, self._admin, self._producer = store, admin, producer
+        self._listener, self._reporter = listener, reporter
+        self._drains: list[threading.Thread] = []
+
+    def settle(self) -> list[OrderRecord]:
+        """Mark every abandoned order FAILED, say so, and stop what may still serve it."""
+        marked = self._store.mark_abandoned()
+        if not marked:
+            return marked
+        existing = self._admin.existing()
+        for record in marked:
+            self._reporter.line(f"order {record.id} {record.name}: was {record.status.value}, its "
+                                f"orchestrator died; marked FAILED")
+            topics = [t for t in order_topics(record.id) if t in existing]
+            if not topics:
+                continue
+            if task_topic(record.id) in topics:
+                self._stop_monitors(record.id)
+            if record.monitors == SHARED_MONITORS:
+                self._drain_then_remove(record.id, topics)
+            else:  # its own monitors stopped with its orchestrator
+                self._remove(record.id, topics)
+        return marked
+
+    def _stop_monitors(self, order_id: int) -> None:
+        """STOP on ``task<ID>``: a monitor still serving the order (the shared ones, a pod in a
+        cluster) stores what it has, sends TERMINATE and lets the order go."""
+        try:
+            self._producer.send_now(OrderStopped(order_id).encode())
+        except PipelineError as exc:
+            logger.warning("order_id=%d could not send STOP: %s", order_id, exc)
+
+    def _drain_then_remove(self, order_id: int, topics: list[str]) -> None:
+        terminated = self._listener.watch_terminate(order_id)
+
+        def wait() -> None:
+            if not terminated.wait(SHARED_DRAIN_SECONDS):
+                logger.warning("order_id=%d the shared consumer did not confirm its samples within "
+                               "%gs; removing its topics anyway", order_id, SHARED_DRAIN_SECONDS)
+            self._listener.unregister(order_id)
+            self._remove(order_id, topics)
+
+        thread = threading.Thread(target=wait, name=f"drain-{order_id}", daemon=True)
+        thread.start()
+        self._drains.append(thread)
+
+    def _remove(self, order_id: int, topics: list[str]) -> None:
+        try:
+            self._admin.delete(topics)
+        except PipelineError as exc:
+            logger.warning("order_id=%d topics not deleted: %s", order_id, exc)
+
+    def close(self, timeout: float = SHARED_DRAIN_SECONDS) -> None:
+        for thread in self._drains:
+            thread.join(timeout)
+
+
+class Heartbeat:
+    """Refreshes ``orders.heartbeat_at`` of this orchestrator's unfinished orders."""
+
+    def __init__(self, store: OrderStore) -> None:
+        self._store = store
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                self._store.heartbeat()
+            except PipelineError as exc:  # the orders' own writes report the outage
+                logger.debug("heartbeat not recorded: %s", exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
