@@ -14,7 +14,7 @@ import threading
 
 from orchestrator.progress_listener import ProgressListener
 from orchestrator.report import Reporter
-from pipeline.db.orders import SHARED_MONITORS, OrderRecord, OrderStore
+from pipeline.db.orders import SHARED_MONITORS, OrderRecord, OrderStatus, OrderStore
 from pipeline.db.owners import HEARTBEAT_SECONDS
 from pipeline.errors import PipelineError
 from pipeline.kafka import Producer, TopicAdmin
@@ -45,6 +45,10 @@ class AbandonedOrders:
         for record in marked:
             self._reporter.line(f"order {record.id} {record.name}: was {record.status.value}, its "
                                 f"orchestrator died; marked FAILED")
+            if record.status is not OrderStatus.RUNNING:
+                # Still PENDING: its orchestrator may have died before it claimed the order's
+                # topics, so topics of that name may be another deployment's (order_run.py).
+                continue
             topics = [t for t in order_topics(record.id) if t in existing]
             if not topics:
                 continue

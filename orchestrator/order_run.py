@@ -15,7 +15,7 @@ from orchestrator.report import OrderResult, Reporter, TaskResult
 from orchestrator.runtime import Handle, Runtime, TaskLaunch
 from orchestrator.runtime.base import RuntimeFailure
 from pipeline.db.orders import SHARED_MONITORS, OrderStatus, OrderStore
-from pipeline.errors import PipelineError
+from pipeline.errors import DatabaseError, PipelineError
 from pipeline.kafka import Producer, TopicAdmin
 from pipeline.protocol import OrderStopped, Progress, TaskStatus, order_topics
 from training.registry_probe import champion_may_exist
@@ -120,16 +120,29 @@ class OrderRun:
             self._wind_down()
         self.result.status, self.result.error = status.value, error
         self.result.seconds = time.monotonic() - began
+        recorded = self.order_id is None or self._record_end(status, error)
         if self.order_id is not None:
-            self.s.store.set_status(self.order_id, status, error)
-            self.result.rows = self.s.store.count_measurements(self.order_id)
             if self._terminated is None or self._terminated.is_set():
                 self._remove_topics()
             else:
                 logger.warning("order_id=%d topics kept: the shared consumer has not confirmed "
                                "storing every sample yet", self.order_id)
-        self._say(f"{status.value} after {self.result.seconds:.1f}s, {self.result.rows} sample rows stored")
+        if recorded:
+            self._say(f"{status.value} after {self.result.seconds:.1f}s, {self.result.rows} sample rows stored")
         return self.result
+
+    def _record_end(self, status: OrderStatus, error: str | None) -> bool:
+        """Store how the order ended; False (said in one line) when the database stayed away
+        for longer than DB_RETRY_SECONDS: the next orchestrator to start marks it then."""
+        try:
+            self.s.store.set_status(self.order_id, status, error)
+            self.result.rows = self.s.store.count_measurements(self.order_id)
+        except DatabaseError as exc:
+            self.result.status, self.result.error = OrderStatus.FAILED.value, str(exc)
+            self._say(f"{status.value} after {self.result.seconds:.1f}s but not recorded: {exc}; "
+                      "the next orchestrator to start marks it FAILED")
+            return False
+        return True
 
     def _monitors_kind(self) -> str | None:
         """What ``orders.monitors`` records (the shared services serve only "shared")."""
@@ -139,7 +152,6 @@ class OrderRun:
 
     def _run_tasks(self) -> tuple[OrderStatus, str | None]:
         order_id = self.order_id
-        self._fresh_topics()
         self._progress = self.s.listener.register(order_id)
         if self.s.anomalies is not None:
             self.s.anomalies.register(order_id, self.order.name, len(self.order.tasks))
@@ -249,7 +261,7 @@ class OrderRun:
             handle.stop(grace=5.0)
 
     def _new_order_id(self) -> int:
-        """A fresh orderID whose topics do not exist yet.
+        """A fresh orderID, with its topics created by this call.
 
         A topic of that name can only belong to another database that handed out the same id
         (a reset SQLite file, another developer's database on a shared broker): it may be in
@@ -257,13 +269,10 @@ class OrderRun:
         old one's position by a reader that missed the deletion. So such an id is skipped (its
         row is marked FAILED, saying why), never its topics deleted."""
         for _ in range(MAX_SKIPPED_IDS):
-            # Its monitors are recorded only once the id is kept: until then no shared service
-            # may take the leftover topics for this order's.
             order_id = self.s.store.create(self.order.name, str(self.order.image), self.order.required_tasks,
                                            self.order.image_size)
-            taken = set(order_topics(order_id)) & self.s.admin.existing()
+            taken = self._claim_topics(order_id)
             if not taken:
-                self.s.store.set_monitors(order_id, self._monitors_kind())
                 return order_id
             why = f"orderID {order_id} skipped: topics {', '.join(sorted(taken))} exist already (another database's)"
             logger.warning("%s", why)
@@ -271,9 +280,38 @@ class OrderRun:
         raise PipelineError(f"{MAX_SKIPPED_IDS} orderIDs in a row have topics on the broker already; "
                             "delete the leftover task<ID>/resource<ID> topics or use another database")
 
-    def _fresh_topics(self) -> None:
-        """Create the order's topics (its id was chosen so that they do not exist yet)."""
-        self.s.admin.create(list(order_topics(self.order_id)))
+    def _claim_topics(self, order_id: int) -> set[str]:
+        """Create the id's topics and record its monitors; the topics that existed already
+        (then the ones created here are deleted again, and the id is not to be used).
+
+        Creation is exclusive (the broker says which topics existed), so two databases handing
+        out the same id at the same moment never share its topics, as checking first and
+        creating after would let them. The monitors are recorded only once the id is kept:
+        until then no shared service may take leftover topics for this order's (nothing is
+        on the new ones yet)."""
+        topics = list(order_topics(order_id))
+        try:
+            taken = self.s.admin.create_exclusive(topics)
+        except PipelineError as exc:  # the broker refused: this order ends here
+            self.s.store.set_status(order_id, OrderStatus.FAILED, str(exc))
+            raise
+        created = [t for t in topics if t not in taken]
+        if taken:
+            self._delete_created(order_id, created)
+            return taken
+        try:
+            self.s.store.set_monitors(order_id, self._monitors_kind())
+        except PipelineError:
+            self._delete_created(order_id, created)
+            raise
+        return taken
+
+    def _delete_created(self, order_id: int, created: list[str]) -> None:
+        """Delete topics :meth:`_claim_topics` created for an id that is not used after all."""
+        try:
+            self.s.admin.delete(created)
+        except PipelineError as exc:
+            logger.warning("order_id=%d topics %s not deleted: %s", order_id, ", ".join(created), exc)
 
     def _start_monitors(self, kinds) -> None:
         """Start the monitors side by side; their readiness is checked while the tasks run."""

@@ -4,7 +4,7 @@ It deploys what ``kubectl apply -k k8s/`` deploys, without needing kustomize: it
 ``k8s/kustomization.yaml`` (its ``namespace``, ``labels`` and ``resources``, the only
 fields this module implements; anything else is refused rather than ignored) and the YAML
 files it lists, sets the namespace and the common labels as kustomize does, sets
-``K8S_NAMESPACE``, ``IMAGE_TAG`` and ``IMAGE_REGISTRY`` of the ConfigMap
+``K8S_NAMESPACE``, ``IMAGE_TAG``, ``IMAGE_REGISTRY`` and ``TOPIC_PREFIX`` of the ConfigMap
 ``pipeline-settings``, creates the Secret ``pipeline-credentials`` with a random password
 when it does not exist yet (never changing an existing one), and server-side applies every
 object with field manager ``image-pipeline``, the Namespace first.
@@ -200,6 +200,7 @@ class DeployOptions:
     kubeconfig: str | None = None
     dry_run: bool = False
     create_namespace: bool = False
+    topic_prefix: str = ""  # $TOPIC_PREFIX: the in-cluster services then use the same topics
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, settings: Settings) -> "DeployOptions":
@@ -224,12 +225,13 @@ class DeployOptions:
             kubeconfig=args.kubeconfig,
             dry_run=args.dry_run,
             create_namespace=args.create_namespace,
+            topic_prefix=settings.topic_prefix,
         )
 
     @property
     def settings_values(self) -> dict[str, str]:
         return {"K8S_NAMESPACE": self.namespace, "IMAGE_TAG": self.image_tag,
-                "IMAGE_REGISTRY": self.image_registry}
+                "IMAGE_REGISTRY": self.image_registry, "TOPIC_PREFIX": self.topic_prefix}
 
 
 def command(args: argparse.Namespace, settings: Settings) -> int:

@@ -27,6 +27,9 @@ _URL_PASSWORD = re.compile(r"(?P<head>://[^:/@]+:)(?P<password>[^@]+)(?P<tail>@)
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _IMAGE_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _IMAGE_REGISTRY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
+# Kafka's legal topic characters; the longest logical name (resource<ID>) fits after it
+# within Kafka's 249.
+_TOPIC_PREFIX = re.compile(r"[A-Za-z0-9._-]{0,200}")
 
 
 class Runtime(str, enum.Enum):
@@ -118,6 +121,12 @@ class Settings:
     monitors: Monitors = Monitors.AUTO
     # RUNTIME=local: how a task's process starts (see orchestrator/runtime/local.py).
     task_start: TaskStart = TaskStart.FORK_SERVER
+    # How long a service rides out a lost database connection (retrying with backoff) before
+    # it gives up: the orchestrator then fails the order, a monitor-consumer exits.
+    db_retry_seconds: float = 120.0
+    # Put before every topic name on the broker (pipeline/kafka/topics.py): deployments with
+    # different prefixes share a broker without meeting each other's topics.
+    topic_prefix: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -167,6 +176,8 @@ class Settings:
             image_tag=_image_tag(env),
             monitors=_choice(env, "MONITORS", Monitors, Monitors.AUTO),
             task_start=_choice(env, "TASK_START", TaskStart, TaskStart.FORK_SERVER),
+            db_retry_seconds=_number(env, "DB_RETRY_SECONDS", 120.0, minimum=0.0),
+            topic_prefix=_topic_prefix(env),
         )
 
     def image(self, name: str) -> str:
@@ -175,9 +186,12 @@ class Settings:
         return f"{registry}image-pipeline-{name}:{self.image_tag}"
 
     def deployment_id(self) -> str:
-        """A short digest of the broker and database: the shared monitoring services of one
-        deployment share it (their consumer groups carry it), others never meet them."""
+        """A short digest of the broker, database and topic prefix: the shared monitoring
+        services of one deployment share it (their consumer groups carry it), others never
+        meet them."""
         parts = (self.kafka_bootstrap_servers or "", self.database_url)
+        if self.topic_prefix:  # another prefix is another deployment (no prefix: as ever)
+            parts += (self.topic_prefix,)
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
     def with_kafka(self, bootstrap_servers: str) -> "Settings":
@@ -203,6 +217,8 @@ class Settings:
             "IMAGE_TAG": self.image_tag,
             "MONITORS": self.monitors.value,
             "TASK_START": self.task_start.value,
+            "DB_RETRY_SECONDS": repr(self.db_retry_seconds),
+            "TOPIC_PREFIX": self.topic_prefix,
         }
         if self.kafka_bootstrap_servers:
             env["KAFKA_BOOTSTRAP_SERVERS"] = self.kafka_bootstrap_servers
@@ -228,6 +244,8 @@ class Settings:
             "IMAGE_TAG": self.image_tag,
             "MONITORS": self.monitors.value,
             "TASK_START": self.task_start.value,
+            "DB_RETRY_SECONDS": f"{self.db_retry_seconds:g}",
+            "TOPIC_PREFIX": self.topic_prefix or "(none: topics by their plain names)",
         }
         for name, value in sorted(self.kafka_options.items()):
             shown[f"kafka option {name}"] = "***" if _is_secret(name) else value
@@ -308,6 +326,14 @@ def _image_tag(env: Mapping[str, str]) -> str:
                             f"{__version__}")
     if not _IMAGE_TAG.fullmatch(value):
         raise SettingsError(f"IMAGE_TAG={value!r}: not a valid image tag")
+    return value
+
+
+def _topic_prefix(env: Mapping[str, str]) -> str:
+    value = env.get("TOPIC_PREFIX", "").strip()
+    if not _TOPIC_PREFIX.fullmatch(value):
+        raise SettingsError(f"TOPIC_PREFIX={value!r}: expected at most 200 of the characters "
+                            "Kafka allows in topic names (A-Z a-z 0-9 . _ -)")
     return value
 
 

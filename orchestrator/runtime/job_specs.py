@@ -3,7 +3,8 @@
 The templates hold what a cluster operator may want to change (security context, default
 requests and limits, deadlines, volumes, node selectors, tolerations); this module sets what
 each Job must carry: a unique name, labels, images with explicit tags, commands and
-arguments. Nothing here talks to the API server.
+arguments, and the orchestrator's TOPIC_PREFIX (its tasks and monitors talk on the topics it
+created, whatever the ConfigMap says). Nothing here talks to the API server.
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ class JobTemplates:
         task["args"] = launch.to_args()
         task["resources"] = merged_resources(
             task.get("resources"), catalog.get_task(launch.task_name).resources, resources)
+        for container in (sampler, task):
+            _set_env(container, "TOPIC_PREFIX", self.settings.topic_prefix)
         return job
 
     def monitor_job(self, kind: str, order_id: int, mode: str | None = None) -> dict[str, Any]:
@@ -117,6 +120,7 @@ class JobTemplates:
         monitor["command"] = ["python", "-m", "monitor"]
         monitor["args"] = [kind, str(order_id), *(["--mode", mode] if mode else [])]
         _set_env(monitor, "READY_FILE", READY_FILE)
+        _set_env(monitor, "TOPIC_PREFIX", self.settings.topic_prefix)
         return job
 
     def orchestrator_job(self, order_name: str, config_map: str, order_file: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import confluent_kafka
 
 from pipeline.errors import KafkaClientError
 from pipeline.kafka.config import client_config
+from pipeline.kafka.topics import TopicNames
 from pipeline.protocol import Message
 from pipeline.settings import Settings
 
@@ -39,6 +40,9 @@ class Consumer:
     partitions (:meth:`assign`, :meth:`add`) rather than subscribing: no group rebalance delays
     the start, and the group id still keeps committed offsets so a restarted reader resumes
     where the last commit left it. The shared services join a group instead (:meth:`subscribe`).
+
+    Topics are named by their logical names in and out (assigned, subscribed, revoked and
+    received alike); only the librdkafka client sees them under TOPIC_PREFIX.
     """
 
     def __init__(self, settings: Settings, group_id: str | None = None, **overrides: Any) -> None:
@@ -53,7 +57,9 @@ class Consumer:
                 **overrides,
             },
         )
+        self._names = TopicNames.of(settings)
         self._consumer: confluent_kafka.Consumer | None = None
+        # (physical topic, partition) -> the next offset to commit
         self._pending: dict[tuple[str, int], int] = {}
         # subscribe(): called with the (topic, partition) pairs about to be taken away.
         self.on_revoke: Callable[[list[tuple[str, int]]], None] | None = None
@@ -91,7 +97,7 @@ class Consumer:
         """Stop reading ``topics`` (added with :meth:`add`); what was not committed is dropped."""
         if self._consumer is None:
             return
-        wanted = set(topics)
+        wanted = set(self._names.physical_all(topics))
         partitions = [p for p in self._consumer.assignment() if p.topic in wanted]
         if partitions:
             self._consumer.incremental_unassign(partitions)
@@ -99,7 +105,7 @@ class Consumer:
 
     def _partitions(self, client, topics: Sequence[str], timeout: float) -> list:
         partitions = []
-        for topic in topics:
+        for topic in self._names.physical_all(topics):
             try:
                 metadata = client.list_topics(topic, timeout=timeout)
             except confluent_kafka.KafkaException as exc:
@@ -118,17 +124,18 @@ class Consumer:
         else. Before partitions are taken away, :attr:`on_revoke` (if set) is called with
         their ``(topic, partition)`` pairs, so the caller can finish and commit them; the
         offsets of lost partitions are dropped uncommitted (their new owner reads them again).
+        Patterns match logical names: only topics under TOPIC_PREFIX are ever assigned.
         """
         def revoked(_client, partitions) -> None:
             pairs = [(p.topic, p.partition) for p in partitions]
             if self.on_revoke is not None:
-                self.on_revoke(pairs)
+                self.on_revoke([(self._names.logical(t), p) for t, p in pairs])
             self._forget(pairs)
 
         def lost(_client, partitions) -> None:
             self._forget([(p.topic, p.partition) for p in partitions])
 
-        self._client().subscribe(list(patterns), on_revoke=revoked, on_lost=lost)
+        self._client().subscribe([self._names.pattern(p) for p in patterns], on_revoke=revoked, on_lost=lost)
 
     def _forget(self, pairs) -> None:
         for pair in pairs:
@@ -161,7 +168,7 @@ class Consumer:
                 logger.debug("transient consumer error: %s", error.str())
                 return None
             raise KafkaClientError(f"consumer error: {error.str()}")
-        return _to_message(msg)
+        return _to_message(msg, self._names)
 
     def consume(self, max_messages: int, timeout: float = 1.0) -> list[Message]:
         """Up to ``max_messages`` messages, waiting at most ``timeout`` for the first: as soon
@@ -176,7 +183,7 @@ class Consumer:
         for msg in batch:
             error = msg.error()
             if error is None:
-                messages.append(_to_message(msg))
+                messages.append(_to_message(msg, self._names))
             elif not (error.code() in _TRANSIENT or error.retriable()):
                 raise KafkaClientError(f"consumer error: {error.str()}")
             else:
@@ -187,7 +194,7 @@ class Consumer:
         """Remember that ``message`` is fully processed; :meth:`commit` makes it durable."""
         if message.offset is None or message.partition is None:
             raise ValueError("only a received message can be marked processed")
-        self._pending[(message.topic, message.partition)] = message.offset + 1
+        self._pending[(self._names.physical(message.topic), message.partition)] = message.offset + 1
 
     def commit(self) -> None:
         """Commit the offsets of everything marked processed (synchronously)."""
@@ -269,12 +276,13 @@ def _topic_gone(exc: confluent_kafka.KafkaException) -> bool:
         error.code() == confluent_kafka.KafkaError.UNKNOWN_TOPIC_OR_PART
 
 
-def _to_message(msg: confluent_kafka.Message) -> Message:
+def _to_message(msg: confluent_kafka.Message, names: TopicNames) -> Message:
+    """The received message, on its logical topic."""
     ts_type, ts = msg.timestamp()
     key = msg.key()
     value = msg.value()
     message = Message(
-        topic=msg.topic(),
+        topic=names.logical(msg.topic()),
         key=key.decode("utf-8", errors="replace") if key is not None else "",
         value=value.decode("utf-8", errors="replace") if value is not None else "",
         headers=tuple(msg.headers() or ()),

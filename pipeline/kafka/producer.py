@@ -9,6 +9,7 @@ import confluent_kafka
 
 from pipeline.errors import KafkaClientError
 from pipeline.kafka.config import client_config
+from pipeline.kafka.topics import TopicNames
 from pipeline.protocol import Message
 from pipeline.settings import Settings
 
@@ -22,7 +23,8 @@ class Producer:
     next :meth:`send` or :meth:`flush`; a producer shared by many orders (``shared=True``)
     logs and counts delivery errors instead, so that one order's lost topic never fails the
     messages of another (:meth:`send_now` still raises its own message's error). Leaving the
-    ``with`` block flushes.
+    ``with`` block flushes. A message's topic is its logical name: it goes to that topic
+    under TOPIC_PREFIX.
     """
 
     def __init__(self, settings: Settings, shared: bool = False, **overrides: Any) -> None:
@@ -32,6 +34,7 @@ class Producer:
             settings,
             **{"enable.idempotence": True, "linger.ms": 5, "acks": "all", **overrides},
         )
+        self._names = TopicNames.of(settings)
         self._producer: confluent_kafka.Producer | None = None
         self._error: KafkaClientError | None = None
 
@@ -68,15 +71,16 @@ class Producer:
         }
         if message.timestamp_ms is not None:
             kwargs["timestamp"] = message.timestamp_ms
+        topic = self._names.physical(message.topic)
         while True:
             try:
-                client.produce(message.topic, **kwargs)
+                client.produce(topic, **kwargs)
                 break
             except BufferError:
                 # Local queue full: serve delivery reports to make room, then retry.
                 client.poll(0.5)
             except confluent_kafka.KafkaException as exc:
-                raise KafkaClientError(f"cannot produce to {message.topic}: {exc}") from exc
+                raise KafkaClientError(f"cannot produce to {topic}: {exc}") from exc
         client.poll(0)
 
     def flush(self, timeout: float = 30.0) -> None:
@@ -97,10 +101,11 @@ class Producer:
         self.send(message, on_delivery=delivered)
         if self._producer is not None:
             self._producer.flush(timeout)
+        topic = self._names.physical(message.topic)
         if not outcome:
-            raise KafkaClientError(f"{message.key} to {message.topic} not delivered within {timeout:g}s")
+            raise KafkaClientError(f"{message.key} to {topic} not delivered within {timeout:g}s")
         if outcome[0]:
-            raise KafkaClientError(f"delivery to {message.topic} failed: {outcome[0]}")
+            raise KafkaClientError(f"delivery to {topic} failed: {outcome[0]}")
 
     def close(self) -> None:
         """Flush what is queued; the client is dropped even when flushing fails."""

@@ -271,7 +271,8 @@ def test_deploy_creates_everything_and_keeps_the_password(kube):
     assert settings["data"] == {
         "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092", "MLFLOW_TRACKING_URI": "http://mlflow:5000",
         "RUNTIME": "kubernetes", "ARTIFACT_DIR": "/artifacts", "K8S_NAMESPACE": namespace,
-        "IMAGE_TAG": "1.2.3", "IMAGE_REGISTRY": "registry.example.com/team", "LIVE_SCORING": "on"}
+        "IMAGE_TAG": "1.2.3", "IMAGE_REGISTRY": "registry.example.com/team", "LIVE_SCORING": "on",
+        "TOPIC_PREFIX": ""}
     assert settings["metadata"]["labels"]["app.kubernetes.io/part-of"] == "image-pipeline"
     assert any(m["manager"] == "image-pipeline" and m["operation"] == "Apply"
                for m in settings["metadata"]["managedFields"])
