@@ -1,3 +1,3 @@
-from monitor.cli import main
+from pipeline.entry import run_main
 
-raise SystemExit(main())
+run_main("monitor.cli")

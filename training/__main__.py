@@ -1,3 +1,3 @@
-from training.cli import main
+from pipeline.entry import run_main
 
-raise SystemExit(main())
+run_main("training.cli")

@@ -22,6 +22,9 @@ _SCHEMA_LOCK_ID = 0x1A6E_0001
 def connect(database_url: str) -> Engine:
     """An engine for ``database_url``; for SQLite the folder is created and WAL enabled."""
     url = make_url(database_url)
+    if url.drivername == "postgresql":
+        # The driver installed; SQLAlchemy 2.1 would pick psycopg 3 for a bare postgresql://.
+        url = url.set(drivername="postgresql+psycopg2")
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ of them on the way to the broker, and taken off, with every topic outside it, on
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ class TopicAdmin:
 
     def __init__(self, settings: Settings) -> None:
         self._config = client_config(settings)
+        self._bootstrap = settings.kafka_bootstrap_servers
         self._names = TopicNames.of(settings)
         self._admin: AdminClient | None = None
 
@@ -96,6 +98,9 @@ class TopicAdmin:
             except confluent_kafka.KafkaException as exc:
                 exists = exc.args[0].code() == confluent_kafka.KafkaError.TOPIC_ALREADY_EXISTS
                 not_created[topic] = None if exists else KafkaClientError(f"cannot create topic {physical}: {exc}")
+            except concurrent.futures.TimeoutError:
+                not_created[topic] = KafkaClientError(
+                    f"cannot create topic {physical}: no answer from {self._bootstrap} within {timeout:g}s")
         return not_created
 
     def delete(self, topics: Sequence[str], timeout: float = 30.0) -> None:
@@ -110,6 +115,9 @@ class TopicAdmin:
             except confluent_kafka.KafkaException as exc:
                 if exc.args[0].code() != confluent_kafka.KafkaError.UNKNOWN_TOPIC_OR_PART:
                     raise KafkaClientError(f"cannot delete topic {topic}: {exc}") from exc
+            except concurrent.futures.TimeoutError:
+                raise KafkaClientError(f"cannot delete topic {topic}: no answer from {self._bootstrap} "
+                                       f"within {timeout:g}s") from None
         self._wait(lambda names: not set(topics) & names, f"topics {', '.join(topics)} to go", timeout)
 
     def _wait(self, done, what: str, timeout: float) -> None:

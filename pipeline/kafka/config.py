@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from pipeline.errors import SettingsError
+from pipeline.kafka.health import client_hooks
 from pipeline.settings import Settings
 
 
@@ -18,8 +18,9 @@ def client_config(settings: Settings, **extra: Any) -> dict[str, Any]:
         )
     config: dict[str, Any] = {
         "bootstrap.servers": settings.kafka_bootstrap_servers,
-        # librdkafka logs to stderr unless given a Python logger.
-        "logger": logging.getLogger("librdkafka"),
+        # librdkafka logs to stderr unless given a Python logger; its connection failures (a
+        # line per retry per client) become one warning per outage (pipeline/kafka/health.py).
+        **client_hooks(settings.kafka_bootstrap_servers),
     }
     config.update(settings.kafka_options)
     config.update(extra)

@@ -131,6 +131,27 @@ def test_ctrl_c_cancels_and_leaves_nothing_running(settings, tmp_path):
     assert pipeline_processes(settings, order.id) == []
 
 
+def test_a_second_signal_forces_the_exit_in_one_line_and_leaves_nothing_running(settings, tmp_path):
+    path = write_order(tmp_path, "forced", [{"name": "blur", "fault": "stall"}, "grayscale"])
+    orchestrator = start_orchestrator(settings, str(path))
+    try:
+        _wait_for_process(settings, lambda cmd: cmd[2:3] == ["services.blur.main"], timeout=60)
+        orchestrator.send_signal(signal.SIGTERM)
+        time.sleep(0.2)  # handled: the cancellation is under way
+        orchestrator.send_signal(signal.SIGTERM)
+        out, err = orchestrator.communicate(timeout=90)
+    finally:
+        if orchestrator.poll() is None:
+            orchestrator.kill()
+    assert orchestrator.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and err.rstrip().splitlines()[-1] == "interrupted", err[-3000:]
+    order = stored_orders(settings)["forced"]
+    deadline = time.monotonic() + 15  # what the way out did not stop goes with its parent
+    while pipeline_processes(settings, order.id) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pipeline_processes(settings, order.id) == []
+
+
 def _wait_for_process(settings, match, timeout: float) -> psutil.Process:
     """A process of this test's run (matched by its DATABASE_URL) whose command line matches."""
     deadline = time.monotonic() + timeout

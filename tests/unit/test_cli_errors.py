@@ -1,15 +1,21 @@
-"""Clear one-line errors at the command line: bad settings, missing Java or Maven."""
+"""Clear one-line errors at the command line: bad settings, missing Java or Maven, an unreachable
+database, an interrupt; never a traceback for an expected failure."""
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
+from sqlalchemy.exc import InterfaceError, OperationalError
 
-from pipeline.errors import InfraError
+from pipeline.entry import exit_status, run_main
+from pipeline.errors import InfraError, SettingsError
 from pipeline.infra.kafka_broker import KafkaBroker
 from pipeline.settings import Settings
 
@@ -63,3 +69,87 @@ def test_the_kubernetes_runtime_without_a_broker_or_cluster_credentials_is_one_l
                      KUBECONFIG=str(tmp_path / "missing.kubeconfig"))
     assert submitted.returncode == 2 and "no cluster credentials" in submitted.stderr
     assert not list(tmp_path.glob("*.db")), "nothing was created"
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("args", [
+    ["-m", "orchestrator", "status"],
+    ["-m", "orchestrator", "status", "7", "--json"],
+    ["-m", "monitor", "plot", "7"],
+    ["-m", "monitor", "rescore", "7"],
+    ["-m", "training", "fit", "--no-progress"],
+], ids=lambda args: " ".join(args[1:3]))
+def test_an_unreachable_database_is_one_line_from_every_command(tmp_path, args):
+    url = f"postgresql+psycopg2://pipeline:secret@127.0.0.1:{_closed_port()}/pipeline"
+    result = _run([*args, *(["--out", str(tmp_path / "plots")] if "plot" in args else [])],
+                  PIPELINE_STATE_DIR=str(tmp_path), DATABASE_URL=url, DB_RETRY_SECONDS="0",
+                  MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    assert "127.0.0.1" in lines[0] and "secret" not in result.stderr
+
+
+@pytest.fixture
+def signal_handlers():
+    """An interrupt resets SIGINT/SIGTERM to their defaults: give pytest its own back."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+def _raises(exc: BaseException):
+    def main() -> int:
+        raise exc
+    return main
+
+
+def test_the_entry_point_turns_expected_failures_into_one_line(capsys, signal_handlers):
+    unreachable = OperationalError("SELECT 1", {}, Exception(
+        'connection to server at "db.example" (10.0.0.7), port 5432 failed: Connection refused\n'
+        "\tIs the server running on that host and accepting TCP/IP connections?"))
+    cases = [
+        (SettingsError("DATABASE_URL='x': expected a SQLAlchemy URL"), 2,
+         "error: DATABASE_URL='x': expected a SQLAlchemy URL"),
+        (InfraError("port 9092 is taken"), 1, "error: port 9092 is taken"),
+        (unreachable, 1, 'error: database unreachable: connection to server at "db.example" (10.0.0.7), '
+                         "port 5432 failed: Connection refused"),
+        (InterfaceError("SELECT 1", {}, Exception("connection already closed")), 1,
+         "error: database unreachable: connection already closed"),
+        (OperationalError("x", {}, Exception("could not connect to postgresql://u:secret@h/db")), 1,
+         "error: database unreachable: could not connect to postgresql://u:***@h/db"),
+        (KafkaException(KafkaError(KafkaError._TRANSPORT, "Failed to get metadata: Local: Broker transport failure")),
+         1, "error: Kafka: Failed to get metadata: Local: Broker transport failure"),
+        (KeyboardInterrupt(), 130, "interrupted"),
+    ]
+    for exc, status, line in cases:
+        assert exit_status(_raises(exc)) == status
+        captured = capsys.readouterr()
+        assert captured.err == line + "\n" and captured.out == ""
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a third signal ends it at once
+
+
+def test_the_entry_point_keeps_the_traceback_of_a_bug_and_the_status_of_main():
+    with pytest.raises(ZeroDivisionError):
+        exit_status(_raises(ZeroDivisionError("a bug")))
+    assert exit_status(lambda: 3) == 3 and exit_status(lambda: None) == 0
+
+
+def test_every_command_line_ends_through_the_entry_point(tmp_path, monkeypatch, capsys, signal_handlers):
+    for package in ("orchestrator", "monitor", "training", "pipeline"):
+        assert f'run_main("{package}.cli")' in (REPO / package / "__main__.py").read_text()
+    (tmp_path / "interrupted_cli.py").write_text("def main(argv):\n    raise KeyboardInterrupt\n")
+    (tmp_path / "fine_cli.py").write_text("def main(argv):\n    return len(argv)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit) as interrupted:  # raised while importing or running: one line
+        run_main("interrupted_cli", [])
+    assert interrupted.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+    with pytest.raises(SystemExit) as fine:
+        run_main("fine_cli", ["a", "b"])
+    assert fine.value.code == 2

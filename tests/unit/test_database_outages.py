@@ -185,3 +185,8 @@ def test_a_database_that_never_answers_fails_the_store_call_after_its_patience()
     store = OrderStore(engine, patience=1.0, owner=Owner.me())
     with pytest.raises(DatabaseError, match="recording order late: the database has been unreachable"):
         store.create("late", "in.png", "blur")
+
+
+def test_a_bare_postgresql_url_uses_the_installed_driver() -> None:
+    engine = connect(f"postgresql://user:pw@127.0.0.1:{_closed_port()}/db")
+    assert engine.dialect.driver == "psycopg2"

@@ -162,7 +162,15 @@ def imports_of(module: str, path: Path) -> tuple[set[str], set[str]]:
             for alias in node.names:  # `from pkg import submodule`
                 if module_file(f"{base}.{alias.name}"):
                     add(f"{base}.{alias.name}")
+        elif isinstance(node, ast.Call) and _dynamic_import(node):
+            add(node.args[0].value)  # importlib.import_module("x") or run_main("x") (pipeline/entry.py)
     return local, external
+
+
+def _dynamic_import(call: ast.Call) -> bool:
+    name = call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "")
+    return name in ("import_module", "run_main") and bool(call.args) and \
+        isinstance(call.args[0], ast.Constant) and isinstance(call.args[0].value, str)
 
 
 def closure(entry: str) -> tuple[dict[str, Path], set[str]]:

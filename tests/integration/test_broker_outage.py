@@ -1,0 +1,116 @@
+"""A broker that goes away for a few seconds: the clients ride it out, lose no message, and the
+log says so in two lines instead of librdkafka's error per retry per client.
+
+The broker is this module's own, on free ports, so that stopping it disturbs no other test.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.infra.kafka_broker import KafkaBroker
+from pipeline.kafka import Consumer, Producer, TopicAdmin
+from pipeline.protocol import Message
+from pipeline.settings import Settings
+from tests.integration.conftest import _free_port_pair
+
+OUTAGE_SECONDS = 5.0
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[KafkaBroker]:
+    broker = KafkaBroker(Settings.from_env({"PIPELINE_STATE_DIR": str(tmp_path / "state")}), port=_free_port_pair())
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+class Sender(threading.Thread):
+    """Sends numbered messages every 0.1 s until stopped, whatever the broker does."""
+
+    def __init__(self, producer: Producer, topic: str) -> None:
+        super().__init__(daemon=True)
+        self.producer, self.topic = producer, topic
+        self.sent = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.1):
+            self.producer.send(Message(self.topic, "k", str(self.sent)))
+            self.sent += 1
+
+
+class Reader(threading.Thread):
+    """Reads the topic until stopped."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        super().__init__(daemon=True)
+        self.settings, self.topic = settings, topic
+        self.received: list[str] = []
+        self.ready = threading.Event()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with Consumer(self.settings) as consumer:
+            consumer.assign([self.topic])
+            self.ready.set()
+            while not self.stop.is_set():
+                message = consumer.poll(0.2)
+                if message is not None:
+                    self.received.append(message.value)
+
+
+def _wait_for(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return condition()
+
+
+def test_a_broker_outage_is_one_warning_then_one_line_and_loses_no_message(own_broker, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    settings = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": own_broker.bootstrap,
+                                  "PIPELINE_STATE_DIR": str(tmp_path / "state")})
+    topic = f"outage-{uuid.uuid4().hex[:8]}"
+    TopicAdmin(settings).create([topic])
+    reader = Reader(settings, topic)
+    reader.start()
+    assert reader.ready.wait(30)
+    with Producer(settings) as producer:
+        sender = Sender(producer, topic)
+        sender.start()
+        try:
+            time.sleep(2.0)
+            own_broker.stop()
+            sent_before = sender.sent
+            time.sleep(OUTAGE_SECONDS)
+            sent_during = sender.sent - sent_before
+            own_broker.start()  # same port, same data
+            assert _wait_for(lambda: "reachable again" in caplog.text, 10), caplog.text
+            time.sleep(2.0)
+        finally:
+            sender.stop.set()
+            sender.join()
+        producer.flush(60)
+    try:
+        assert _wait_for(lambda: len(reader.received) >= sender.sent, 30)
+    finally:
+        reader.stop.set()
+        reader.join(30)
+    assert sent_during >= 0.8 * OUTAGE_SECONDS / 0.1
+    assert reader.received == [str(i) for i in range(sender.sent)]  # all, once, in order
+    ours = [r.getMessage() for r in caplog.records if r.name == "pipeline.kafka.health"]
+    assert len(ours) == 2, ours
+    assert ours[0] == f"broker {own_broker.bootstrap} unreachable, retrying"
+    assert ours[1].startswith(f"broker {own_broker.bootstrap} reachable again after ")
+    assert OUTAGE_SECONDS <= float(ours[1].rsplit(" ", 1)[1].rstrip("s")) < OUTAGE_SECONDS + 30
+    assert not [r for r in caplog.records if r.name == "librdkafka" and r.levelno >= logging.ERROR], caplog.text
