@@ -9,6 +9,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from orchestrator.abandoned import AbandonedOrders, Heartbeat
 from orchestrator.anomalies import order_anomalies, wait_for_scoring
 from orchestrator.anomaly_feed import AnomalyFeed
 from orchestrator.order_run import OrderRun, Services
@@ -18,6 +19,8 @@ from orchestrator.report import Reporter, format_summary
 from orchestrator.runtime import make_runtime
 from pipeline.db import connect, create_schema
 from pipeline.db.orders import OrderStore
+from pipeline.db.owners import Owner
+from pipeline.db.retry import retrying
 from pipeline.errors import PipelineError
 from pipeline.infra.manager import ensure_kafka, use_shared_monitors
 from pipeline.kafka import Consumer, Producer, TopicAdmin
@@ -95,30 +98,37 @@ def run_orders(settings: Settings, orders, keep_topics: bool = False, max_concur
     # Before touching the database or the broker: missing cluster credentials fail at once.
     runtime = make_runtime(settings, settings.state_dir / "logs")
     try:
+        cancel = threading.Event()
         engine = connect(settings.database_url)
-        create_schema(engine)
+        retrying(lambda: create_schema(engine), "preparing the schema", settings.db_retry_seconds, cancel)
+        store = OrderStore(engine, settings.db_retry_seconds, cancel, Owner.me())
         admin = TopicAdmin(settings)
         admin.create([ORCHESTRATOR_TOPIC, ANOMALIES_TOPIC])
-        cancel = threading.Event()
         reporter = Reporter()
         _install_cancel(cancel, reporter)
         listener = ProgressListener(settings)
         listener.start()
         feed = AnomalyFeed(Consumer(settings), reporter).start() if monitoring else None
+        heartbeat = Heartbeat(store).start()
         try:
             with Producer(settings, shared=True) as producer:
-                services = Services(runtime, OrderStore(engine), admin, producer, listener, reporter,
+                abandoned = AbandonedOrders(store, admin, producer, listener, reporter)
+                abandoned.settle()
+                services = Services(runtime, store, admin, producer, listener, reporter,
                                     cancel, keep_topics, monitoring, shared,
-                                    settings.mlflow_tracking_uri if settings.live_scoring else None, feed)
+                                    settings.mlflow_tracking_uri if settings.live_scoring else None, feed,
+                                    settings.artifact_dir)
                 workers = max(1, min(max_concurrent, len(orders)))
                 if len(orders) > 1:
                     reporter.line(f"{len(orders)} orders, up to {workers} at once"
                                   + (" (shared monitors)" if shared else ""))
                 with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="order") as pool:
                     results = list(pool.map(lambda order: OrderRun(order, services).run(), orders))
+                abandoned.close()
             if feed is not None:
                 add_anomalies(engine, results, feed, cancel)
         finally:
+            heartbeat.close()
             listener.close()
             if feed is not None:
                 feed.close()
@@ -168,7 +178,8 @@ def show_status(order_id: int | None, limit: int, as_json: bool) -> int:
         print("error: --limit must be at least 1", file=sys.stderr)
         return EXIT_INVALID
     try:
-        reports = order_statuses(connect(Settings.from_env().database_url), order_id, limit)
+        settings = Settings.from_env()
+        reports = order_statuses(connect(settings.database_url), order_id, limit, settings.db_retry_seconds)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -1,0 +1,245 @@
+"""Faults while orders run, against real servers: malformed messages on every topic, a broker
+restart, a database restart across a task boundary, an orchestrator killed outright.
+
+The restarts use a broker and a PostgreSQL server of this module's own (on free ports), so
+that restarting them disturbs no other test. What is asserted is what a user sees (the
+console) and what is stored (every sample the order's producer put on ``resource<ID>``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from sqlalchemy.exc import SQLAlchemyError
+
+from pipeline.db import connect
+from pipeline.db.orders import OrderStatus, OrderStore
+from pipeline.infra.kafka_broker import KafkaBroker
+from pipeline.infra.postgres import LocalPostgres
+from pipeline.errors import ProtocolError
+from pipeline.kafka import Consumer, Producer, TopicAdmin
+from pipeline.protocol import (
+    ANOMALIES_TOPIC, ORCHESTRATOR_TOPIC, Message, Sample, decode_resource_topic, order_topics, resource_topic,
+    task_topic,
+)
+from pipeline.settings import Settings
+from tests.integration.conftest import _free_port_pair, fresh_database, settings_for
+from tests.integration.orderkit import (
+    all_stored_orders, pipeline_processes, run_orchestrator, start_orchestrator, write_order,
+)
+from tests.integration.test_order_flow import _wait_for_process
+
+# A first task that runs for about 14 s (a CPU hog from its second second on), then a quick one.
+LONG_THEN_SHORT = [{"name": "blur", "fault": "cpu_hog", "fault_at": 1.0}, "grayscale"]
+
+
+@pytest.fixture(scope="module")
+def own_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[KafkaBroker, LocalPostgres]]:
+    """A broker and a PostgreSQL server that only this module uses, so it may restart them."""
+    state = tmp_path_factory.mktemp("chaos-infra")
+    settings = Settings.from_env({"PIPELINE_STATE_DIR": str(state)})
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        pg_port = sock.getsockname()[1]
+    broker = KafkaBroker(settings, port=_free_port_pair())
+    postgres = LocalPostgres(settings, port=pg_port)
+    broker.start()
+    try:
+        postgres.start()
+        try:
+            yield broker, postgres
+        finally:
+            postgres.stop()
+            shutil.rmtree(postgres.home, ignore_errors=True)
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def own_settings(own_servers, tmp_path: Path) -> Iterator[Settings]:
+    broker, postgres = own_servers
+    with fresh_database(postgres.url) as url:
+        yield settings_for({"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap}, url, tmp_path)
+
+
+def _running_order_id(settings: Settings, timeout: float = 60.0) -> int:
+    """The id of the order this test's orchestrator is running (its first task started)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            running = [o for o in all_stored_orders(settings) if o.status == "RUNNING" and o.runs]
+        except SQLAlchemyError:  # the orchestrator has not created the tables yet
+            running = []
+        if running:
+            return running[0].id
+        time.sleep(0.2)
+    raise AssertionError(f"no order started within {timeout:g}s")
+
+
+def _wait_for_task(settings: Settings, name: str, timeout: float = 60.0) -> psutil.Process:
+    return _wait_for_process(settings, lambda cmd: cmd[2:3] == [f"services.{name}.main"], timeout)
+
+
+def _assert_every_sample_stored(settings: Settings, order_id: int) -> None:
+    """Every sample on ``resource<ID>`` is stored, once (the topic was kept to count them);
+    then the topics go (a later test's fresh database reuses the id)."""
+    produced = _valid_samples_on_topic(settings, order_id)
+    order = next(o for o in all_stored_orders(settings) if o.id == order_id)
+    stored = Counter((s["task"], s["resource"], s["ts"]) for s in order.samples)
+    assert len(order.samples) == len(produced) > 20
+    assert max(stored.values()) == 1
+    TopicAdmin(settings).delete(list(order_topics(order_id)))
+
+
+def _valid_samples_on_topic(settings: Settings, order_id: int) -> set[tuple[str, str, int, int]]:
+    """Distinct well-formed samples on ``resource<ID>``: (task, resource, position, time)."""
+    seen = set()
+    with Consumer(settings) as consumer:
+        consumer.assign([resource_topic(order_id)])
+        idle_since = time.monotonic()
+        while time.monotonic() - idle_since < 3:
+            message = consumer.poll(0.5)
+            if message is None:
+                continue
+            idle_since = time.monotonic()
+            try:
+                sample = decode_resource_topic(message, order_id)
+            except ProtocolError:
+                continue
+            if isinstance(sample, Sample):
+                seen.add((sample.task_name, sample.resource, sample.index, sample.timestamp_ms))
+    return seen
+
+
+MALFORMED = [
+    ("ORDER", "not,a:valid order", ()),
+    ("HALT", "", ()),
+    ("PROGRESS", "{broken json", (("order_id", b"abc"),)),
+    ("PROGRESS", "x", (("order_id", b"999999999"),)),
+    ("blur:cpu", "not-a-number", ()),
+    ("blur:cpu", "12.5", (("position", b"-3"),)),
+    ("nonsense-key", "\x00\xff garbage", ()),
+    ("", "", ()),
+    ("STOP", "extra", (("order_id", b"1"),)),
+]
+
+
+def test_malformed_messages_on_every_topic_mid_order_lose_nothing(settings, tmp_path):
+    path = write_order(tmp_path, "malformed", LONG_THEN_SHORT)
+    orchestrator = start_orchestrator(settings, "--keep-topics", str(path))
+    try:
+        order_id = _running_order_id(settings)
+        _wait_for_task(settings, "blur")
+        time.sleep(2.0)  # the monitors are sampling
+        sent = 0
+        with Producer(settings) as producer:
+            for topic in (task_topic(order_id), resource_topic(order_id), ORCHESTRATOR_TOPIC, ANOMALIES_TOPIC):
+                for key, value, headers in MALFORMED:
+                    producer.send(Message(topic, key, value, headers=headers))
+                    sent += 1
+        out, err = orchestrator.communicate(timeout=240)
+    finally:
+        if orchestrator.poll() is None:
+            orchestrator.kill()
+    assert sent == 36
+    assert orchestrator.returncode == 0, out + err
+    order = next(o for o in all_stored_orders(settings) if o.id == order_id)
+    assert order.status == "SUCCEEDED"
+    assert {r["task"] for r in order.runs if r["status"] == "SUCCEEDED"} == {"blur", "grayscale"}
+    _assert_every_sample_stored(settings, order_id)
+    assert "Traceback" not in out + err
+
+
+def test_a_broker_restart_mid_order_stores_every_sample_and_says_so_twice(own_servers, own_settings, tmp_path):
+    broker, _ = own_servers
+    path = write_order(tmp_path, "broker-restart", LONG_THEN_SHORT)
+    orchestrator = start_orchestrator(own_settings, "--keep-topics", str(path))
+    try:
+        order_id = _running_order_id(own_settings)
+        _wait_for_task(own_settings, "blur")
+        time.sleep(3.0)
+        broker.stop()
+        time.sleep(5.0)
+        broker.start()
+        out, err = orchestrator.communicate(timeout=300)
+    finally:
+        if orchestrator.poll() is None:
+            orchestrator.kill()
+        broker.start()  # whatever happened, later tests need it
+    console = out + err
+    assert orchestrator.returncode == 0, console
+    order = next(o for o in all_stored_orders(own_settings) if o.id == order_id)
+    assert order.status == "SUCCEEDED"
+    _assert_every_sample_stored(own_settings, order_id)
+    assert console.count("unreachable, retrying") == 1, console
+    assert console.count("reachable again") == 1, console
+    assert " ERROR " not in console and "Traceback" not in console, console
+
+
+def test_a_database_restart_across_a_task_boundary_lets_the_order_complete(own_servers, own_settings, tmp_path):
+    _, postgres = own_servers
+    path = write_order(tmp_path, "database-restart", LONG_THEN_SHORT)
+    orchestrator = start_orchestrator(own_settings, "--keep-topics", str(path))
+    try:
+        order_id = _running_order_id(own_settings)
+        blur = _wait_for_task(own_settings, "blur")
+        time.sleep(max(0.0, blur.create_time() + 10.0 - time.time()))  # about 4 s before it ends
+        postgres.stop()
+        blur_ended = threading.Event()
+        threading.Thread(target=lambda: (psutil.wait_procs([blur], timeout=60), blur_ended.set()),
+                         daemon=True).start()
+        assert blur_ended.wait(60), "the first task did not end"
+        time.sleep(6.0)  # the first task's end and the second's start fall in the outage
+        postgres.start()
+        out, err = orchestrator.communicate(timeout=300)
+    finally:
+        if orchestrator.poll() is None:
+            orchestrator.kill()
+        postgres.start()
+    console = out + err
+    assert orchestrator.returncode == 0, console
+    order = next(o for o in all_stored_orders(own_settings) if o.id == order_id)
+    assert order.status == "SUCCEEDED", console
+    assert [r["task"] for r in order.runs if r["status"] == "SUCCEEDED"] == ["blur", "grayscale"]
+    _assert_every_sample_stored(own_settings, order_id)
+    assert "database unreachable" in console and "Traceback" not in console, console
+
+
+def test_a_killed_orchestrators_order_is_marked_by_the_next_run(settings, tmp_path):
+    dead_path = write_order(tmp_path, "killed", LONG_THEN_SHORT)
+    orchestrator = start_orchestrator(settings, str(dead_path))
+    try:
+        dead_id = _running_order_id(settings)
+        _wait_for_task(settings, "blur")
+        orchestrator.send_signal(signal.SIGKILL)
+        orchestrator.wait(10)
+        deadline = time.monotonic() + 45
+        while pipeline_processes(settings) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert pipeline_processes(settings) == []
+        assert OrderStore(connect(settings.database_url)).get(dead_id).status is OrderStatus.RUNNING
+
+        next_path = write_order(tmp_path, "next", ["grayscale"])
+        result = run_orchestrator(settings, str(next_path))
+    finally:
+        for process in pipeline_processes(settings):
+            process.kill()
+    assert result.returncode == 0, result.stdout + result.stderr
+    console = result.stdout + result.stderr
+    assert f"order {dead_id} killed: was RUNNING, its orchestrator died; marked FAILED" in console, console
+    orders = {o.name: o for o in all_stored_orders(settings)}
+    dead = OrderStore(connect(settings.database_url)).get(dead_id)
+    assert dead.status is OrderStatus.FAILED and "died" in dead.error
+    assert [r["status"] for r in orders["killed"].runs] == ["FAILED"]
+    assert orders["next"].status == "SUCCEEDED"
+    assert not set(order_topics(dead_id)) & TopicAdmin(settings).existing()
+    assert pipeline_processes(settings, dead_id) == []
