@@ -7,6 +7,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from orchestrator.anomaly_feed import AnomalyFeed
 from orchestrator.orders import Order, TaskSpec, image_pixels
@@ -14,6 +15,7 @@ from orchestrator.progress_listener import ProgressListener
 from orchestrator.report import OrderResult, Reporter, TaskResult
 from orchestrator.runtime import Handle, Runtime, TaskLaunch
 from orchestrator.runtime.base import RuntimeFailure
+from services.runtime.confinement import is_under
 from pipeline.db.orders import SHARED_MONITORS, OrderStatus, OrderStore
 from pipeline.errors import DatabaseError, PipelineError
 from pipeline.kafka import Producer, TopicAdmin
@@ -49,6 +51,7 @@ class Services:
     # Where live scoring looks for its model (None: live scoring is off).
     scoring_tracking_uri: str | None = None
     anomalies: AnomalyFeed | None = None  # shows the orders' anomalies as they are raised
+    artifact_dir: Path | None = None  # where every task output lies (ARTIFACT_DIR)
 
 
 class _AttemptFailed(Exception):
@@ -227,7 +230,7 @@ class OrderRun:
         try:
             self.s.store.start_task(self.order_id, launch.position, launch.attempt, spec.name, spec.fault,
                                     started=handle.started_at(),
-                                    input_pixels=image_pixels(launch.input_path))
+                                    input_pixels=self._input_pixels(launch))
             while True:
                 if self.s.cancel.is_set():
                     raise _AttemptFailed("cancelled")
@@ -259,6 +262,15 @@ class OrderRun:
                     next_heartbeat = now + 10.0
         finally:
             handle.stop(grace=5.0)
+
+    def _input_pixels(self, launch: TaskLaunch) -> int | None:
+        """The size of the image the task reads. After the first task that is an output path
+        from a PROGRESS message, which anyone able to write to the broker can forge: it is
+        read only when it lies under the artifact directory (the task itself refuses one
+        that does not, services/runtime/confinement.py)."""
+        if launch.position > 0 and not (self.s.artifact_dir and is_under(launch.input_path, self.s.artifact_dir)):
+            return None
+        return image_pixels(launch.input_path)
 
     def _new_order_id(self) -> int:
         """A fresh orderID, with its topics created by this call.

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,6 +190,8 @@ def image_pixels(path: str | Path) -> int | None:
     """Width x height of the image at ``path`` from its header alone; None when it cannot be
     read here (a path that only exists inside a cluster's volume)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would block or lie
+            return None
         with Image.open(path) as opened:
             width, height = opened.size
     except Exception:  # noqa: BLE001 - a fact for the model, never a reason to fail a task

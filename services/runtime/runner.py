@@ -5,7 +5,8 @@ On start: ORDER on ``task<ID>`` (headers ``pid``, ``host``, ``index``, ``attempt
 ``index``, ``status``), HALT on ``task<ID>`` with the task's own totals (what the kernel
 accounted for it, read last, for the monitor's closing sample), and STOP when it was the last
 task. A task that raises reports a failed PROGRESS and exits non-zero, so the orchestrator can
-retry it.
+retry it. A task asked to read or write outside ARTIFACT_DIR (the order's image, read by the
+first task, excepted) refuses before opening anything, with one line and no traceback.
 
 Nothing waits for the monitor: a task shorter than the sampling interval is accounted for by
 its totals, so no task is slowed down to be seen.
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from pipeline.entry import exit_status
 from pipeline.errors import PipelineError
 from pipeline.kafka import Producer
 from pipeline.lifetime import exit_now, stop_with_parent
@@ -31,6 +33,7 @@ from pipeline.invocation import TaskInvocation
 from pipeline.proctime import started_ns
 from pipeline.protocol import OrderStopped, Progress, TaskHalted, TaskStarted, TaskStatus
 from pipeline.settings import Settings
+from services.runtime.confinement import PathRefused, check_paths
 from services.runtime.faults import Fault
 from services.runtime.spec import ImageTask
 from services.runtime.totals import own_totals
@@ -66,6 +69,11 @@ def run_task(task: ImageTask, inv: TaskInvocation, settings: Settings, stop: thr
                                   task_host(), inv.position, inv.attempt, started_ns()).encode())
         try:
             output = _work(task, inv, settings, stop)
+        except PathRefused as exc:  # a forged path: one line, no traceback, nothing opened
+            logger.error("order_id=%d task=%s index=%d %s", inv.order_id, inv.task_name, inv.position, exc)
+            _end(producer, inv, Progress(inv.order_id, inv.task_name, inv.position, TaskStatus.FAILED,
+                                         inv.progress, error=str(exc)[:500], attempt=inv.attempt), last=False)
+            return EXIT_FAILED
         except Exception as exc:  # noqa: BLE001 - the job boundary: report, never swallow
             logger.exception("order_id=%d task=%s index=%d failed", inv.order_id, inv.task_name, inv.position)
             _end(producer, inv, Progress(inv.order_id, inv.task_name, inv.position, TaskStatus.FAILED,
@@ -96,14 +104,17 @@ def _end(producer: Producer, inv: TaskInvocation, progress: Progress, last: bool
 
 
 def _work(task: ImageTask, inv: TaskInvocation, settings: Settings, stop: threading.Event) -> Path:
+    target = output_path(settings, inv, task)
+    partial = target.with_name(target.name + ".partial")
+    # Before anything is opened: the earlier outputs came in a message anyone who can write to
+    # the broker could have forged (services/runtime/confinement.py).
+    check_paths(inv, (target, partial), settings.artifact_dir)
     fault = Fault(inv.fault, inv.fault_at, stop)
     fault.before_work()
     with Image.open(inv.input_path) as source:
         source.load()
         result = task.run(source, inv.params)
-    target = output_path(settings, inv, task)
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
     result.save(partial, format=task.output_format)
     partial.replace(target)  # a reader never sees half an image
     fault.after_work()
@@ -111,19 +122,20 @@ def _work(task: ImageTask, inv: TaskInvocation, settings: Settings, stop: thread
 
 
 def main(task: ImageTask, argv: list[str] | None = None) -> int:
-    """Entry point of every ``services/<task>/main.py``."""
+    """Entry point of every ``services/<task>/main.py``. An expected failure is one line in the
+    task's log, as at every entry point (pipeline/entry.py)."""
     configure_logging()
     stop = threading.Event()
     # SIGTERM (Kubernetes, the orchestrator's timeout) ends a stalled task cleanly.
     signal.signal(signal.SIGTERM, lambda *_: (stop.set(), sys.exit(143)))
     stop_with_parent()
-    try:
-        inv = TaskInvocation.from_args(argv)
-        if inv.task_name != task.name:
-            raise PipelineError(f"this is task {task.name!r}, asked to run {inv.task_name!r}")
-        status = run_task(task, inv, Settings.from_env(), stop)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    status = exit_status(lambda: _invoke(task, argv, stop))
     # HALT's totals were read just before: a full teardown would be CPU no sample accounts for.
     exit_now(status)
+
+
+def _invoke(task: ImageTask, argv: list[str] | None, stop: threading.Event) -> int:
+    inv = TaskInvocation.from_args(argv)
+    if inv.task_name != task.name:
+        raise PipelineError(f"this is task {task.name!r}, asked to run {inv.task_name!r}")
+    return run_task(task, inv, Settings.from_env(), stop)
