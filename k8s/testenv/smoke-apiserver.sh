@@ -20,6 +20,9 @@ KCM="$CACHE/$K8S_VERSION/kube-controller-manager"
 if [[ -z "${WITH_KCM:-}" ]]; then [[ -x "$KCM" ]] && WITH_KCM=1 || WITH_KCM=0; fi
 [[ -x "$APISERVER" ]] || { echo "no $APISERVER; run build-apiserver.sh $K8S_VERSION" >&2; exit 1; }
 
+# Owner-only from the first byte: the folder gets the signing key, the token file and a
+# kubeconfig with the admin token.
+umask 077
 TMP="$(mktemp -d /tmp/k8s-smoke.XXXXXX)"
 PIDS=()
 stop() { # stop <pid>: SIGTERM, then SIGKILL after 20s

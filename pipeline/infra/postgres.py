@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pipeline.errors import InfraError
 from pipeline.infra.state import port_open
+from pipeline.secret_files import private_dir, write_secret
 from pipeline.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -102,17 +103,15 @@ class LocalPostgres:
 
     def _initdb(self) -> None:
         password = secrets.token_urlsafe(18)
-        self.home.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(password)
-        pwfile = self.home / ".initdb-password"
-        pwfile.write_text(password)
+        # The folder is private before the password goes in, and both password files are
+        # 0600 from their first byte: no moment in which another user could read them.
+        private_dir(self.home)
+        write_secret(self.password_file, password)
+        pwfile = write_secret(self.home / ".initdb-password", password)
         if self.as_root:
             user = pwd.getpwnam("postgres")
             for path in (self.home, pwfile):
                 os.chown(path, user.pw_uid, user.pw_gid)
-        os.chmod(self.home, 0o700)
         try:
             result = self._run_tool(
                 "initdb", "-D", str(self.data_dir), "-U", USER, "--auth=scram-sha-256",

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from pipeline.secret_files import write_secret
 from pipeline.settings import Settings, read_env_file
 
 
@@ -29,11 +29,7 @@ def publish(settings: Settings, **values: str | None) -> None:
     body = "# Written by `python -m pipeline infra up`; removed by `down`.\n" + "".join(
         f"{name}={value}\n" for name, value in sorted(current.items())
     )
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(body)
-    tmp.replace(path)
+    write_secret(path, body)  # DATABASE_URL carries the database's password
 
 
 def pid_alive(pid: int) -> bool:

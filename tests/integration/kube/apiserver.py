@@ -31,6 +31,8 @@ from pathlib import Path
 import kubernetes.client as k8s
 import yaml
 
+from pipeline.secret_files import write_secret
+
 REPO = Path(__file__).resolve().parents[3]
 DEFAULT_K8S_VERSION = "v1.37.2"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -187,11 +189,14 @@ class ApiServer:
                    self._etcd, "etcd", 30)
 
     def _write_credentials(self) -> None:
+        # The signing key and the token file are 0600 from their first byte (write_secret),
+        # whatever openssl's own defaults and the umask are.
         key, pub = self.workdir / "sa.key", self.workdir / "sa.pub"
-        subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
+        generated = subprocess.run(["openssl", "genrsa", "2048"], check=True, capture_output=True)
+        write_secret(key, generated.stdout)
         subprocess.run(["openssl", "rsa", "-in", str(key), "-pubout", "-out", str(pub)],
                        check=True, capture_output=True)
-        (self.workdir / "tokens.csv").write_text(f"{self.admin_token},admin,admin-uid,system:masters\n")
+        write_secret(self.workdir / "tokens.csv", f"{self.admin_token},admin,admin-uid,system:masters\n")
         (self.workdir / "audit-policy.yaml").write_text(yaml.safe_dump(AUDIT_POLICY))
 
     def _wait_ready(self) -> None:
@@ -238,7 +243,7 @@ class ApiServer:
         """Write a kubeconfig for this server with ``token`` as bearer token; return ``path``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump({
+        return write_secret(path, yaml.safe_dump({
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": "test", "cluster": {
@@ -246,9 +251,7 @@ class ApiServer:
             "users": [{"name": "test", "user": {"token": token}}],
             "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
             "current-context": "test",
-        }))
-        path.chmod(0o600)
-        return path
+        }))  # it holds the bearer token
 
     def api_client(self, token: str | None = None) -> k8s.ApiClient:
         """A client for this server, as admin (system:masters) unless ``token`` is given."""

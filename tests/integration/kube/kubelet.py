@@ -66,6 +66,7 @@ from pathlib import Path
 import kubernetes.client as k8s
 from kubernetes import watch
 
+from pipeline.secret_files import write_secret
 from tests.integration.kube.apiserver import REPO, ApiServer
 
 logger = logging.getLogger(__name__)
@@ -525,7 +526,10 @@ class KubeletStandIn:
                     raise PodStartError(f"volume {volume['name']}: key {item['key']!r} not in {name!r}")
                 target = folder / item["path"]
                 target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(data[item["key"]])
+                if kind == "secret":  # private from the first byte, then the mode asked for
+                    write_secret(target, data[item["key"]])
+                else:
+                    target.write_bytes(data[item["key"]])
                 target.chmod(item.get("mode", source.get("defaultMode", 0o644)))
         elif "emptyDir" not in volume:
             raise PodStartError(f"volume {volume['name']}: only configMap, secret, emptyDir and "
