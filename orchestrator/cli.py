@@ -109,7 +109,9 @@ def run_orders(settings: Settings, orders, keep_topics: bool = False, max_concur
         listener = ProgressListener(settings)
         listener.start()
         feed = AnomalyFeed(Consumer(settings), reporter).start() if monitoring else None
-        heartbeat = Heartbeat(store).start()
+        # Its own store, which does not wait out an outage: a beat missed is no news (the
+        # orders' own writes say that the database is away).
+        heartbeat = Heartbeat(OrderStore(engine, owner=store.owner)).start()
         try:
             with Producer(settings, shared=True) as producer:
                 abandoned = AbandonedOrders(store, admin, producer, listener, reporter)

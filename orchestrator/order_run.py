@@ -30,6 +30,7 @@ MONITOR_EXIT_TIMEOUT = 60.0
 # samples stored) once its tasks are over; a backlog of many orders may take a while.
 SHARED_TERMINATE_TIMEOUT = 300.0
 EXIT_AFTER_PROGRESS_TIMEOUT = 30.0
+WIND_DOWN_RESTARTS = 3  # a monitor-consumer failing after the last task is started again this often
 LATE_PROGRESS_WAIT = 3.0
 MAX_SKIPPED_IDS = 1000
 
@@ -395,11 +396,38 @@ class OrderRun:
                 grace if self.s.cancel.is_set() else SHARED_TERMINATE_TIMEOUT):
             self._say("the shared monitor-consumer has not confirmed this order's samples (no "
                       "TERMINATE yet); its topics are kept so that it can catch up")
+        self._await_monitors(grace)
         for handle in self._monitors.values():
-            if handle.wait(grace) is None:
+            if handle.exit_code() is None:
                 logger.warning("order_id=%d %s still running after %gs; stopping it", self.order_id, handle.name, grace)
             handle.stop(grace=5.0)
         self.s.listener.unregister(self.order_id)
+
+    def _await_monitors(self, grace: float) -> None:
+        """Wait up to ``grace`` for the monitors to end their handshake. A monitor-consumer
+        that fails on the way (the broker away longer than its clients wait) is started again,
+        a few times: it resumes from its committed offsets, stores the rest and reaches STOP,
+        so the order's last samples are not lost to a failure after its last task."""
+        deadline = time.monotonic() + grace
+        restarts = 0
+        while True:
+            consumer = self._monitors.get("consumer")
+            code = consumer.exit_code() if consumer is not None else None
+            if code not in (None, 0) and restarts < WIND_DOWN_RESTARTS and not self.s.cancel.is_set():
+                restarts += 1
+                self._say(f"monitor-consumer exited with status {code} before storing every sample; "
+                          "restarting it")
+                consumer.stop()
+                try:
+                    self._start_monitor("consumer")
+                except RuntimeFailure as exc:
+                    logger.error("order_id=%d %s", self.order_id, exc)
+                    return
+                deadline = max(deadline, time.monotonic() + grace)
+                continue
+            if not any(h.exit_code() is None for h in self._monitors.values()) or time.monotonic() > deadline:
+                return
+            time.sleep(0.2)
 
     def _remove_topics(self) -> None:
         """Housekeeping once the order is over (its end is recorded before: this waits for

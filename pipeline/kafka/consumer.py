@@ -205,9 +205,9 @@ class Consumer:
             self._consumer.commit(offsets=offsets, asynchronous=False)
         except confluent_kafka.KafkaException as exc:
             if _group_moving(exc):
-                # The group is rebalancing: the offsets stay pending for the next commit (or,
-                # if their partitions move, their new owner reads that tail again and the
-                # idempotent writes drop it).
+                # The group is rebalancing, or the broker is away: the offsets stay pending
+                # for the next commit (or, if their partitions move, their new owner reads
+                # that tail again and the idempotent writes drop it).
                 logger.info("offset commit deferred: %s", exc.args[0].str())
                 return
             if not _topic_gone(exc):
@@ -262,6 +262,11 @@ _GROUP_MOVING = {
     confluent_kafka.KafkaError.NOT_COORDINATOR,
     confluent_kafka.KafkaError.COORDINATOR_NOT_AVAILABLE,
     confluent_kafka.KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    # The broker away or restarting: the group's coordinator is not known yet.
+    confluent_kafka.KafkaError._WAIT_COORD,
+    confluent_kafka.KafkaError._TRANSPORT,
+    confluent_kafka.KafkaError._ALL_BROKERS_DOWN,
+    confluent_kafka.KafkaError._TIMED_OUT,
 }
 
 

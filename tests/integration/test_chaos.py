@@ -8,6 +8,7 @@ console) and what is stored (every sample the order's producer put on ``resource
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -85,6 +86,14 @@ def _running_order_id(settings: Settings, timeout: float = 60.0) -> int:
     raise AssertionError(f"no order started within {timeout:g}s")
 
 
+def _keep_console(name: str, console: str) -> None:
+    """With CHAOS_CONSOLE_DIR set, keep what the user saw (docs and closing notes quote it)."""
+    folder = os.environ.get("CHAOS_CONSOLE_DIR")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"{name}.txt").write_text(console)
+
+
 def _wait_for_task(settings: Settings, name: str, timeout: float = 60.0) -> psutil.Process:
     return _wait_for_process(settings, lambda cmd: cmd[2:3] == [f"services.{name}.main"], timeout)
 
@@ -151,6 +160,7 @@ def test_malformed_messages_on_every_topic_mid_order_lose_nothing(settings, tmp_
         if orchestrator.poll() is None:
             orchestrator.kill()
     assert sent == 36
+    _keep_console("malformed", out + err)
     assert orchestrator.returncode == 0, out + err
     order = next(o for o in all_stored_orders(settings) if o.id == order_id)
     assert order.status == "SUCCEEDED"
@@ -176,6 +186,7 @@ def test_a_broker_restart_mid_order_stores_every_sample_and_says_so_twice(own_se
             orchestrator.kill()
         broker.start()  # whatever happened, later tests need it
     console = out + err
+    _keep_console("broker-restart", console)
     assert orchestrator.returncode == 0, console
     order = next(o for o in all_stored_orders(own_settings) if o.id == order_id)
     assert order.status == "SUCCEEDED"
@@ -206,6 +217,7 @@ def test_a_database_restart_across_a_task_boundary_lets_the_order_complete(own_s
             orchestrator.kill()
         postgres.start()
     console = out + err
+    _keep_console("database-restart", console)
     assert orchestrator.returncode == 0, console
     order = next(o for o in all_stored_orders(own_settings) if o.id == order_id)
     assert order.status == "SUCCEEDED", console
@@ -235,6 +247,7 @@ def test_a_killed_orchestrators_order_is_marked_by_the_next_run(settings, tmp_pa
             process.kill()
     assert result.returncode == 0, result.stdout + result.stderr
     console = result.stdout + result.stderr
+    _keep_console("killed-orchestrator", console)
     assert f"order {dead_id} killed: was RUNNING, its orchestrator died; marked FAILED" in console, console
     orders = {o.name: o for o in all_stored_orders(settings)}
     dead = OrderStore(connect(settings.database_url)).get(dead_id)
