@@ -3,36 +3,42 @@
 An orchestrator killed outright (SIGKILL, out of memory, a lost node) cannot record how its
 orders ended; its local tasks and monitors stop with it (pipeline.lifetime). The next
 orchestrator to start marks such orders FAILED (pipeline/db/owners.py says how "dead" is
-decided), tells any monitor still serving them to stop, and removes their topics once the
-samples on them are stored.
+decided), tells any monitor still serving them to stop, stores what is left on their
+``resource<ID>`` (the shared consumer, or a monitor-consumer started for it), and then removes
+their topics.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from orchestrator.progress_listener import ProgressListener
 from orchestrator.report import Reporter
+from orchestrator.runtime import Runtime
+from orchestrator.runtime.base import RuntimeFailure
 from pipeline.db.orders import SHARED_MONITORS, OrderRecord, OrderStatus, OrderStore
 from pipeline.db.owners import HEARTBEAT_SECONDS
 from pipeline.errors import PipelineError
 from pipeline.kafka import Producer, TopicAdmin
-from pipeline.protocol import OrderStopped, order_topics, task_topic
+from pipeline.protocol import MonitorStopped, OrderStopped, order_topics, resource_topic, task_topic
 
 logger = logging.getLogger(__name__)
 
 # How long the shared consumer gets to store an abandoned order's last samples (it has been
 # storing them all along; this covers its backlog) before the order's topics are deleted.
 SHARED_DRAIN_SECONDS = 60.0
+# How long a monitor-consumer started for an abandoned order gets to store what is left.
+DRAIN_SECONDS = 120.0
 
 
 class AbandonedOrders:
     """Marks the abandoned orders at start; :meth:`close` waits for their topics' removal."""
 
     def __init__(self, store: OrderStore, admin: TopicAdmin, producer: Producer,
-                 listener: ProgressListener, reporter: Reporter) -> None:
-        self._store, self._admin, self._producer = store, admin, producer
+                 listener: ProgressListener, reporter: Reporter, runtime: Runtime | None = None) -> None:
+        self._store, self._admin, self._producer, self._runtime = store, admin, producer, runtime
         self._listener, self._reporter = listener, reporter
         self._drains: list[threading.Thread] = []
 
@@ -43,8 +49,8 @@ class AbandonedOrders:
             return marked
         existing = self._admin.existing()
         for record in marked:
-            self._reporter.line(f"order {record.id} {record.name}: was {record.status.value}, its "
-                                f"orchestrator died; marked FAILED")
+            self._reporter.line(f"order {record.id} {record.name}: was {record.status.value}, but its "
+                                f"orchestrator is gone; marked FAILED")
             if record.status is not OrderStatus.RUNNING:
                 # Still PENDING: its orchestrator may have died before it claimed the order's
                 # topics, so topics of that name may be another deployment's (order_run.py).
@@ -56,7 +62,9 @@ class AbandonedOrders:
                 self._stop_monitors(record.id)
             if record.monitors == SHARED_MONITORS:
                 self._drain_then_remove(record.id, topics)
-            else:  # its own monitors stopped with its orchestrator
+            elif resource_topic(record.id) in topics and self._runtime is not None:
+                self._store_rest_then_remove(record.id, topics)
+            else:
                 self._remove(record.id, topics)
         return marked
 
@@ -78,6 +86,31 @@ class AbandonedOrders:
             self._listener.unregister(order_id)
             self._remove(order_id, topics)
 
+        self._follow(order_id, wait)
+
+    def _store_rest_then_remove(self, order_id: int, topics: list[str]) -> None:
+        """Its own monitors stopped with its orchestrator, maybe before storing every sample
+        (or the database was away): a STOP closes ``resource<ID>`` and a monitor-consumer of
+        its own stores what is left from its committed offset on, then the topics go."""
+        try:
+            self._producer.send_now(MonitorStopped(order_id).encode())
+            handle = self._runtime.start_monitor("consumer", order_id)
+        except (PipelineError, RuntimeFailure) as exc:
+            logger.warning("order_id=%d its last samples cannot be stored (%s); topics kept", order_id, exc)
+            return
+
+        def wait() -> None:
+            code = handle.wait(DRAIN_SECONDS)
+            handle.stop(grace=5.0)
+            if code == 0:
+                self._remove(order_id, topics)
+            else:
+                logger.warning("order_id=%d the monitor-consumer storing its last samples ended with %s; "
+                               "topics kept", order_id, "a timeout" if code is None else f"status {code}")
+
+        self._follow(order_id, wait)
+
+    def _follow(self, order_id: int, wait) -> None:
         thread = threading.Thread(target=wait, name=f"drain-{order_id}", daemon=True)
         thread.start()
         self._drains.append(thread)
@@ -88,9 +121,11 @@ class AbandonedOrders:
         except PipelineError as exc:
             logger.warning("order_id=%d topics not deleted: %s", order_id, exc)
 
-    def close(self, timeout: float = SHARED_DRAIN_SECONDS) -> None:
+    def close(self, timeout: float = DRAIN_SECONDS) -> None:
+        """Wait for the abandoned orders' last samples to be stored and their topics removed."""
+        deadline = time.monotonic() + timeout
         for thread in self._drains:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 class Heartbeat:

@@ -9,7 +9,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from orchestrator.abandoned import AbandonedOrders, Heartbeat
+from orchestrator.abandoned import DRAIN_SECONDS, AbandonedOrders, Heartbeat
 from orchestrator.anomalies import order_anomalies, wait_for_scoring
 from orchestrator.anomaly_feed import AnomalyFeed
 from orchestrator.order_run import OrderRun, Services
@@ -114,7 +114,8 @@ def run_orders(settings: Settings, orders, keep_topics: bool = False, max_concur
         heartbeat = Heartbeat(OrderStore(engine, owner=store.owner)).start()
         try:
             with Producer(settings, shared=True) as producer:
-                abandoned = AbandonedOrders(store, admin, producer, listener, reporter)
+                abandoned = AbandonedOrders(store, admin, producer, listener, reporter,
+                                            runtime if monitoring else None)
                 abandoned.settle()
                 services = Services(runtime, store, admin, producer, listener, reporter,
                                     cancel, keep_topics, monitoring, shared,
@@ -126,7 +127,7 @@ def run_orders(settings: Settings, orders, keep_topics: bool = False, max_concur
                                   + (" (shared monitors)" if shared else ""))
                 with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="order") as pool:
                     results = list(pool.map(lambda order: OrderRun(order, services).run(), orders))
-                abandoned.close()
+                abandoned.close(0.0 if cancel.is_set() else DRAIN_SECONDS)
             if feed is not None:
                 add_anomalies(engine, results, feed, cancel)
         finally:

@@ -126,7 +126,10 @@ class OrderRun:
         self.result.seconds = time.monotonic() - began
         recorded = self.order_id is None or self._record_end(status, error)
         if self.order_id is not None:
-            if self._terminated is None or self._terminated.is_set():
+            if not recorded:
+                logger.warning("order_id=%d topics kept: the next orchestrator to start stores what "
+                               "is left on them", self.order_id)
+            elif self._terminated is None or self._terminated.is_set():
                 self._remove_topics()
             else:
                 logger.warning("order_id=%d topics kept: the shared consumer has not confirmed "
@@ -142,7 +145,8 @@ class OrderRun:
             self.s.store.set_status(self.order_id, status, error)
             self.result.rows = self.s.store.count_measurements(self.order_id)
         except DatabaseError as exc:
-            self.result.status, self.result.error = OrderStatus.FAILED.value, str(exc)
+            self.result.status = OrderStatus.FAILED.value
+            self.result.error = f"{error or status.value}; not recorded: {exc}"
             self._say(f"{status.value} after {self.result.seconds:.1f}s but not recorded: {exc}; "
                       "the next orchestrator to start marks it FAILED")
             return False
@@ -202,6 +206,8 @@ class OrderRun:
             try:
                 outputs = self._attempt(launch, spec)
             except RuntimeFailure as exc:  # the order cannot go on (a monitor never came up)
+                result.status, result.error = "FAILED", str(exc)
+                result.seconds = time.monotonic() - began
                 self.s.store.finish_task(self.order_id, position, attempt, "FAILED", error=str(exc))
                 raise
             except _AttemptFailed as exc:

@@ -192,7 +192,7 @@ class OrderStore:
             if owner is None and _fresh(record, now, self.patience):
                 continue  # recorded without an owner (an older version): judged by its age
             who = owner.describe() if owner else "unknown"
-            self._mark_failed(record.id, f"its orchestrator ({who}) died before the order ended")
+            self._mark_failed(record.id, f"its orchestrator ({who}) ended without recording how the order ended")
             abandoned.append(record)
         return abandoned
 

@@ -64,6 +64,10 @@ _CONNECTION_CODES = {
 }
 
 
+# What a broker that has just started says while it settles, and librdkafka retries by itself.
+_SETTLING = re.compile(r"(load in progress|not available|Not coordinator).*retrying", re.IGNORECASE)
+
+
 def is_connection_failure(text: str) -> bool:
     """Whether a librdkafka message says only that a broker connection failed or was lost."""
     return bool(_CONNECTION_FAILURE.search(text)) and not _CONFIGURATION_HINT.search(text)
@@ -175,6 +179,8 @@ class BrokerHealth:
         text = fmt % args if args else fmt
         if level >= logging.INFO and is_connection_failure(text):
             self.connection_failed(text)
+            level = logging.DEBUG
+        elif _SETTLING.search(text):
             level = logging.DEBUG
         _librdkafka.log(level, fmt, *args)
 

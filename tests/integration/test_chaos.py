@@ -8,6 +8,7 @@ console) and what is stored (every sample the order's producer put on ``resource
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -248,11 +249,48 @@ def test_a_killed_orchestrators_order_is_marked_by_the_next_run(settings, tmp_pa
     assert result.returncode == 0, result.stdout + result.stderr
     console = result.stdout + result.stderr
     _keep_console("killed-orchestrator", console)
-    assert f"order {dead_id} killed: was RUNNING, its orchestrator died; marked FAILED" in console, console
+    assert f"order {dead_id} killed: was RUNNING, but its orchestrator is gone; marked FAILED" in console, console
     orders = {o.name: o for o in all_stored_orders(settings)}
     dead = OrderStore(connect(settings.database_url)).get(dead_id)
-    assert dead.status is OrderStatus.FAILED and "died" in dead.error
+    assert dead.status is OrderStatus.FAILED and "without recording" in dead.error
     assert [r["status"] for r in orders["killed"].runs] == ["FAILED"]
     assert orders["next"].status == "SUCCEEDED"
     assert not set(order_topics(dead_id)) & TopicAdmin(settings).existing()
     assert pipeline_processes(settings, dead_id) == []
+
+
+def test_a_database_away_longer_than_the_retry_time_fails_the_order_and_the_next_run_stores_the_rest(
+        own_servers, own_settings, tmp_path):
+    _, postgres = own_servers
+    impatient = dataclasses.replace(own_settings, db_retry_seconds=3.0)
+    path = write_order(tmp_path, "database-gone", LONG_THEN_SHORT)
+    orchestrator = start_orchestrator(impatient, str(path))
+    try:
+        order_id = _running_order_id(impatient)
+        blur = _wait_for_task(impatient, "blur")
+        time.sleep(max(0.0, blur.create_time() + 8.0 - time.time()))
+        postgres.stop()
+        out, err = orchestrator.communicate(timeout=180)
+        left_on_topic = _valid_samples_on_topic(impatient, order_id)
+    finally:
+        if orchestrator.poll() is None:
+            orchestrator.kill()
+        postgres.start()
+    console = out + err
+    _keep_console("database-gone", console)
+    assert orchestrator.returncode == 1, console
+    assert "the database has been unreachable for 3s" in console and "Traceback" not in console, console
+    assert f"order {order_id} database-gone: FAILED after" in console and "but not recorded" in console
+    assert OrderStore(connect(impatient.database_url)).get(order_id).status is OrderStatus.RUNNING
+
+    next_path = write_order(tmp_path, "after", ["grayscale"])
+    result = run_orchestrator(own_settings, str(next_path))
+    console = result.stdout + result.stderr
+    _keep_console("database-gone-next-run", console)
+    assert result.returncode == 0, console
+    assert f"order {order_id} database-gone: was RUNNING, but its orchestrator is gone; marked FAILED" in console
+    order = next(o for o in all_stored_orders(own_settings) if o.id == order_id)
+    assert order.status == "FAILED"
+    assert len(order.samples) == len(left_on_topic) > 20  # nothing the monitors sent is lost
+    assert not set(order_topics(order_id)) & TopicAdmin(own_settings).existing()
+    assert pipeline_processes(own_settings, order_id) == []

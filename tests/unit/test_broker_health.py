@@ -201,3 +201,12 @@ def test_every_client_of_a_process_reports_to_one_tracker(tmp_path):
     assert first["error_cb"].__self__ is second["error_cb"].__self__ is broker_health("127.0.0.1:39092")
     assert first["logger"].log.__self__ is broker_health("127.0.0.1:39092")
     assert broker_health("127.0.0.1:39093") is not broker_health("127.0.0.1:39092")
+
+
+def test_a_fresh_brokers_settling_retries_are_debug_only(caplog, tracker):
+    caplog.set_level(logging.DEBUG)
+    settling = ("GETPID", "rdkafka#producer-4", "[thrd:main]: Failed to acquire idempotence PID from broker "
+                "127.0.0.1:39325/1: Broker: Coordinator load in progress: retrying")
+    tracker.on_log(logging.WARNING, "%s [%s] %s", *settling)
+    assert [(r.name, r.levelno) for r in caplog.records] == [("librdkafka", logging.DEBUG)]
+    assert not tracker.down

@@ -154,14 +154,14 @@ def test_orders_of_a_dead_orchestrator_are_marked_failed_with_their_running_task
     for order_id in (running, pending):
         record = mine.get(order_id)
         assert record.status is OrderStatus.FAILED
-        assert "orchestrator" in record.error and "died" in record.error
+        assert "orchestrator" in record.error and "without recording" in record.error
         assert record.finished_at is not None
     assert mine.get(done).status is OrderStatus.SUCCEEDED
     assert mine.get(live).status is OrderStatus.RUNNING
     with engine.connect() as conn:
         runs = {r.position: r for r in conn.execute(select(task_runs).where(task_runs.c.order_id == running))}
     assert runs[0].status == "SUCCEEDED"
-    assert runs[1].status == "FAILED" and "died" in runs[1].error
+    assert runs[1].status == "FAILED" and "without recording" in runs[1].error
     assert mine.mark_abandoned() == []  # marked once
 
 
