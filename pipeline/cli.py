@@ -7,6 +7,7 @@ import sys
 
 from pipeline import deploy
 from pipeline.errors import PipelineError
+from pipeline.infra.kafka_auth import ROLES
 from pipeline.infra.manager import Infra, Ports
 from pipeline.logs import configure_logging
 from pipeline.settings import Settings
@@ -25,7 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="do not start the shared monitoring services (sampler and consumer)")
     up.add_argument("--monitor-consumers", type=int, default=None, metavar="N",
                     help="replicas of the shared monitor-consumer; default 1 (or as before)")
+    up.add_argument("--kafka-auth", action="store_true",
+                    help="a new broker takes SASL/SCRAM logins, one user per role, held to per-role ACLs "
+                         "(kept from then on)")
     actions.add_parser("status", help="what runs where")
+    rotate = actions.add_parser("rotate-password", help="a new random password for a Kafka role (--kafka-auth)")
+    rotate.add_argument("role", choices=ROLES)
     actions.add_parser("down", help="stop what `up` started")
     commands.add_parser("settings", help="print the effective settings (secrets masked)")
     deploy.add_arguments(commands.add_parser(
@@ -48,10 +54,12 @@ def main(argv: list[str] | None = None) -> int:
             infra = Infra(settings, Ports(kafka=args.kafka_port or settings.local_kafka_port,
                                           postgres=args.postgres_port or settings.local_postgres_port))
             lines = infra.up(with_postgres=args.postgres, monitors=not args.no_monitors,
-                             consumers=args.monitor_consumers)
+                             consumers=args.monitor_consumers, kafka_auth=args.kafka_auth)
             lines.append(f"settings written to {settings.state_dir / 'infra.env'}")
         elif args.action == "status":
             lines = Infra(settings).status()
+        elif args.action == "rotate-password":
+            lines = Infra(settings).rotate_password(args.role)
         else:
             lines = Infra(settings).down()
     except PipelineError as exc:

@@ -140,6 +140,9 @@ class Settings:
         infra = read_env_file(state_dir / "infra.env")
 
         bootstrap = env.get("KAFKA_BOOTSTRAP_SERVERS") or infra.get("KAFKA_BOOTSTRAP_SERVERS")
+        if not env.get("KAFKA_BOOTSTRAP_SERVERS"):
+            # The local broker of `infra up`: its login (`--kafka-auth`) comes with it.
+            env = {**{k: v for k, v in infra.items() if k.startswith("KAFKA_")}, **env}
         if bootstrap is not None:
             _check_bootstrap(bootstrap)
         database_url = (

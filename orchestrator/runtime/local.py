@@ -14,6 +14,7 @@ from orchestrator.runtime.base import Handle, ProcessGroupHandle, Runtime, Runti
 from orchestrator.runtime.fork_client import ForkServerClient, ForkServerUnavailable
 from pipeline.lifetime import PARENT_PID_VARIABLE
 from pipeline.proctime import started_ns, wall_time
+from pipeline.infra.kafka_auth import role_environment
 from pipeline.settings import Settings, TaskStart
 from services.catalog import task_module
 
@@ -99,9 +100,14 @@ class LocalRuntime(Runtime):
         env["PYTHONUNBUFFERED"] = "1"
         env[PARENT_PID_VARIABLE] = str(os.getpid())
         self.env = env
+        # Beside this state folder's own authenticated broker (`infra up --kafka-auth`), each
+        # process logs in as its role, whose ACLs allow only what that role does.
+        self.role_env = {role: {**env, **role_environment(settings, role)}
+                         for role in ("task", "sampler", "consumer")}
         # TASK_START=fork-server: tasks are forked from a server with their imports loaded
-        # (started with the first task); a start it cannot serve is spawned instead.
-        self.fork_server = (ForkServerClient(env, _REPO_ROOT, log_dir)
+        # (started with the first task); a start it cannot serve is spawned instead. A forked
+        # task's environment is the server's: the server runs as the task role.
+        self.fork_server = (ForkServerClient(self.role_env["task"], _REPO_ROOT, log_dir)
                             if settings.task_start is TaskStart.FORK_SERVER else None)
 
     def start_task(self, launch: TaskLaunch, resources=None, timeout_seconds: float = 300.0) -> Handle:
@@ -111,16 +117,17 @@ class LocalRuntime(Runtime):
         module, args = task_module(launch.task_name), launch.to_args()
         if self.fork_server is not None:
             try:
-                return self.fork_server.start(name, module, args, self.env, _REPO_ROOT, log)
+                return self.fork_server.start(name, module, args, self.role_env["task"], _REPO_ROOT, log)
             except ForkServerUnavailable as exc:
                 logger.warning("%s: fork server unavailable (%s); spawning it", name, exc)
         command = [sys.executable, "-m", module, *args]
-        return ProcessHandle(name, command, self.env, log, ready_pipe=False)
+        return ProcessHandle(name, command, self.role_env["task"], log, ready_pipe=False)
 
     def start_monitor(self, kind: str, order_id: int) -> Handle:
         log = self.log_dir / f"order-{order_id}" / f"monitor-{kind}.log"
         command = [sys.executable, "-m", "monitor", kind, str(order_id)]
-        return ProcessHandle(f"monitor-{kind} (order {order_id})", command, self.env, log, ready_pipe=True)
+        role = "sampler" if kind == "producer" else "consumer"
+        return ProcessHandle(f"monitor-{kind} (order {order_id})", command, self.role_env[role], log, ready_pipe=True)
 
     def close(self) -> None:
         """Stop the fork server (tasks of orders still running are stopped with it)."""

@@ -93,6 +93,18 @@ def test_local_services_are_found_through_infra_env(base: dict[str, str], tmp_pa
     assert settings.database_url == "postgresql://pipeline@127.0.0.1:35432/pipeline"
 
 
+def test_the_local_brokers_login_comes_with_it_from_infra_env(base: dict[str, str], tmp_path: Path) -> None:
+    write_infra_env(tmp_path, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:39092", KAFKA_SECURITY_PROTOCOL="SASL_PLAINTEXT",
+                    KAFKA_SASL_MECHANISM="SCRAM-SHA-512", KAFKA_SASL_USERNAME="orchestrator",
+                    KAFKA_SASL_PASSWORD="s3cret")
+
+    local = Settings.from_env(base)
+    assert local.kafka_options["sasl.username"] == "orchestrator"
+    assert local.kafka_options["security.protocol"] == "SASL_PLAINTEXT"
+    elsewhere = Settings.from_env({**base, "KAFKA_BOOTSTRAP_SERVERS": "cluster:9092"})
+    assert "sasl.username" not in elsewhere.kafka_options  # another broker: not its login
+
+
 def test_environment_wins_over_infra_env(base: dict[str, str], tmp_path: Path) -> None:
     write_infra_env(tmp_path, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:39092",
                     DATABASE_URL="postgresql://pipeline@127.0.0.1:35432/pipeline")
