@@ -5,9 +5,10 @@ It deploys what ``kubectl apply -k k8s/`` deploys, without needing kustomize: it
 fields this module implements; anything else is refused rather than ignored) and the YAML
 files it lists, sets the namespace and the common labels as kustomize does, sets
 ``K8S_NAMESPACE``, ``IMAGE_TAG``, ``IMAGE_REGISTRY`` and ``TOPIC_PREFIX`` of the ConfigMap
-``pipeline-settings``, creates the Secret ``pipeline-credentials`` with a random password
-when it does not exist yet (never changing an existing one), and server-side applies every
-object with field manager ``image-pipeline``, the Namespace first.
+``pipeline-settings``, creates the Secrets of every role (:mod:`pipeline.cluster_roles`: the
+database's ``pipeline-credentials``, ``kafka-<user>`` and ``mlflow-<user>``), each with a random
+password, when it does not exist yet (never changing an existing one), and server-side applies
+every object with field manager ``image-pipeline``, the Namespace first.
 
 ``--dry-run`` changes nothing: every object goes to the server with ``dryRun=All``, so the
 API server validates and admits it without storing it. The server can only check
@@ -34,6 +35,11 @@ from typing import Any
 
 import yaml
 
+from pipeline.cluster_roles import (
+    DATABASE_SECRET, KAFKA_PASSWORD_KEY, KAFKA_USERNAME_KEY, KAFKA_USERS, MLFLOW_ADMIN,
+    MLFLOW_PASSWORD_KEY, MLFLOW_SERVER_KEY, MLFLOW_USERNAME_KEY, MLFLOW_USERS, kafka_secret,
+    mlflow_secret,
+)
 from pipeline.errors import ClusterError, PipelineError, SettingsError
 from pipeline.kube import api_message
 from pipeline.settings import Settings
@@ -41,7 +47,7 @@ from pipeline.settings import Settings
 K8S_DIR = Path(__file__).resolve().parents[1] / "k8s"
 FIELD_MANAGER = "image-pipeline"
 SETTINGS_CONFIGMAP = "pipeline-settings"
-SECRET_NAME = "pipeline-credentials"
+SECRET_NAME = DATABASE_SECRET
 DATABASE_USER = "pipeline"
 DATABASE_NAME = "pipeline"
 DATABASE_SERVICE = "postgres:5432"
@@ -157,15 +163,42 @@ def database_url(password: str) -> str:
     return f"postgresql+psycopg2://{DATABASE_USER}:{password}@{DATABASE_SERVICE}/{DATABASE_NAME}"
 
 
-def credentials_secret(namespace: str, labels: Mapping[str, str],
-                       password: str | None = None) -> dict[str, Any]:
-    """The Secret ``pipeline-credentials``, with a new random password unless one is given."""
-    password = password or secrets.token_urlsafe(24)  # URL-safe: goes into DATABASE_URL as is
+def _password() -> str:
+    # URL-safe: goes into DATABASE_URL as is, and into Kafka's SCRAM and JAAS settings, which
+    # cannot hold `,`, `]`, `"` or `\`.
+    return secrets.token_urlsafe(24)
+
+
+def _secret(name: str, namespace: str, labels: Mapping[str, str], data: Mapping[str, str]) -> dict[str, Any]:
     return {
         "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-        "metadata": {"name": SECRET_NAME, "namespace": namespace, "labels": dict(labels)},
-        "stringData": {"POSTGRES_PASSWORD": password, "DATABASE_URL": database_url(password)},
+        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
+        "stringData": dict(data),
     }
+
+
+def credentials_secret(namespace: str, labels: Mapping[str, str],
+                       password: str | None = None) -> dict[str, Any]:
+    """The database's Secret ``pipeline-credentials``, with a new random password unless one
+    is given."""
+    password = password or _password()
+    return _secret(SECRET_NAME, namespace, labels,
+                   {"POSTGRES_PASSWORD": password, "DATABASE_URL": database_url(password)})
+
+
+def role_secrets(namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Every Secret of the pipeline, each with new random passwords: the database's, one per
+    Kafka user and one per MLflow user (:mod:`pipeline.cluster_roles`)."""
+    result = [credentials_secret(namespace, labels)]
+    for user in KAFKA_USERS:
+        result.append(_secret(kafka_secret(user), namespace, labels,
+                              {KAFKA_USERNAME_KEY: user, KAFKA_PASSWORD_KEY: _password()}))
+    for user in MLFLOW_USERS:
+        data = {MLFLOW_USERNAME_KEY: user, MLFLOW_PASSWORD_KEY: _password()}
+        if user == MLFLOW_ADMIN:
+            data[MLFLOW_SERVER_KEY] = _password()
+        result.append(_secret(mlflow_secret(user), namespace, labels, data))
+    return result
 
 
 def ref(obj: Mapping[str, Any]) -> str:
@@ -176,8 +209,9 @@ def ref(obj: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------- command line
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Deploy the pipeline's services (k8s/kustomization.yaml) and the Secret "
-                          "pipeline-credentials to a Kubernetes cluster with server-side apply.")
+    parser.description = ("Deploy the pipeline's services (k8s/kustomization.yaml) and the Secrets of "
+                          "its roles (database, Kafka and MLflow users) to a Kubernetes cluster "
+                          "with server-side apply.")
     parser.add_argument("--dry-run", action="store_true",
                         help="let the API server check every object (dryRun=All) and store nothing")
     parser.add_argument("--create-namespace", action="store_true",
@@ -427,7 +461,7 @@ def deploy(options: DeployOptions, k8s_dir: Path = K8S_DIR,
                 namespace_exists = namespace_exists or for_real
             if not namespace_exists:
                 # The server refuses even a dry run of an object in a missing namespace.
-                for obj in [credentials_secret(options.namespace, kustomization.labels), *others]:
+                for obj in [*role_secrets(options.namespace, kustomization.labels), *others]:
                     out(f"{ref(obj)} not checked: namespace {options.namespace} does not exist yet")
                 raise DeployIncomplete(
                     f"dry run incomplete: the API server checks namespaced objects only in an "
@@ -435,8 +469,8 @@ def deploy(options: DeployOptions, k8s_dir: Path = K8S_DIR,
                     f"--create-namespace (creates that namespace, nothing else) or deploy "
                     f"without --dry-run")
 
-            secret = credentials_secret(options.namespace, kustomization.labels)
-            attempt(secret, lambda: _ensure_secret(cluster, secret, options.dry_run))
+            for secret in role_secrets(options.namespace, kustomization.labels):
+                attempt(secret, lambda: _ensure_secret(cluster, secret, options.dry_run))
             for obj in others:
                 attempt(obj, lambda: apply(obj))
         except (HTTPError, ApiException) as exc:  # discovery, or the connection lost

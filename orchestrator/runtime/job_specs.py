@@ -3,8 +3,9 @@
 The templates hold what a cluster operator may want to change (security context, default
 requests and limits, deadlines, volumes, node selectors, tolerations); this module sets what
 each Job must carry: a unique name, labels, images with explicit tags, commands and
-arguments, and the orchestrator's TOPIC_PREFIX (its tasks and monitors talk on the topics it
-created, whatever the ConfigMap says). Nothing here talks to the API server.
+arguments, the Secrets of each container's role and no other (:mod:`pipeline.cluster_roles`),
+and the orchestrator's TOPIC_PREFIX (its tasks and monitors talk on the topics it created,
+whatever the ConfigMap says). Nothing here talks to the API server.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.cluster_roles import ALL_SECRETS, CONTAINER_SECRETS
 from pipeline.invocation import TaskInvocation
 from pipeline.settings import Settings
 from services import catalog
@@ -108,6 +110,8 @@ class JobTemplates:
             task.get("resources"), catalog.get_task(launch.task_name).resources, resources)
         for container in (sampler, task):
             _set_env(container, "TOPIC_PREFIX", self.settings.topic_prefix)
+        _set_secrets(sampler, "sampler")
+        _set_secrets(task, "task")
         return job
 
     def monitor_job(self, kind: str, order_id: int, mode: str | None = None) -> dict[str, Any]:
@@ -121,6 +125,7 @@ class JobTemplates:
         monitor["args"] = [kind, str(order_id), *(["--mode", mode] if mode else [])]
         _set_env(monitor, "READY_FILE", READY_FILE)
         _set_env(monitor, "TOPIC_PREFIX", self.settings.topic_prefix)
+        _set_secrets(monitor, f"monitor-{kind}")
         return job
 
     def orchestrator_job(self, order_name: str, config_map: str, order_file: str) -> dict[str, Any]:
@@ -137,6 +142,7 @@ class JobTemplates:
         orchestrator["args"] = ["run", f"{order_mount['mountPath'].rstrip('/')}/{order_file}"]
         volume = next(v for v in pod.get("volumes", []) if v["name"] == "order")
         volume["configMap"]["name"] = config_map
+        _set_secrets(orchestrator, "orchestrator")
         return job
 
     def _labels(self, component: str, order_id: int) -> dict[str, str]:
@@ -170,3 +176,20 @@ def _container(pod: dict[str, Any], name: str, init: bool = False) -> dict[str, 
 def _set_env(container: dict[str, Any], name: str, value: str) -> None:
     env = [item for item in container.get("env", []) if item["name"] != name]
     container["env"] = [*env, {"name": name, "value": value}]
+
+
+def _set_secrets(container: dict[str, Any], role: str) -> None:
+    """The container gets the Secrets of ``role`` through envFrom, and no other Secret of the
+    pipeline, whatever the template says (a Secret of the operator's own is kept)."""
+    wanted = CONTAINER_SECRETS[role]
+    kept = [source for source in container.get("envFrom", [])
+            if (source.get("secretRef") or {}).get("name") not in ALL_SECRETS]
+    container["envFrom"] = [*kept, *({"secretRef": {"name": name}} for name in wanted)]
+    refused = set(ALL_SECRETS) - set(wanted)
+    if "env" in container:
+        container["env"] = [item for item in container["env"] if _secret_of(item) not in refused]
+
+
+def _secret_of(item: Mapping[str, Any]) -> str | None:
+    """The Secret an ``env`` entry takes its value from, if any."""
+    return ((item.get("valueFrom") or {}).get("secretKeyRef") or {}).get("name")

@@ -4,15 +4,18 @@ tests/integration/kube/ sends them to a real one)."""
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from orchestrator.runtime.job_specs import (
     ATTEMPT_LABEL, ORDER_LABEL, POSITION_LABEL, RUN_LABEL, TASK_DEADLINE_MARGIN, TASK_LABEL,
-    JobTemplates, job_name, merged_resources,
+    TEMPLATES_DIR, JobTemplates, job_name, merged_resources,
 )
 from pipeline import __version__
+from pipeline.cluster_roles import CONTAINER_SECRETS, DATABASE_SECRET
 from pipeline.errors import SettingsError
 from pipeline.invocation import TaskInvocation
 from pipeline.settings import Settings
@@ -36,6 +39,11 @@ def _launch(task="median", progress=(), attempt=1) -> TaskInvocation:
 def _containers(job, init=False):
     spec = job["spec"]["template"]["spec"]
     return {c["name"]: c for c in spec.get("initContainers" if init else "containers", [])}
+
+
+def _sources(container):
+    """The names of the ConfigMaps and Secrets of a container's envFrom, in order."""
+    return [next(iter(s.values()))["name"] for s in container["envFrom"]]
 
 
 def test_job_names_are_valid_and_never_repeat():
@@ -73,9 +81,8 @@ def test_a_task_job_runs_the_task_and_its_sampler_in_one_pod(templates):
     assert sampler["args"] == ["producer", "42", "--mode", "sidecar"]
     pod_name = {e["name"]: e for e in sampler["env"]}["POD_NAME"]
     assert pod_name["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    for container in (task, sampler):
-        sources = [next(iter(s.values()))["name"] for s in container["envFrom"]]
-        assert sources == ["pipeline-settings", "pipeline-credentials"]
+    assert _sources(task) == ["pipeline-settings", "kafka-task"]
+    assert _sources(sampler) == ["pipeline-settings", "kafka-sampler"]
 
 
 def test_resources_come_from_the_template_then_the_task_then_the_order(templates):
@@ -133,3 +140,75 @@ def test_jobs_created_from_a_pod_are_owned_by_it(tmp_path):
             {"apiVersion": "v1", "kind": "Pod", "name": "ip-orchestrator-x-abcde-12345", "uid": "0f1e-uid"}]
     outside = JobTemplates(settings, "run1")
     assert "ownerReferences" not in outside.task_job(_launch(), 60)["metadata"]
+
+
+# ------------------------------------------------------------------ credentials: only the role's
+
+def _secrets_named(node) -> set[str]:
+    """Every Secret a spec refers to anywhere: envFrom, env, volumes (projected ones too)."""
+    found = set()
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("secretRef", "secretKeyRef", "secret") and isinstance(value, dict):
+                found.add(value.get("name") or value.get("secretName"))
+            found |= _secrets_named(value)
+    elif isinstance(node, list):
+        for item in node:
+            found |= _secrets_named(item)
+    return found
+
+
+def _rendered(templates) -> dict[str, dict]:
+    """Each container role of the rendered Jobs -> its container."""
+    task = templates.task_job(_launch(), 60)
+    return {
+        "task": _containers(task)["task"],
+        "sampler": _containers(task, init=True)["sampler"],
+        "monitor-consumer": _containers(templates.monitor_job("consumer", 42))["monitor"],
+        "monitor-producer": _containers(templates.monitor_job("producer", 42, mode="stop-only"))["monitor"],
+        "orchestrator": _containers(templates.orchestrator_job("o", "ip-order-o-x1y2z", "order.json"))["orchestrator"],
+    }
+
+
+def test_every_container_gets_the_secrets_of_its_role_and_no_other(templates):
+    containers = _rendered(templates)
+    secrets = {role: _secrets_named(container) for role, container in containers.items()}
+    assert secrets == {
+        "task": {"kafka-task"},
+        "sampler": {"kafka-sampler"},
+        "monitor-consumer": {"pipeline-credentials", "kafka-consumer", "mlflow-scorer"},
+        "monitor-producer": {"kafka-sampler"},
+        "orchestrator": {"pipeline-credentials", "kafka-orchestrator"},
+    }
+    assert secrets == {role: set(names) for role, names in CONTAINER_SECRETS.items()}
+    # Said the other way round: the database only where it is used, MLflow only for the scorer,
+    # and one Kafka user each, its own.
+    assert {role for role, names in secrets.items() if DATABASE_SECRET in names} == \
+        {"orchestrator", "monitor-consumer"}
+    assert {role for role, names in secrets.items() if any(n.startswith("mlflow-") for n in names)} == \
+        {"monitor-consumer"}
+    for role, names in secrets.items():
+        assert len([n for n in names if n.startswith("kafka-")]) == 1, role
+        assert "kafka-admin" not in names and "mlflow-admin" not in names and "mlflow-training" not in names
+    # The whole Job too, not only the containers: no other Secret in a volume or elsewhere.
+    task = templates.task_job(_launch(), 60)
+    assert _secrets_named(task) == {"kafka-task", "kafka-sampler"}
+    assert _secrets_named(templates.monitor_job("producer", 42, mode="stop-only")) == {"kafka-sampler"}
+
+
+def test_the_pipeline_s_secrets_of_another_role_in_a_template_are_dropped(tmp_path, templates):
+    """An operator's edited (or an old) template cannot hand a task the database's password;
+    a Secret of the operator's own stays."""
+    folder = tmp_path / "jobs"
+    shutil.copytree(TEMPLATES_DIR, folder)
+    job = yaml.safe_load((folder / "task.yaml").read_text())
+    task = next(c for c in job["spec"]["template"]["spec"]["containers"] if c["name"] == "task")
+    task["envFrom"] += [{"secretRef": {"name": "pipeline-credentials"}}, {"secretRef": {"name": "proxy-credentials"}},
+                        {"secretRef": {"name": "mlflow-training"}}]
+    task["env"] += [{"name": "DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": "pipeline-credentials",
+                                                                             "key": "DATABASE_URL"}}}]
+    (folder / "task.yaml").write_text(yaml.safe_dump(job))
+    edited = JobTemplates(templates.settings, "abc123", directory=folder)
+    rendered = _containers(edited.task_job(_launch(), 60))["task"]
+    assert _sources(rendered) == ["pipeline-settings", "proxy-credentials", "kafka-task"]
+    assert "DATABASE_URL" not in {e["name"] for e in rendered["env"]}

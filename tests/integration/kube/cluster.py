@@ -1,6 +1,6 @@
 """A namespace set up as ``python -m pipeline deploy`` would set it up, but pointing at the
-local broker and database: the RBAC of ``k8s/rbac/``, the settings ConfigMap and the
-credentials Secret. Shared by the Kubernetes tests and ``bench/k8s_order.py``."""
+local broker and database: the RBAC of ``k8s/rbac/``, the settings ConfigMap and the Secrets
+of the roles. Shared by the Kubernetes tests and ``bench/k8s_order.py``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import kubernetes.client as k8s
 from kubernetes.utils import create_from_yaml
 
+from pipeline.cluster_roles import ALL_SECRETS, DATABASE_SECRET
 from tests.integration.kube.apiserver import ApiServer
 
 REPO = Path(__file__).resolve().parents[3]
@@ -28,8 +29,12 @@ def apply_rbac(api: ApiServer, namespace: str) -> None:
 
 def prepare_namespace(api: ApiServer, namespace: str, kafka: str, database_url: str, folder: Path,
                       live_scoring: bool = False) -> Path:
-    """RBAC, ConfigMap ``pipeline-settings`` and Secret ``pipeline-credentials`` in
-    ``namespace``; returns an admin kubeconfig for the namespace's users (``submit``)."""
+    """RBAC, ConfigMap ``pipeline-settings`` and the Secrets of the roles in ``namespace``;
+    returns an admin kubeconfig for the namespace's users (``submit``).
+
+    The database's Secret holds ``database_url``. The local broker takes clients without
+    credentials and MLflow is a local store, so the Kafka and MLflow users' Secrets exist (a
+    pod cannot start without its Secrets) but hold nothing."""
     apply_rbac(api, namespace)
     with api.api_client() as client:
         core = k8s.CoreV1Api(client)
@@ -41,8 +46,11 @@ def prepare_namespace(api: ApiServer, namespace: str, kafka: str, database_url: 
                   "K8S_NAMESPACE": namespace, "LIVE_SCORING": "on" if live_scoring else "off",
                   "PIPELINE_STATE_DIR": str(folder / "pod-state")}))
         core.create_namespaced_secret(namespace, k8s.V1Secret(
-            metadata=k8s.V1ObjectMeta(name="pipeline-credentials"),
+            metadata=k8s.V1ObjectMeta(name=DATABASE_SECRET),
             data={"DATABASE_URL": base64.b64encode(database_url.encode()).decode()}))
+        for name in ALL_SECRETS:
+            if name != DATABASE_SECRET:
+                core.create_namespaced_secret(namespace, k8s.V1Secret(metadata=k8s.V1ObjectMeta(name=name)))
     return api.kubeconfig(api.admin_token, folder / "admin.kubeconfig")
 
 

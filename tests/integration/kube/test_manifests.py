@@ -28,7 +28,11 @@ from typing import Any, NamedTuple
 import pytest
 import yaml
 
+from orchestrator.runtime.job_specs import COMPONENT, JobTemplates
 from pipeline import deploy
+from pipeline.cluster_roles import ALL_SECRETS, CONTAINER_SECRETS
+from pipeline.invocation import TaskInvocation
+from pipeline.settings import Settings
 
 REPO = Path(__file__).resolve().parents[3]
 K8S = REPO / "k8s"
@@ -152,6 +156,16 @@ def secret_password(kube: KubeApi, namespace: str) -> str:
     return data["POSTGRES_PASSWORD"]
 
 
+def secret_data(kube: KubeApi, namespace: str) -> dict[str, dict[str, str]]:
+    """The data of every Secret of the pipeline's roles in the namespace."""
+    found = {}
+    for name in ALL_SECRETS:
+        status, secret = api(kube, "GET", f"/api/v1/namespaces/{namespace}/secrets/{name}")
+        assert status == 200, secret
+        found[name] = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    return found
+
+
 # Where each kind of the manifests is listed (namespaced paths, {ns} filled in).
 _COLLECTIONS = {
     "ServiceAccount": "/api/v1/namespaces/{ns}/serviceaccounts",
@@ -164,6 +178,7 @@ _COLLECTIONS = {
     "StatefulSet": "/apis/apps/v1/namespaces/{ns}/statefulsets",
     "Deployment": "/apis/apps/v1/namespaces/{ns}/deployments",
     "Job": "/apis/batch/v1/namespaces/{ns}/jobs",
+    "NetworkPolicy": "/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies",
 }
 
 
@@ -200,7 +215,8 @@ def test_deploy_dry_run_is_accepted_for_every_manifest_and_stores_nothing(kube):
     for obj in objects:
         if obj["kind"] != "Namespace":
             assert f"{deploy.ref(obj)} created (dry run)" in lines, result.stdout
-    assert "secret/pipeline-credentials created with a random password (dry run)" in lines
+    for name in ALL_SECRETS:
+        assert f"secret/{name} created with a random password (dry run)" in lines, result.stdout
     assert "nothing was stored" in lines[-1]
     assert stored(kube, namespace) == {}
 
@@ -241,9 +257,11 @@ def test_kubectl_apply_k_server_dry_run(kube):
     namespace = yaml.safe_load((K8S / "kustomization.yaml").read_text())["namespace"]
     create_namespace(kube, namespace)  # a server dry run needs the namespace to exist
     result = kubectl(kube, "apply", "-k", str(K8S), "--dry-run=server")
+    printed = result.stdout
+    for group in (".apps/", ".rbac.authorization.k8s.io/", ".batch/", ".networking.k8s.io/"):
+        printed = printed.replace(group, "/")
     for kind, name in from_kustomize:
-        assert f"{kind.lower()}/{name}" in result.stdout.replace(".apps/", "/").replace(
-            ".rbac.authorization.k8s.io/", "/"), result.stdout
+        assert f"{kind.lower()}/{name}" in printed, result.stdout
     assert stored(kube, namespace) == {}
 
 
@@ -257,19 +275,21 @@ def test_deploy_creates_everything_and_keeps_the_password(kube):
     lines = result.stdout.splitlines()
     for obj in deploy.render(K8S, namespace):
         assert f"{deploy.ref(obj)} created" in lines, result.stdout
-    assert "secret/pipeline-credentials created with a random password" in lines
+    for name in ALL_SECRETS:
+        assert f"secret/{name} created with a random password" in lines, result.stdout
     assert "python -m orchestrator submit" in result.stdout
 
     expected: dict[str, list[str]] = {}
     for obj in deploy.render(K8S, namespace):
         if obj["kind"] != "Namespace":
             expected.setdefault(obj["kind"], []).append(obj["metadata"]["name"])
-    expected["Secret"] = ["pipeline-credentials"]
+    expected["Secret"] = list(ALL_SECRETS)
     assert stored(kube, namespace) == {kind: sorted(v) for kind, v in expected.items()}
 
     status, settings = api(kube, "GET", f"/api/v1/namespaces/{namespace}/configmaps/pipeline-settings")
     assert settings["data"] == {
-        "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092", "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092", "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512", "MLFLOW_TRACKING_URI": "http://mlflow:5000",
         "RUNTIME": "kubernetes", "ARTIFACT_DIR": "/artifacts", "K8S_NAMESPACE": namespace,
         "IMAGE_TAG": "1.2.3", "IMAGE_REGISTRY": "registry.example.com/team", "LIVE_SCORING": "on",
         "TOPIC_PREFIX": ""}
@@ -281,15 +301,26 @@ def test_deploy_creates_everything_and_keeps_the_password(kube):
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "orchestrator", "namespace": namespace}]
     password = secret_password(kube, namespace)
     assert len(password) >= 24 and password not in result.stdout + result.stderr
+    credentials = secret_data(kube, namespace)
+    assert credentials["kafka-task"]["KAFKA_SASL_USERNAME"] == "task"
+    assert credentials["mlflow-scorer"]["MLFLOW_TRACKING_USERNAME"] == "scorer"
+    for data in credentials.values():
+        for key, value in data.items():
+            if "PASSWORD" in key or "SECRET" in key:
+                assert len(value) >= 24 and value not in result.stdout + result.stderr, key
 
     # Again: nothing changes, the password stays.
     result = pipeline_deploy(kube, "--namespace", namespace, "--image-tag", "1.2.3",
                              "--image-registry", "registry.example.com/team")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "secret/pipeline-credentials unchanged (exists; its password is kept)" in result.stdout
+    for name in ALL_SECRETS:
+        assert f"secret/{name} unchanged (exists; its password is kept)" in result.stdout
     assert "configmap/pipeline-settings unchanged" in result.stdout
     assert "statefulset/kafka unchanged" in result.stdout
+    assert "job/kafka-acls unchanged" in result.stdout
+    assert "networkpolicy/kafka unchanged" in result.stdout
     assert secret_password(kube, namespace) == password
+    assert secret_data(kube, namespace) == credentials
 
     # A new image tag: the ConfigMap changes, the password still stays.
     result = pipeline_deploy(kube, "--namespace", namespace, "--image-tag", "1.2.4")
@@ -321,11 +352,16 @@ def test_job_template_contract(template):
     spec = job["spec"]
     pod = spec["template"]["spec"]
     containers = pod["containers"] + pod.get("initContainers", [])
+    # The Secrets each container's role gets (the runtime enforces it on the rendered Jobs;
+    # the monitor's depend on its kind, so its template names none).
+    roles = {"task": "task", "sampler": "sampler", "orchestrator": "orchestrator", "monitor": None}
     for container in containers:
         image = container["image"]
         assert ":" in image and not image.endswith(":latest"), image
-        assert {"configMapRef": {"name": "pipeline-settings"}} in container["envFrom"]
-        assert {"secretRef": {"name": "pipeline-credentials"}} in container["envFrom"]
+        assert container["envFrom"][0] == {"configMapRef": {"name": "pipeline-settings"}}
+        role = roles[container["name"]]
+        assert container["envFrom"][1:] == [{"secretRef": {"name": name}}
+                                            for name in (CONTAINER_SECRETS[role] if role else ())]
         assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} \
             in container["env"]
         assert {"name": "artifacts", "mountPath": "/artifacts"} in container["volumeMounts"]
@@ -357,6 +393,64 @@ def test_job_template_contract(template):
         assert {"name": "order", "mountPath": "/etc/order", "readOnly": True} \
             in by_name["orchestrator"]["volumeMounts"]
         assert any(v["name"] == "order" and "configMap" in v for v in pod["volumes"])
+
+
+def _secret_refs(container: dict[str, Any]) -> list[str]:
+    return [s["secretRef"]["name"] for s in container.get("envFrom", []) if "secretRef" in s]
+
+
+def test_rendered_jobs_pass_a_server_dry_run_with_their_roles_secrets_only(kube, tmp_path):
+    """The Jobs as the orchestrator creates them: accepted, and each container, as the server
+    stores it, holds the Secrets of its role and nothing else of the pipeline's."""
+    namespace = new_namespace("roles")
+    create_namespace(kube, namespace)
+    settings = Settings.from_env({"PIPELINE_STATE_DIR": str(tmp_path), "K8S_NAMESPACE": namespace})
+    templates = JobTemplates(settings, run_id="roles1")
+    launch = TaskInvocation(order_id=7, required_tasks=("blur",), task_name="blur", progress=(),
+                            image=Path("/artifacts/inputs/x.jpg"), params={}, attempt=1)
+    jobs = [templates.task_job(launch, 60), templates.monitor_job("consumer", 7),
+            templates.monitor_job("producer", 7, mode="stop-only"),
+            templates.orchestrator_job("o", "ip-order-o-x1y2z", "order.json")]
+    seen = {}
+    for job in jobs:
+        status, body = api(kube, "POST", f"/apis/batch/v1/namespaces/{namespace}/jobs", job, query="dryRun=All")
+        assert status == 201, body.get("message", body)
+        pod = body["spec"]["template"]["spec"]
+        component = body["spec"]["template"]["metadata"]["labels"][COMPONENT]
+        for container in pod["containers"] + pod.get("initContainers", []):
+            role = "sampler" if container["name"] == "sampler" else component
+            seen[role] = _secret_refs(container)
+            assert not any("secretKeyRef" in (e.get("valueFrom") or {}) for e in container.get("env", []))
+        assert not any("secret" in v or "projected" in v for v in pod.get("volumes", []))
+    assert seen == {role: list(names) for role, names in CONTAINER_SECRETS.items()}
+    assert "pipeline-credentials" not in seen["task"] + seen["sampler"] + seen["monitor-producer"]
+    assert not [n for n in seen["task"] + seen["sampler"] + seen["orchestrator"] if n.startswith("mlflow-")]
+    assert stored(kube, namespace) == {}
+
+
+def test_network_policies_are_accepted_with_their_selectors(kube):
+    namespace = new_namespace("netpol")
+    create_namespace(kube, namespace)
+    policies = [o for o in deploy.render(K8S, namespace) if o["kind"] == "NetworkPolicy"]
+    assert {p["metadata"]["name"] for p in policies} == {"services-default-deny", "kafka", "postgres", "mlflow"}
+    path = f"/apis/networking.k8s.io/v1/namespaces/{namespace}/networkpolicies"
+    for policy in policies:
+        status, body = api(kube, "POST", path, policy, query="dryRun=All")
+        assert status == 201, body.get("message", body)
+        # As the server keeps it: nothing dropped or widened by defaulting.
+        assert body["spec"]["podSelector"] == policy["spec"]["podSelector"]
+        assert body["spec"]["policyTypes"] == ["Ingress"]
+        assert body["spec"].get("ingress", []) == policy["spec"]["ingress"]
+        assert "egress" not in body["spec"]  # egress is not restricted
+        for rule in body["spec"].get("ingress", []):
+            for peer in rule["from"]:
+                assert set(peer) == {"podSelector"}, "pods of this namespace only"
+    # The server does check them: a selector with an unknown operator is refused.
+    broken = yaml.safe_load(yaml.safe_dump(policies[1]))
+    broken["spec"]["ingress"][0]["from"][0]["podSelector"]["matchExpressions"][0]["operator"] = "in"
+    status, body = api(kube, "POST", path, broken, query="dryRun=All")
+    assert status == 422, body
+    assert stored(kube, namespace) == {}
 
 
 def test_no_manifest_uses_a_latest_or_untagged_image():
@@ -446,7 +540,8 @@ def test_kustomization_lists_every_manifest_and_no_secret():
                if p.name != "kustomization.yaml" and p.parent.name != "jobs"}
     assert listed == on_disk == {"namespace.yaml", "rbac/serviceaccount.yaml", "rbac/role.yaml",
                                  "settings.yaml", "artifacts-pvc.yaml", "kafka.yaml",
-                                 "postgres.yaml", "mlflow.yaml", "monitor-consumer.yaml"}
+                                 "postgres.yaml", "mlflow.yaml", "monitor-consumer.yaml",
+                                 "network-policies.yaml"}
     kinds = {(o["kind"], o["metadata"]["name"]) for o in manifest_objects()}
     assert not any(kind == "Secret" for kind, _ in kinds)
     assert {("StatefulSet", "kafka"), ("Service", "kafka"), ("Service", "kafka-headless"),
@@ -454,7 +549,10 @@ def test_kustomization_lists_every_manifest_and_no_secret():
             ("Deployment", "monitor-consumer"), ("Service", "mlflow"), ("PersistentVolumeClaim", "mlflow-data"),
             ("PersistentVolumeClaim", "pipeline-artifacts"), ("ConfigMap", "pipeline-settings"),
             ("ServiceAccount", "orchestrator"), ("Role", "orchestrator"),
-            ("RoleBinding", "orchestrator"), ("Namespace", "image-pipeline")} == kinds
+            ("RoleBinding", "orchestrator"), ("Namespace", "image-pipeline"),
+            ("ConfigMap", "kafka-config"), ("Job", "kafka-acls"), ("ConfigMap", "mlflow-auth"),
+            ("Job", "mlflow-users"), ("NetworkPolicy", "services-default-deny"),
+            ("NetworkPolicy", "kafka"), ("NetworkPolicy", "postgres"), ("NetworkPolicy", "mlflow")} == kinds
 
 
 # ------------------------------------------------------------------ errors: one line, status 2
