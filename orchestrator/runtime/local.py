@@ -99,15 +99,17 @@ class LocalRuntime(Runtime):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT), env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"
         env[PARENT_PID_VARIABLE] = str(os.getpid())
-        self.env = env
         # Beside this state folder's own authenticated broker (`infra up --kafka-auth`), each
-        # process logs in as its role, whose ACLs allow only what that role does.
-        self.role_env = {role: {**env, **role_environment(settings, role)}
-                         for role in ("task", "sampler", "consumer")}
+        # process logs in as its role, whose ACLs allow only what that role does: the tasks
+        # (and the fork server, whose environment a forked task has) as `task`, the monitors
+        # as `sampler` and `consumer` (their logins laid over this one when they start).
+        env.update(role_environment(settings, "task"))
+        self.env = env
+        self._monitor_logins = {kind: role_environment(settings, role)
+                                for kind, role in (("producer", "sampler"), ("consumer", "consumer"))}
         # TASK_START=fork-server: tasks are forked from a server with their imports loaded
-        # (started with the first task); a start it cannot serve is spawned instead. A forked
-        # task's environment is the server's: the server runs as the task role.
-        self.fork_server = (ForkServerClient(self.role_env["task"], _REPO_ROOT, log_dir)
+        # (started with the first task); a start it cannot serve is spawned instead.
+        self.fork_server = (ForkServerClient(env, _REPO_ROOT, log_dir)
                             if settings.task_start is TaskStart.FORK_SERVER else None)
 
     def start_task(self, launch: TaskLaunch, resources=None, timeout_seconds: float = 300.0) -> Handle:
@@ -117,17 +119,17 @@ class LocalRuntime(Runtime):
         module, args = task_module(launch.task_name), launch.to_args()
         if self.fork_server is not None:
             try:
-                return self.fork_server.start(name, module, args, self.role_env["task"], _REPO_ROOT, log)
+                return self.fork_server.start(name, module, args, self.env, _REPO_ROOT, log)
             except ForkServerUnavailable as exc:
                 logger.warning("%s: fork server unavailable (%s); spawning it", name, exc)
         command = [sys.executable, "-m", module, *args]
-        return ProcessHandle(name, command, self.role_env["task"], log, ready_pipe=False)
+        return ProcessHandle(name, command, self.env, log, ready_pipe=False)
 
     def start_monitor(self, kind: str, order_id: int) -> Handle:
         log = self.log_dir / f"order-{order_id}" / f"monitor-{kind}.log"
         command = [sys.executable, "-m", "monitor", kind, str(order_id)]
-        role = "sampler" if kind == "producer" else "consumer"
-        return ProcessHandle(f"monitor-{kind} (order {order_id})", command, self.role_env[role], log, ready_pipe=True)
+        env = {**self.env, **self._monitor_logins.get(kind, {})}
+        return ProcessHandle(f"monitor-{kind} (order {order_id})", command, env, log, ready_pipe=True)
 
     def close(self) -> None:
         """Stop the fork server (tasks of orders still running are stopped with it)."""
