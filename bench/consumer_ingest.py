@@ -47,7 +47,7 @@ from pipeline.db.schema import orders, resources, task_runs, tasks  # noqa: E402
 from pipeline.kafka import Consumer, TopicAdmin  # noqa: E402
 from pipeline.protocol import RESOURCES, Key, MonitorStopped, Sample, order_topics, task_topic  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
-from training.registry_probe import champion_may_exist  # noqa: E402
+from models.registry_probe import champion_may_exist  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("resize", "grayscale", "rotate")

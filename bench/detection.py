@@ -9,7 +9,7 @@ heavy tasks at varied onsets, healthy and faulty orders mixed, at each concurren
 orders created after the fit are evaluated.
 
 Every stored sample of an evaluation order is replayed through each detector with the code
-the monitor-consumer runs live (models.rows.model_rows, monitor.scoring):
+the monitor-consumer runs live (models.rows.model_rows, analysis.scoring):
 
 - model: the champion's P10/P50/P90 band with the alarm policy, plus the overrun check
 - fixed-threshold: one limit per resource, whatever the task
@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,10 +49,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from sqlalchemy import select  # noqa: E402
 
-from monitor.live_scoring import model_detector  # noqa: E402
-from monitor.order_context import order_samples  # noqa: E402
-from monitor.scoring import (  # noqa: E402
-    ConsecutiveFilter, Detector, FixedThresholdScorer, NSigmaScorer, RollingZScorer,
+from analysis.order_context import order_samples  # noqa: E402
+from analysis.scoring import (  # noqa: E402
+    ConsecutiveFilter, Detector, FixedThresholdScorer, NSigmaScorer, RollingZScorer, model_detector,
 )
 from pipeline.db import connect  # noqa: E402
 from pipeline.db.schema import orders, task_runs, tasks  # noqa: E402
@@ -168,7 +167,7 @@ def detect(args: argparse.Namespace) -> dict:
         fitted_at = datetime.now(timezone.utc)
         last_trained = _last_order_id(settings)
         fitted_file.write_text(f"{fitted_at.isoformat()} {last_trained}")
-    from training.registry import load_expected_usage
+    from models.registry import load_expected_usage
 
     model, version = load_expected_usage(settings.mlflow_tracking_uri)
     rng = random.Random(args.seed)
@@ -249,7 +248,7 @@ def reevaluate(args: argparse.Namespace) -> dict:
     os.environ.update({k: env[k] for k in ("PIPELINE_STATE_DIR", "DATABASE_URL", "MLFLOW_TRACKING_URI", "MONITORS")})
     settings = Settings.from_env()
     fitted_at, last_trained = (state / "fitted_at").read_text().split()
-    from training.registry import load_expected_usage
+    from models.registry import load_expected_usage
 
     model, version = load_expected_usage(settings.mlflow_tracking_uri, args.model)
     plans = planned_from_files(state / "eval")
@@ -280,7 +279,7 @@ def evaluate(settings: Settings, model, version: str, fitted_at: datetime, last_
     history = _history_rows(settings, fitted_at)
     nsigma = NSigmaScorer().fit(history)
     detectors = {
-        "model": lambda: model_detector(model, settings),
+        "model": lambda: model_detector(model, settings, version),
         "fixed-threshold": lambda: Detector(FixedThresholdScorer(FIXED_LIMITS), ConsecutiveFilter()),
         "rolling-z": lambda: Detector(RollingZScorer(), ConsecutiveFilter()),
         "n-sigma": lambda: Detector(nsigma, ConsecutiveFilter()),
@@ -303,19 +302,23 @@ def evaluate(settings: Settings, model, version: str, fitted_at: datetime, last_
         for detector_name, make in detectors.items():
             cell = levels.setdefault(level, {}).setdefault(detector_name, _empty())
             results = make().process(samples)
-            alarms = defaultdict(list)  # run -> anomaly sample times
+            alarms = defaultdict(list)  # task position -> anomaly sample times
             for r in results:
                 if r.anomaly:
-                    alarms[(r.sample.position, r.sample.attempt)].append((r.sample.timestamp_ms, r.sample.resource))
-                healthy = not planned.fault or r.sample.position != planned.fault[0]
-                if detector_name == "model" and healthy and r.sample.resource != "duration":
-                    inside = r.lower <= r.sample.value <= r.upper
-                    coverage[(level, r.sample.resource)][0] += inside
-                    coverage[(level, r.sample.resource)][1] += 1
+                    alarms[r.index].append((r.timestamp_ms, r.resource))
+                healthy = not planned.fault or r.index != planned.fault[0]
+                if detector_name == "model" and healthy and r.resource != "duration":
+                    inside = r.lower <= r.value <= r.upper
+                    coverage[(level, r.resource)][0] += inside
+                    coverage[(level, r.resource)][1] += 1
             for run in runs_of[order_id]:
-                key = (run["position"], run["attempt"])
-                started_ms = run["started_at"].replace(tzinfo=timezone.utc).timestamp() * 1000
-                times = sorted(alarms.get(key, []))
+                started_ms = _ms(run["started_at"])
+                # an attempt's samples come after it starts and before the next attempt starts
+                since_ms = started_ms if run["attempt"] > 1 else -math.inf
+                retried_ms = min((_ms(later["started_at"]) for later in runs_of[order_id]
+                                  if later["position"] == run["position"] and later["attempt"] > run["attempt"]),
+                                 default=math.inf)
+                times = sorted(a for a in alarms.get(run["position"], []) if since_ms <= a[0] < retried_ms)
                 if planned.fault and run["position"] == planned.fault[0]:
                     kind, onset_ms = planned.fault[1], started_ms + planned.fault[2] * 1000
                     fault = cell["faults"].setdefault(kind, {"runs": 0, "detected": 0, "delays": [], "by": defaultdict(int)})
@@ -335,6 +338,10 @@ def evaluate(settings: Settings, model, version: str, fitted_at: datetime, last_
     return {"model_version": version, "levels": _summarise(levels),
             "coverage": {f"{lvl} {res}": round(inside / total, 3) for (lvl, res), (inside, total) in sorted(coverage.items())},
             "history_rows": len(history), "history_orders": int(history["order_id"].nunique()) if len(history) else 0}
+
+
+def _ms(stored: datetime) -> float:
+    return stored.replace(tzinfo=timezone.utc).timestamp() * 1000
 
 
 def _empty() -> dict:

@@ -92,7 +92,7 @@ def _model(uri: str | None) -> tuple[ExpectedUsageModel, str]:
         raise SystemExit(f"error: --model-uri {uri!r}: expected models:/NAME@champion, "
                          "models:/NAME/VERSION or a folder")
     from pipeline.settings import Settings
-    from training.registry import load_expected_usage
+    from models.registry import load_expected_usage
 
     if match["alias"] not in (None, "champion"):
         raise SystemExit(f"error: --model-uri {uri!r}: only the champion alias or a version number")

@@ -45,7 +45,7 @@ from PIL import Image  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 from pipeline.db import connect  # noqa: E402
-from pipeline.db.schema import measurements, orders, resources, task_runs, tasks  # noqa: E402
+from pipeline.db.schema import measurements, orders, resources, task_runs  # noqa: E402
 from pipeline.invocation import TaskInvocation  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 

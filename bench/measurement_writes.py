@@ -44,9 +44,10 @@ import psycopg2  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
-from pipeline.db import Measurement, MeasurementWriter, NameLookup, connect, create_schema  # noqa: E402
+from pipeline.db import MeasurementWriter, NameLookup, connect, create_schema  # noqa: E402
 from pipeline.db.engine import uses_timescaledb  # noqa: E402
 from pipeline.db.schema import resources, tasks  # noqa: E402
+from pipeline.protocol import Sample  # noqa: E402
 from pipeline.protocol import RESOURCES  # noqa: E402
 
 ORDERS = 5
@@ -61,7 +62,7 @@ BASE_MS = int(datetime(2025, 6, 1, tzinfo=timezone.utc).timestamp() * 1000)
 COLUMNS = "order_id, task_id, resource_id, value, ts"
 
 
-def make_rows(total: int, seed: int = 42) -> list[Measurement]:
+def make_rows(total: int, seed: int = 42) -> list[Sample]:
     """``total`` samples: ORDERS orders x 5 tasks x N seconds x 4 resources, in arrival order."""
     per_second = ORDERS * len(TASK_LISTS[0]) * len(RESOURCES)
     if total % per_second:
@@ -81,7 +82,7 @@ def make_rows(total: int, seed: int = 42) -> list[Measurement]:
                     "disk_read": round(rng.expovariate(1 / 400), 1),
                     "disk_write": round(rng.expovariate(1 / 250), 1),
                 }
-                rows.extend(Measurement(order_id, task, r, usage[r], ts) for r in RESOURCES)
+                rows.extend(Sample((), task, order_id, r, usage[r], ts) for r in RESOURCES)
     return rows
 
 
@@ -135,7 +136,7 @@ def count(engine) -> int:
         return int(conn.execute(text("SELECT count(*) FROM measurements")).scalar_one())
 
 
-def write_all(writer: MeasurementWriter, rows: list[Measurement], batch_size: int) -> tuple[float, int]:
+def write_all(writer: MeasurementWriter, rows: list[Sample], batch_size: int) -> tuple[float, int]:
     began = time.perf_counter()
     new = 0
     for i in range(0, len(rows), batch_size):
@@ -176,7 +177,7 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
-def run_round(server: Server, admin, rows: list[Measurement], args: argparse.Namespace, i: int) -> dict:
+def run_round(server: Server, admin, rows: list[Sample], args: argparse.Namespace, i: int) -> dict:
     """One round on two fresh databases: write, re-write, psql COPY; counts checked."""
     suffix = f"{os.getpid()}_{int(time.time())}_{i}"
     db_writer, db_copy = f"bench_writer_{suffix}", f"bench_copy_{suffix}"
@@ -216,8 +217,9 @@ def run_round(server: Server, admin, rows: list[Measurement], args: argparse.Nam
         task_ids, resource_ids = NameLookup(tasks), NameLookup(resources)
         with tempfile.NamedTemporaryFile("w", suffix=".tsv", delete=False) as tsv, engine2.begin() as conn:
             for m in rows:
-                tsv.write(f"{m.order_id}\t{task_ids.id_of(conn, m.task)}\t"
-                          f"{resource_ids.id_of(conn, m.resource)}\t{m.value!r}\t{m.ts.isoformat()}\n")
+                ts = datetime.fromtimestamp(m.timestamp_ms / 1000, tz=timezone.utc)
+                tsv.write(f"{m.order_id}\t{task_ids.id_of(conn, m.task_name)}\t"
+                          f"{resource_ids.id_of(conn, m.resource)}\t{m.value!r}\t{ts.isoformat()}\n")
         tsv_path = Path(tsv.name)
         try:
             results["tsv_bytes"] = tsv_path.stat().st_size

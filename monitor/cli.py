@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             MonitorConsumer(settings, signals, args.order_id).run()
             exit_now(0)  # all stored and committed: skip the interpreter's teardown
         elif args.command == "rescore":
-            from monitor.rescore import rescore
+            from analysis.rescore import rescore
 
             result = rescore(settings, args.order_id, args.model)
             print(f"order {result.order_id}: {result.scored} samples scored with expected-usage "
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             for (task, position, resource), count in sorted(result.anomalies.items(), key=lambda i: i[0][1]):
                 print(f"  task {position + 1} {task}: {resource} anomalous for {count} samples")
         else:
-            from monitor.plots import log_to_mlflow, plot_order
+            from analysis.plots import log_to_mlflow, plot_order
 
             result = plot_order(settings, args.order_id, args.out, args.model)
             print("\n".join(str(path) for path in result.files))

@@ -24,18 +24,18 @@ import logging
 import threading
 import time
 
-from pipeline.db import Measurement, MeasurementWriter, connect, create_schema
+from pipeline.db import MeasurementWriter, connect, create_schema
 from pipeline.db.retry import retrying
 from pipeline.errors import ProtocolError
 from pipeline.kafka import Consumer, Producer
 from pipeline.protocol import (
-    RESOURCE_TOPIC_PATTERN, Message, MonitorStopped, MonitorTerminated, decode_resource_topic,
+    RESOURCE_TOPIC_PATTERN, Message, MonitorStopped, MonitorTerminated, Sample, decode_resource_topic,
     order_id_of_topic, resource_topic,
 )
 from pipeline.settings import Settings
 from monitor.claims import OrderClaims
 from monitor.signals import StopSignals, announce_ready
-from training.registry_probe import champion_may_exist
+from models.registry_probe import champion_may_exist
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class MonitorConsumer:
         self.scorer = None  # a LiveScorer while live scoring runs
         self._scoring_args: tuple = ()
         self._attaching: threading.Thread | None = None
-        self._pending: list[tuple[Message, Measurement | None]] = []
+        self._pending: list[tuple[Message, Sample | None]] = []
         self._label = f"order_id={order_id}" if order_id is not None else "shared"
 
     @property
@@ -207,9 +207,7 @@ class MonitorConsumer:
             return None
         if isinstance(decoded, MonitorStopped):
             return order_id
-        self._pending.append((message, Measurement(
-            order_id, decoded.task_name, decoded.resource, decoded.value, decoded.timestamp_ms,
-            decoded.index, decoded.attempt)))
+        self._pending.append((message, decoded))
         return None
 
     def _flush(self) -> None:
@@ -226,7 +224,7 @@ class MonitorConsumer:
             self._consumer.mark_processed(message)
         self._consumer.commit()
 
-    def _write(self, batch: list[Measurement]) -> int:
+    def _write(self, batch: list[Sample]) -> int:
         """Write, riding out a lost database for ``DB_RETRY_SECONDS``; the offsets stay
         uncommitted meanwhile, so neither a stop nor giving up loses anything: the samples
         are read again by whoever resumes (a restarted consumer, the shared one starting over)."""

@@ -30,12 +30,11 @@ from sqlalchemy import Engine
 import pandas as pd
 
 from models.rows import RAW_COLUMNS, RunState, model_rows
-from monitor.order_context import OrderContext
-from monitor.scoring import ConsecutiveFilter, Detector, ModelBandScorer, OverrunCheck, Scored, contexts
-from pipeline.db import Measurement
-from pipeline.db.deviations import DeviationRow, DeviationStore
+from analysis.order_context import OrderContext
+from analysis.scoring import Detector, contexts, model_detector
+from pipeline.db.deviations import DeviationStore
 from pipeline.kafka import Producer, TopicAdmin
-from pipeline.protocol import ANOMALIES_TOPIC, RESOURCES, Anomaly
+from pipeline.protocol import ANOMALIES_TOPIC, RESOURCES, Deviation, Sample
 from pipeline.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -69,7 +68,7 @@ class LiveScorer:
         self._widths: dict[tuple, int] = {}  # run -> resources in its last complete tick
         self._states: dict[tuple, RunState] = {}  # run -> what its scored ticks left
         # Batches to score; a _Finished marker is set once everything before it is scored.
-        self._batches: queue.Queue[list[Measurement] | _Finished | None] = queue.Queue()
+        self._batches: queue.Queue[list[Sample] | _Finished | None] = queue.Queue()
         self._caught_up = threading.Event()
         self._caught_up.set()
         self._worker = threading.Thread(target=self._work, name="live-scoring", daemon=True)
@@ -81,7 +80,7 @@ class LiveScorer:
         self._worker.start()
         return self
 
-    def submit(self, batch: Sequence[Measurement]) -> None:
+    def submit(self, batch: Sequence[Sample]) -> None:
         """Queue a stored batch for scoring; returns at once."""
         if batch:
             self._batches.put(list(batch))
@@ -160,8 +159,8 @@ class LiveScorer:
         try:
             from mlflow import MlflowClient
 
-            from training.registry import load_expected_usage
-            from training.tracking import champion_version
+            from models.registry import load_expected_usage
+            from models.registry import champion_version
 
             uri = self.settings.mlflow_tracking_uri
             version = champion_version(MlflowClient(tracking_uri=uri, registry_uri=uri))
@@ -179,7 +178,7 @@ class LiveScorer:
         try:
             import torch
 
-            from training.registry import load_expected_usage
+            from models.registry import load_expected_usage
 
             # One thread: a batch is a few hundred rows, and idle OpenMP workers spinning after
             # each call would take the cores that storing needs.
@@ -201,14 +200,14 @@ class LiveScorer:
     def _use(self, model, version: str) -> None:
         """Score with ``model`` (registered as ``version``) from the next batch on."""
         self.model_version = version
-        self.detector = model_detector(model, self.settings)
+        self.detector = model_detector(model, self.settings, version)
         logger.info("%s scoring with expected-usage version %s", self.label, version)
 
-    def score(self, batch: Sequence[Measurement]) -> list[Scored]:
+    def score(self, batch: Sequence[Sample]) -> list[Deviation]:
         """Score, store and publish the complete ticks of one batch (already stored as
         measurements) and of earlier ones that were waiting."""
-        for m in sorted(batch, key=lambda m: m.timestamp_ms):
-            raw = self._context_of(m.order_id).raw(m.task, m.resource, m.timestamp_ms, m.value, m.position, m.attempt)
+        for s in sorted(batch, key=lambda s: s.timestamp_ms):
+            raw = self._context_of(s.order_id).raw(s.task_name, s.resource, s.timestamp_ms, s.value, s.index, s.attempt)
             if raw is None:
                 continue
             run = (raw["order_id"], raw["position"], raw["attempt"])
@@ -235,14 +234,14 @@ class LiveScorer:
                 self._pending[run] = [r for r in rows if r["ts_ms"] == newest]
         return released
 
-    def _score_rows(self, released: list[dict]) -> list[Scored]:
+    def _score_rows(self, released: list[dict]) -> list[Deviation]:
         if not released:
             return []
         samples = contexts(model_rows(pd.DataFrame(released, columns=RAW_COLUMNS), self._states))
         results = self.detector.process(samples)
-        self._store.write([to_row(r) for r in results], self.model_version)
+        self._store.write(results)
         for result in results:
-            if result.first_of_episode:
+            if result.raised:
                 self._raise(result)
         self.scored += len(results)
         return results
@@ -264,28 +263,11 @@ class LiveScorer:
             context = self._contexts[order_id] = OrderContext(self.engine, order_id)
         return context
 
-    def _raise(self, result: Scored) -> None:
-        s = result.sample
+    def _raise(self, anomaly: Deviation) -> None:
         self.anomalies += 1
         logger.warning(
             "ANOMALY order_id=%d task=%s index=%d resource=%s value=%.1f expected=%.1f band=[%.1f, %.1f] "
-            "score=%+.1f model_version=%s", s.order_id, s.task, s.position, s.resource, s.value,
-            result.expected, result.lower, result.upper, result.score, self.model_version)
-        self.producer.send(Anomaly(s.order_id, s.task, s.position, s.resource, s.timestamp_ms, s.value,
-                                   result.expected, result.lower, result.upper, result.score,
-                                   self.model_version).encode())
+            "score=%+.1f model_version=%s", anomaly.order_id, anomaly.task, anomaly.index, anomaly.resource,
+            anomaly.value, anomaly.expected, anomaly.lower, anomaly.upper, anomaly.score, anomaly.model_version)
+        self.producer.send(anomaly.encode())
 
-
-def model_detector(model, settings: Settings) -> Detector:
-    """The model-band detector with the anomaly rule of ``settings``: what live scoring and
-    re-scoring both run."""
-    return Detector(ModelBandScorer(model),
-                    ConsecutiveFilter(settings.anomaly_threshold, settings.anomaly_consecutive),
-                    OverrunCheck(model.work))
-
-
-def to_row(result: Scored) -> DeviationRow:
-    """The row ``deviations`` stores for a scored sample."""
-    s = result.sample
-    return DeviationRow(s.order_id, s.task, s.position, s.resource, s.timestamp_ms, s.value,
-                        result.expected, result.lower, result.upper, result.score, result.anomaly)

@@ -20,9 +20,9 @@ from datetime import datetime
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline.db.deviations import DeviationRow, DeviationStore, to_ms
+from pipeline.db.deviations import DeviationStore, to_ms
 from pipeline.db.schema import deviations, measurements, task_runs
-from pipeline.protocol import Anomaly
+from pipeline.protocol import Deviation
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def describe(resource: str, value: float, lower: float, upper: float, score: flo
             f"({what}score {score:+.1f})")
 
 
-def live_line(anomaly: Anomaly, task_count: int) -> str:
+def live_line(anomaly: Deviation, task_count: int) -> str:
     """The progress line for an anomaly as it arrives (after ``order <ID> <name>: ``)."""
     return (f"ANOMALY task {anomaly.index + 1}/{task_count} {anomaly.task} "
             + describe(anomaly.resource, anomaly.value, anomaly.lower, anomaly.upper, anomaly.score))
@@ -100,19 +100,19 @@ def summary_lines(found: OrderAnomalies | None, order_id: int | None = None) -> 
     return lines
 
 
-def first_of_episodes(rows: Iterable[DeviationRow]) -> list[DeviationRow]:
+def first_of_episodes(rows: Iterable[Deviation]) -> list[Deviation]:
     """The flagged rows whose previous row of the same task run and resource was not flagged."""
     previous: dict[tuple[int, str], bool] = {}
     firsts = []
     for row in sorted(rows, key=lambda r: r.timestamp_ms):
-        series = (row.position, row.resource)
+        series = (row.index, row.resource)
         if row.anomaly and not previous.get(series, False):
             firsts.append(row)
         previous[series] = row.anomaly
     return firsts
 
 
-def order_anomalies(engine: Engine, order_id: int, received: Sequence[Anomaly] = ()) -> OrderAnomalies | None:
+def order_anomalies(engine: Engine, order_id: int, received: Sequence[Deviation] = ()) -> OrderAnomalies | None:
     """The order's anomalies, from ``deviations`` and the messages ``received``; None when
     nothing scored it. A database that cannot be read leaves the messages alone."""
     flags: dict[tuple[int, str, int], Flag] = {}
@@ -123,8 +123,8 @@ def order_anomalies(engine: Engine, order_id: int, received: Sequence[Anomaly] =
         for version in store.versions(order_id):
             versions.add(version)
             for row in first_of_episodes(store.read(order_id, version)):
-                flags.setdefault((row.position, row.resource, row.timestamp_ms), Flag(
-                    row.position, row.task, row.resource, row.timestamp_ms, row.value, row.lower, row.upper,
+                flags.setdefault((row.index, row.resource, row.timestamp_ms), Flag(
+                    row.index, row.task, row.resource, row.timestamp_ms, row.value, row.lower, row.upper,
                     row.score))
         starts = _run_starts(engine, order_id)
     except SQLAlchemyError as exc:

@@ -20,7 +20,7 @@ from orchestrator.anomalies import live_line
 from orchestrator.report import Reporter
 from pipeline.errors import KafkaClientError, ProtocolError
 from pipeline.kafka import Consumer
-from pipeline.protocol import ANOMALIES_TOPIC, Anomaly, Message
+from pipeline.protocol import ANOMALIES_TOPIC, Deviation, Message
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class AnomalyFeed:
         self._consumer = consumer
         self._reporter = reporter
         self._orders: dict[int, _Order] = {}
-        self._received: dict[int, list[Anomaly]] = {}
+        self._received: dict[int, list[Deviation]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._attached = False
@@ -60,16 +60,16 @@ class AnomalyFeed:
             self._orders[order_id] = _Order(name, task_count)
             self._received.setdefault(order_id, [])
 
-    def received(self, order_id: int) -> list[Anomaly]:
+    def received(self, order_id: int) -> list[Deviation]:
         """The anomalies of ``order_id`` received so far, in arrival order."""
         with self._lock:
             return list(self._received.get(order_id, ()))
 
-    def handle(self, message: Message) -> Anomaly | None:
+    def handle(self, message: Message) -> Deviation | None:
         """Decode one message; print and keep it when it is one of ours. A message that does
         not decode is counted and skipped."""
         try:
-            anomaly = Anomaly.decode(message)
+            anomaly = Deviation.decode(message)
         except ProtocolError as exc:
             self.malformed += 1
             log = logger.warning if self.malformed == 1 or self.malformed % 100 == 0 else logger.debug

@@ -20,7 +20,7 @@ from pipeline.db.orders import SHARED_MONITORS, OrderStatus, OrderStore
 from pipeline.errors import DatabaseError, PipelineError
 from pipeline.kafka import Producer, TopicAdmin
 from pipeline.protocol import OrderStopped, Progress, TaskStatus, order_topics
-from training.registry_probe import champion_may_exist
+from models.registry_probe import champion_may_exist
 
 logger = logging.getLogger(__name__)
 

@@ -35,16 +35,6 @@ class InfraError(PipelineError):
     """Local infrastructure (broker, PostgreSQL) could not be started, stopped or found."""
 
 
-class TrainingError(PipelineError):
-    """A fit cannot go on (bad option, unusable device, MLflow refused an operation)."""
-
-    exit_code = 2
-
-
-class InsufficientDataError(TrainingError):
-    """Too few stored orders with measurements to train, validate and test a model."""
-
-
 class ClusterError(PipelineError):
     """The Kubernetes API server is unreachable, refused a request or is missing something."""
 

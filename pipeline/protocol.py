@@ -15,7 +15,7 @@ protocol; nothing received is ever evaluated.
 | 7 | monitor-consumer, on exit | ``task<ID>`` | ``TERMINATE`` | ``TERMINATE`` |
 
 Added with live scoring (not in the original system), on the shared ``anomalies`` topic:
-key ``orderID:task_name:resource_name``, value a JSON object of numbers (see :class:`Anomaly`),
+key ``orderID:task_name:resource_name``, value a JSON object of numbers (see :class:`Deviation`),
 headers ``order_id``, ``task``, ``index``, ``resource``, ``model_version``.
 """
 
@@ -392,12 +392,18 @@ class Sample:
 
 
 @dataclass(frozen=True)
-class Anomaly:
-    """A resource of a running task stayed outside its expected band."""
+class Deviation:
+    """A scored sample: one sample of a task run with what the model expected (P50 and the
+    P10-P90 band), its score and verdict, under one model version. The one shape of a scored
+    sample from the detector to the ``deviations`` table and the ``anomalies`` topic.
+
+    Only anomalies go on the topic, each at the sample that raised it (``raised``: the first
+    of its episode), so a decoded one is always ``anomaly`` and ``raised``. ``raised`` is
+    neither stored nor compared."""
 
     order_id: int
     task: str
-    index: int
+    index: int  # the task run's position in the order
     resource: str
     timestamp_ms: int
     value: float
@@ -406,6 +412,8 @@ class Anomaly:
     upper: float
     score: float
     model_version: str
+    anomaly: bool = True
+    raised: bool = field(default=False, compare=False)
 
     _NUMBERS = ("value", "expected", "lower", "upper", "score")
 
@@ -418,7 +426,7 @@ class Anomaly:
         return Message(ANOMALIES_TOPIC, key, value, headers, timestamp_ms=self.timestamp_ms)
 
     @classmethod
-    def decode(cls, message: Message) -> "Anomaly":
+    def decode(cls, message: Message) -> "Deviation":
         _expect_topic(message, ANOMALIES_TOPIC)
         parts = message.key.split(":")
         if len(parts) != 3:
@@ -432,7 +440,7 @@ class Anomaly:
             raise ProtocolError("anomaly without a timestamp")
         return cls(_parse_order_id(parts[0]), check_task_name(parts[1]), _int_header(message, "index"),
                    parts[2], message.timestamp_ms, model_version=message.header("model_version") or "",
-                   **values)
+                   anomaly=True, raised=True, **values)
 
 
 TaskTopicMessage = TaskStarted | TaskHalted | OrderStopped | MonitorTerminated

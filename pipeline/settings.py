@@ -110,7 +110,7 @@ class Settings:
     # Ports of the local services `python -m pipeline infra up` starts (when none is configured).
     local_kafka_port: int = 9092
     local_postgres_port: int = 5433
-    # Live deviation scoring in the monitor-consumer (see monitor/scoring.py).
+    # Live deviation scoring in the monitor-consumer (see analysis/scoring.py).
     live_scoring: bool = True
     anomaly_threshold: float = 2.5
     anomaly_consecutive: int = 3

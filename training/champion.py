@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from training.registry_probe import MODEL_NAME
+from models.registry_probe import MODEL_NAME
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from models.rows import RAW_COLUMNS, ROW_COLUMNS, model_rows, previous_task
 from pipeline.db.schema import measurements, orders, resources, task_runs, tasks
 from pipeline.errors import DatabaseError
 from pipeline.settings import mask_url
-from pipeline.errors import InsufficientDataError
+from training.errors import InsufficientDataError
 
 logger = logging.getLogger(__name__)
 

@@ -29,13 +29,13 @@ from mlflow import MlflowClient
 from models.expected_usage import ExpectedUsageModel
 from models.features import FEATURE_COLUMNS
 from pipeline.db import connect
+from models import registry
+from models.registry import RegistryError, load_expected_usage
 from pipeline.db.retry import retrying
-from pipeline.errors import TrainingError
 from pipeline.settings import Settings
 from training import champion as champion_rule
 from training import crossval, data, folds, tracking, trainer, verdict
 from training.gbm_baseline import GbmConfig
-from training.registry import load_expected_usage
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +94,9 @@ def run_fit(settings: Settings, options: FitOptions, progress: bool = True) -> F
     logger.info("fitting on %d orders: %d folds, then all of them; device=%s",
                 frame["order_id"].nunique(), options.folds, device)
 
-    tracking.use_store(settings.mlflow_tracking_uri)
+    registry.use_store(settings.mlflow_tracking_uri)
     client = MlflowClient()
-    experiment_id = tracking.ensure_experiment(client, options.experiment, settings.mlflow_tracking_uri)
+    experiment_id = registry.ensure_experiment(client, options.experiment, settings.mlflow_tracking_uri)
     current = _current_champion(client, settings.mlflow_tracking_uri)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"fit-{time.strftime('%Y%m%d-%H%M%S')}") as run:
         mlflow.log_params(_params(options, config, gbm, frame, parts, final_train, final_validation,
@@ -156,10 +156,10 @@ def _register(client: MlflowClient, model: ExpectedUsageModel, frame: pd.DataFra
     version = str(info.registered_model_version)
     wins, ratio = judged.against_gbm.wins, judged.against_gbm.ratio
     decision = champion_rule.decide(version, wins, ratio, _rescored(current, judged.against_champion))
-    client.set_model_version_tag(tracking.MODEL_NAME, version, "cv_pinball_ratio_vs_gbm", f"{ratio:.6f}")
-    client.set_model_version_tag(tracking.MODEL_NAME, version, "beats_gbm", str(wins))
+    client.set_model_version_tag(registry.MODEL_NAME, version, "cv_pinball_ratio_vs_gbm", f"{ratio:.6f}")
+    client.set_model_version_tag(registry.MODEL_NAME, version, "beats_gbm", str(wins))
     if decision.promote:
-        tracking.promote(client, version)
+        registry.promote(client, version)
     mlflow.set_tags({"beats_gbm": str(wins), "champion": str(decision.promote), "model_version": version})
     return version, decision
 
@@ -218,8 +218,8 @@ def _current_champion(client: MlflowClient, tracking_uri: str) -> _Champion | No
     """
     try:
         loaded = load_expected_usage(tracking_uri)
-    except TrainingError as exc:
-        version = tracking.champion_version(client)
+    except RegistryError as exc:
+        version = registry.champion_version(client)
         if version is None:
             raise
         logger.warning("%s; it cannot be re-scored", exc)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import InsufficientDataError
+from training.errors import InsufficientDataError
 from training.data import COLLECT_HINT
 
 logger = logging.getLogger(__name__)

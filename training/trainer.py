@@ -21,7 +21,7 @@ from tqdm import tqdm
 from models.expected_usage import ExpectedUsageModel, pinball_loss
 from models.features import EncodedBatch, Preprocessor
 from models.work import ExpectedWork, with_progress
-from pipeline.errors import TrainingError
+from training.errors import TrainingError
 
 logger = logging.getLogger(__name__)
 

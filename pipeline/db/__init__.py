@@ -2,6 +2,6 @@
 
 from pipeline.db.engine import connect, create_schema
 from pipeline.db.lookups import NameLookup
-from pipeline.db.measurements import Measurement, MeasurementWriter
+from pipeline.db.measurements import MeasurementWriter
 
-__all__ = ["Measurement", "MeasurementWriter", "NameLookup", "connect", "create_schema"]
+__all__ = ["MeasurementWriter", "NameLookup", "connect", "create_schema"]

@@ -1,10 +1,9 @@
-"""Deviation rows: each scored sample with its expectation, band, score and verdict, per model
-version (expected value, band, score, anomaly flag, model version)."""
+"""The ``deviations`` table: each scored sample (:class:`~pipeline.protocol.Deviation`) with
+its expectation, band, score and verdict, per model version."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from sqlalchemy import Engine, delete, select
@@ -12,23 +11,7 @@ from sqlalchemy import Engine, delete, select
 from pipeline.db.bulk import insert_ignoring_duplicates
 from pipeline.db.lookups import NameLookup
 from pipeline.db.schema import deviations, resources, tasks
-
-
-@dataclass(frozen=True)
-class DeviationRow:
-    """One scored sample, with names; the writer encodes them through the lookup tables."""
-
-    order_id: int
-    task: str
-    position: int
-    resource: str
-    timestamp_ms: int
-    value: float
-    expected: float
-    lower: float
-    upper: float
-    score: float
-    anomaly: bool
+from pipeline.protocol import Deviation
 
 
 class DeviationStore:
@@ -39,23 +22,24 @@ class DeviationStore:
         self.tasks = NameLookup(tasks)
         self.resources = NameLookup(resources)
 
-    def write(self, rows: Sequence[DeviationRow], model_version: str) -> None:
+    def write(self, rows: Sequence[Deviation]) -> None:
         """Store ``rows``; a row already stored for that sample and version is kept as is."""
         if not rows:
             return
         with self.engine.begin() as conn:
-            values = [self._values(conn, row, model_version) for row in rows]
+            values = [self._values(conn, row) for row in rows]
         columns = tuple(values[0])
         insert_ignoring_duplicates(self.engine, deviations, columns,
                                    [tuple(v[c] for c in columns) for v in values])
 
-    def replace(self, order_id: int, rows: Sequence[DeviationRow], model_version: str) -> None:
-        """Recompute: drop the order's rows of ``model_version`` and store ``rows`` instead."""
+    def replace(self, order_id: int, rows: Sequence[Deviation], model_version: str) -> None:
+        """Recompute: drop the order's rows of ``model_version`` and store ``rows`` (scored
+        by that version) instead."""
         with self.engine.begin() as conn:
             conn.execute(delete(deviations).where(deviations.c.order_id == order_id,
                                                   deviations.c.model_version == model_version))
             if rows:
-                conn.execute(deviations.insert(), [self._values(conn, r, model_version) for r in rows])
+                conn.execute(deviations.insert(), [self._values(conn, r) for r in rows])
 
     def versions(self, order_id: int) -> list[str]:
         """Model versions that scored the order."""
@@ -63,7 +47,7 @@ class DeviationStore:
             return sorted(conn.execute(select(deviations.c.model_version).distinct()
                                        .where(deviations.c.order_id == order_id)).scalars())
 
-    def read(self, order_id: int, model_version: str) -> list[DeviationRow]:
+    def read(self, order_id: int, model_version: str) -> list[Deviation]:
         """The order's rows scored by ``model_version``, in time order."""
         query = (
             select(deviations, tasks.c.name.label("task"), resources.c.name.label("resource"))
@@ -75,17 +59,17 @@ class DeviationStore:
         with self.engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
         return [
-            DeviationRow(r["order_id"], r["task"], r["position"], r["resource"], to_ms(r["ts"]),
-                         r["value"], r["expected"], r["lower"], r["upper"], r["score"], r["anomaly"])
+            Deviation(r["order_id"], r["task"], r["position"], r["resource"], to_ms(r["ts"]), r["value"],
+                      r["expected"], r["lower"], r["upper"], r["score"], r["model_version"], r["anomaly"])
             for r in rows
         ]
 
-    def _values(self, conn, row: DeviationRow, model_version: str) -> dict:
+    def _values(self, conn, row: Deviation) -> dict:
         return {
             "order_id": row.order_id, "task_id": self.tasks.id_of(conn, row.task),
             "resource_id": self.resources.id_of(conn, row.resource),
             "ts": datetime.fromtimestamp(row.timestamp_ms / 1000, tz=timezone.utc),
-            "model_version": model_version, "position": row.position, "value": row.value,
+            "model_version": row.model_version, "position": row.index, "value": row.value,
             "expected": row.expected, "lower": row.lower, "upper": row.upper, "score": row.score,
             "anomaly": bool(row.anomaly),
         }

@@ -29,7 +29,7 @@ from PIL import Image
 from pipeline.db import connect
 from pipeline.db.deviations import DeviationStore
 from pipeline.kafka import Consumer
-from pipeline.protocol import ANOMALIES_TOPIC, Anomaly
+from pipeline.protocol import ANOMALIES_TOPIC, Deviation
 from pipeline.settings import Settings
 from tests.integration.conftest import fresh_database, settings_for
 from tests.integration.orderkit import REPO, child_env, run_orchestrator, stored_orders, write_order
@@ -99,14 +99,14 @@ def test_an_injected_fault_is_flagged_on_the_faulty_task_and_resource_after_it_b
     faulty_run = next(r for r in stored.runs if r["position"] == 0)
     fault_start_ms = faulty_run["started_at"].timestamp() * 1000 + FAULT_AT * 1000
     resources = FAULT_RESOURCES[order]
-    flagged = [r for r in rows if r.anomaly and r.position == 0 and r.resource in resources]
+    flagged = [r for r in rows if r.anomaly and r.index == 0 and r.resource in resources]
     assert flagged, f"no anomaly on {resources} of the faulty task; scores: " + \
-        str([(r.resource, round(r.score, 1)) for r in rows if r.position == 0 and r.resource in resources])
+        str([(r.resource, round(r.score, 1)) for r in rows if r.index == 0 and r.resource in resources])
     # Flagged while the faulty run ran, and not before its fault began.
     first = min(r.timestamp_ms for r in flagged)
     assert fault_start_ms <= first <= faulty_run["finished_at"].timestamp() * 1000 + 1500
     # The healthy tasks after it raise nothing.
-    assert not [r for r in rows if r.anomaly and r.position != 0]
+    assert not [r for r in rows if r.anomaly and r.index != 0]
 
 
 def test_a_normal_order_raises_no_anomaly(trained):
@@ -126,7 +126,7 @@ def test_anomalies_are_published_with_order_task_and_resource(trained):
                 idle += 1
                 continue
             if message.header("order_id") in ids and message.timestamp_ms >= trained.run_began_ms:
-                found.append(Anomaly.decode(message))
+                found.append(Deviation.decode(message))
     raised = {(a.order_id, a.task, a.index, a.resource) for a in found}
     for order, resources in FAULT_RESOURCES.items():
         assert {(trained.orders[order].id, "median", 0, r) for r in resources} & raised, order

@@ -67,7 +67,7 @@ def test_up_status_down_twice_leaves_nothing_running_and_downloads_once(tmp_path
             again = _pipeline(env, "infra", "up", "--postgres")
             assert again.returncode == 0 and "already running" in again.stdout
             status = _pipeline(env, "infra", "status")
-            assert f"kafka: running" in status.stdout and "postgres: running" in status.stdout
+            assert "kafka: running" in status.stdout and "postgres: running" in status.stdout
             written = (tmp_path / "state" / "infra.env").read_text()
             assert f"KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:{kafka_port}" in written
             assert f"@127.0.0.1:{postgres_port}/pipeline" in written

@@ -22,7 +22,7 @@ from pipeline.infra.kafka_broker import KafkaBroker
 from pipeline.infra.manager import Infra, Ports, ensure_kafka
 from pipeline.infra.state import process_cmdline
 from pipeline.kafka import Consumer, Producer, TopicAdmin
-from pipeline.protocol import (ANOMALIES_TOPIC, ORCHESTRATOR_TOPIC, Anomaly, Key, Message, MonitorStopped,
+from pipeline.protocol import (ANOMALIES_TOPIC, ORCHESTRATOR_TOPIC, Deviation, Key, Message, MonitorStopped,
                                MonitorTerminated, OrderStopped, Progress, TaskStatus, order_topics,
                                resource_topic, task_topic)
 from pipeline.settings import Settings
@@ -111,7 +111,7 @@ def progress(order_id: int) -> Message:
 
 
 def _anomaly(order_id: int) -> Message:
-    return Anomaly(order_id, "resize", 0, "cpu", 1_700_000_000_000, 2.0, 1.0, 0.5, 1.5, 3.0, "1").encode()
+    return Deviation(order_id, "resize", 0, "cpu", 1_700_000_000_000, 2.0, 1.0, 0.5, 1.5, 3.0, "1").encode()
 
 
 def test_passwords_are_private_and_never_shown(infra):

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import threading
+from datetime import datetime, timezone
 
 from sqlalchemy import func, select, text
 
-from pipeline.db import Measurement, MeasurementWriter, NameLookup, connect, create_schema
+from pipeline.db import MeasurementWriter, NameLookup, connect, create_schema
 from pipeline.db.orders import OrderStatus, OrderStore
 from pipeline.db.schema import measurements, tasks
+from pipeline.protocol import Sample
 
 
-def _batch(order_id: int, count: int, start_ms: int = 1_700_000_000_000) -> list[Measurement]:
+def _batch(order_id: int, count: int, start_ms: int = 1_700_000_000_000) -> list[Sample]:
     resources = ("cpu", "memory", "disk_read", "disk_write")
     return [
-        Measurement(order_id, "blur", resources[i % 4], float(i), start_ms + (i // 4) * 1000)
+        Sample((), "blur", order_id, resources[i % 4], float(i), start_ms + (i // 4) * 1000)
         for i in range(count)
     ]
 
@@ -54,7 +56,7 @@ def test_batch_write_is_idempotent_and_keeps_the_sample_time(database_url):
         count = conn.execute(select(func.count()).select_from(measurements)).scalar_one()
         first_ts = conn.execute(select(func.min(measurements.c.ts))).scalar_one()
     assert count == 400
-    assert first_ts == batch[0].ts
+    assert first_ts == datetime.fromtimestamp(batch[0].timestamp_ms / 1000, tz=timezone.utc)
 
 
 def test_two_writers_adding_one_new_name_at_once_share_one_id(database_url):

@@ -21,10 +21,10 @@ import pandas as pd
 import psutil
 from mlflow import MlflowClient
 
+from models import registry
+from models.registry import load_expected_usage
 from pipeline.settings import Settings
 from tests.integration.orderkit import REPO, child_env, run_orchestrator, write_order
-from training import tracking
-from training.registry import load_expected_usage
 
 EXPERIMENT = "expected-usage-it"
 SAMPLE = {"task": "blur", "resource": "cpu", "seconds": 1.5, "position": 1.0, "prev_task": "grayscale",
@@ -83,9 +83,9 @@ def test_fit_on_real_orders_logs_registers_and_promotes_only_a_better_model(sett
     assert {"comparison.txt", "fold_metrics.csv"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     val_loss = client.get_metric_history(run.info.run_id, "val_loss")
     assert len(val_loss) >= 3 and [m.step for m in val_loss] == list(range(1, len(val_loss) + 1))
-    (version,) = client.search_model_versions(f"name='{tracking.MODEL_NAME}'")
+    (version,) = client.search_model_versions(f"name='{registry.MODEL_NAME}'")
     assert str(version.version) == "1" and version.run_id == run.info.run_id
-    assert str(client.get_model_version_by_alias(tracking.MODEL_NAME, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(registry.MODEL_NAME, "champion").version) == "1"
 
     predicted = _predict_in_fresh_process(settings, tmp_path)
     assert 0 <= predicted["p10"] <= predicted["p50"] <= predicted["p90"]
@@ -103,7 +103,7 @@ def test_fit_on_real_orders_logs_registers_and_promotes_only_a_better_model(sett
     second = _fit(settings)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "version 2 registered; champion stays version 1" in second.stdout
-    assert str(client.get_model_version_by_alias(tracking.MODEL_NAME, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(registry.MODEL_NAME, "champion").version) == "1"
     assert len(client.search_runs([experiment.experiment_id])) == 2
 
 
@@ -126,7 +126,7 @@ def test_mlflow_ui_serves_the_default_store_over_http(tmp_path):
     store = settings.mlflow_tracking_uri
     assert store == f"sqlite:///{tmp_path / 'state' / 'mlflow.db'}"  # the project's default store
     client = MlflowClient(tracking_uri=store, registry_uri=store)
-    experiment_id = tracking.ensure_experiment(client, "expected-usage", store)
+    experiment_id = registry.ensure_experiment(client, "expected-usage", store)
     run = client.create_run(experiment_id)
     client.log_metric(run.info.run_id, "test_pinball_log", 0.25, step=0)
     client.set_terminated(run.info.run_id)

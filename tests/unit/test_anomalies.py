@@ -17,18 +17,18 @@ from orchestrator import anomaly_feed
 from orchestrator.anomalies import live_line, order_anomalies, wait_for_scoring
 from orchestrator.anomaly_feed import AnomalyFeed
 from orchestrator.report import OrderResult, Reporter, TaskResult, format_summary
-from pipeline.db import Measurement, MeasurementWriter, connect, create_schema
-from pipeline.db.deviations import DeviationRow, DeviationStore
+from pipeline.db import MeasurementWriter, connect, create_schema
+from pipeline.db.deviations import DeviationStore
 from pipeline.db.orders import OrderStatus, OrderStore
 from pipeline.errors import KafkaClientError
-from pipeline.protocol import ANOMALIES_TOPIC, Anomaly, Message
+from pipeline.protocol import ANOMALIES_TOPIC, Deviation, Message, Sample
 
 T0 = 1_700_000_000_000
 
 
 def _anomaly(resource="cpu_demand", value=412.0, lower=85.0, upper=110.0, score=18.2, order_id=7, index=0,
-             task="median", ts=T0) -> Anomaly:
-    return Anomaly(order_id, task, index, resource, ts, value, (lower + upper) / 2, lower, upper, score, "3")
+             task="median", ts=T0) -> Deviation:
+    return Deviation(order_id, task, index, resource, ts, value, (lower + upper) / 2, lower, upper, score, "3")
 
 
 @pytest.mark.parametrize("resource, value, lower, upper, score, text", [
@@ -144,8 +144,8 @@ def test_a_topic_that_appears_later_is_read_from_its_beginning_without_failing_o
 
 
 def _row(order_id, position, task, resource, second, value, flagged, score=None):
-    return DeviationRow(order_id, task, position, resource, T0 + second * 1000, value, 95.0, 85.0, 110.0,
-                        score if score is not None else (8.0 if flagged else 0.5), flagged)
+    return Deviation(order_id, task, position, resource, T0 + second * 1000, value, 95.0, 85.0, 110.0,
+                     score if score is not None else (8.0 if flagged else 0.5), "3", flagged)
 
 
 @pytest.fixture()
@@ -175,10 +175,10 @@ def test_the_summary_lists_the_first_sample_of_each_episode_and_says_no_anomalie
     # row so far, and the message received says the rest.
     rows += [_row(flagged_order, 1, "grayscale", "duration", 20, 30.0, False)]
     rows += [_row(clean, 0, "median", "cpu", s + 1, 96.0, False) for s in range(4)]
-    DeviationStore(engine).write(rows, "3")
-    received = [Anomaly(flagged_order, "grayscale", 1, "duration", T0 + 21_000, 31.0, 95.0, 85.0, 110.0, 8.0, "3"),
+    DeviationStore(engine).write(rows)
+    received = [Deviation(flagged_order, "grayscale", 1, "duration", T0 + 21_000, 31.0, 95.0, 85.0, 110.0, 8.0, "3"),
                 # the message of an episode also stored is listed once
-                Anomaly(flagged_order, "median", 0, "cpu", T0 + 3000, 402.0, 95.0, 85.0, 110.0, 8.0, "3")]
+                Deviation(flagged_order, "median", 0, "cpu", T0 + 3000, 402.0, 95.0, 85.0, 110.0, 8.0, "3")]
 
     found = order_anomalies(engine, flagged_order, received)
     assert [(f.position, f.resource, f.timestamp_ms, f.after_start) for f in found.flags] == [
@@ -221,11 +221,11 @@ def test_an_anomaly_of_an_unknown_run_is_given_its_time_of_day(engine):
 
 def test_the_summary_waits_for_scoring_to_reach_the_last_samples_and_says_when_it_did_not(engine):
     behind, done, unscored = _order(engine, "behind"), _order(engine, "done"), _order(engine, "plain")
-    samples = [Measurement(o, "median", "cpu", 96.0, T0 + s * 1000, 0, 1) for o in (behind, done, unscored)
+    samples = [Sample((), "median", o, "cpu", 96.0, T0 + s * 1000, 0, 1) for o in (behind, done, unscored)
                for s in range(1, 5)]
     MeasurementWriter(engine).write(samples)
     DeviationStore(engine).write([_row(behind, 0, "median", "cpu", s, 96.0, False) for s in range(1, 3)]
-                                 + [_row(done, 0, "median", "cpu", s, 96.0, False) for s in range(1, 5)], "3")
+                                 + [_row(done, 0, "median", "cpu", s, 96.0, False) for s in range(1, 5)])
     assert wait_for_scoring(engine, [behind, done, unscored], timeout=0.3) == {behind}
     found = order_anomalies(engine, behind)
     found.caught_up = False

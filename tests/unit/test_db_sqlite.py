@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, func, inspect, select
 
-from pipeline.db import Measurement, MeasurementWriter, NameLookup, connect, create_schema
+from pipeline.db import MeasurementWriter, NameLookup, connect, create_schema
 from pipeline.db.orders import OrderStatus, OrderStore
 from pipeline.db.schema import measurements, resources, task_runs, tasks
+from pipeline.protocol import Sample
 
 T0_MS = 1_700_000_000_000
 
@@ -32,9 +33,9 @@ def engine(url: str) -> Engine:
 
 
 def sample(second: int, task: str = "blur", resource: str = "cpu", order_id: int = 1,
-           value: float = 12.5) -> Measurement:
-    return Measurement(order_id=order_id, task=task, resource=resource, value=value,
-                       timestamp_ms=T0_MS + second * 1000)
+           value: float = 12.5) -> Sample:
+    return Sample(required_tasks=(), task_name=task, order_id=order_id, resource=resource, value=value,
+                  timestamp_ms=T0_MS + second * 1000)
 
 
 def row_count(engine: Engine, order_id: int | None = None) -> int:
@@ -106,8 +107,8 @@ def test_a_duplicate_inside_one_batch_is_stored_once(engine: Engine) -> None:
 def test_stored_rows_keep_value_names_and_sample_time(engine: Engine) -> None:
     # Millisecond parts chosen to catch float rounding on the way to a datetime.
     times_ms = [T0_MS + 1, T0_MS + 123, T0_MS + 999, 1_712_345_678_901, 946_684_800_007]
-    batch = [Measurement(order_id=3, task="resize", resource="memory", value=100.0 + i,
-                         timestamp_ms=ms) for i, ms in enumerate(times_ms)]
+    batch = [Sample(required_tasks=(), task_name="resize", order_id=3, resource="memory", value=100.0 + i,
+                    timestamp_ms=ms) for i, ms in enumerate(times_ms)]
     MeasurementWriter(engine).write(batch)
 
     query = (select(measurements.c.ts, measurements.c.value, tasks.c.name, resources.c.name)

@@ -15,15 +15,13 @@ import pytest
 from sqlalchemy import insert
 
 from models.expected_usage import ExpectedUsageModel
-import torch
-
-from models.features import FEATURE_COLUMNS, NO_PREVIOUS, Preprocessor, previous_task
+from models.features import FEATURE_COLUMNS, NO_PREVIOUS, previous_task
 from pipeline.db import connect, create_schema
 from pipeline.db.schema import measurements, orders, resources, task_runs, tasks
 from training import cli, synthetic
 from training.baseline import QuantileTableBaseline, time_bucket
 from training.data import load_measurements, require_enough, split_by_order
-from pipeline.errors import InsufficientDataError
+from training.errors import InsufficientDataError
 from training.metrics import NOMINAL_COVERAGE, pinball, score
 from training.trainer import TrainConfig, fit
 

@@ -7,12 +7,14 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from monitor.live_scoring import LiveScorer, model_detector
+from models import registry
+from models.registry import load_expected_usage
+from analysis.scoring import model_detector
+from monitor.live_scoring import LiveScorer
 from pipeline.db import connect, create_schema
 from pipeline.settings import Settings
 from training import synthetic, tracking
 from training.data import split_by_order
-from training.registry import load_expected_usage
 from training.trainer import TrainConfig, fit
 
 
@@ -23,9 +25,9 @@ def store(tmp_path, monkeypatch):
     monkeypatch.setenv("PIPELINE_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'pipeline.db'}")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    tracking.use_store(uri)
+    registry.use_store(uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    experiment = tracking.ensure_experiment(client, "follow-test", uri)
+    experiment = registry.ensure_experiment(client, "follow-test", uri)
     frame = synthetic.generate(30, seed=1)
     split = split_by_order(frame, seed=0)
     model = fit(split.train, split.validation, TrainConfig(epochs=2, seed=0), progress=False).model
@@ -33,7 +35,7 @@ def store(tmp_path, monkeypatch):
     def register() -> str:
         with mlflow.start_run(experiment_id=experiment):
             version = str(tracking.log_model(model, split.test.head(5)).registered_model_version)
-        tracking.promote(client, version)
+        registry.promote(client, version)
         return version
 
     return Settings.from_env(), register

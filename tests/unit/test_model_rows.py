@@ -9,13 +9,14 @@ from datetime import datetime, timedelta, timezone
 import pandas as pd
 import pytest
 
+from analysis.scoring import ConsecutiveFilter, Detector, ModelBandScorer
 from models.features import FEATURE_COLUMNS
 from models.rows import RAW_COLUMNS, RunState, model_rows
 from monitor.live_scoring import LiveScorer
-from monitor.scoring import ConsecutiveFilter, Detector, ModelBandScorer
-from pipeline.db import Measurement, MeasurementWriter, connect, create_schema
+from pipeline.db import MeasurementWriter, connect, create_schema
 from pipeline.db.deviations import DeviationStore
 from pipeline.db.orders import OrderStore
+from pipeline.protocol import Sample
 from training.data import load_measurements
 
 T0 = datetime(2026, 5, 1, 12, tzinfo=timezone.utc)
@@ -81,7 +82,7 @@ def _stored_order(engine) -> int:
         for tick in range(1, ticks + 1):
             ts = int(started.timestamp() * 1000) + 1000 * tick - (300 if tick == ticks else 0)
             for resource in ("cpu", "memory", "disk_read", "disk_write", "cpu_wait", "node_cpu_pressure"):
-                batch.append(Measurement(order_id, task, resource, round(rng.uniform(0, 150), 3), ts, position, 1))
+                batch.append(Sample((), task, order_id, resource, round(rng.uniform(0, 150), 3), ts, position, 1))
         store.finish_task(order_id, position, 1, "SUCCEEDED", output=f"/out-{position}.png")
     MeasurementWriter(engine).write(batch)
     return order_id, batch

@@ -10,9 +10,10 @@ import matplotlib.pyplot as plt
 import pytest
 from PIL import Image
 
-from monitor.plots import draw_run, plot_order
-from pipeline.db import Measurement, MeasurementWriter, connect, create_schema
-from pipeline.db.deviations import DeviationRow, DeviationStore
+from analysis.plots import draw_run, plot_order
+from pipeline.db import MeasurementWriter, connect, create_schema
+from pipeline.db.deviations import DeviationStore
+from pipeline.protocol import Deviation, Sample
 from pipeline.db.orders import OrderStatus, OrderStore
 from pipeline.settings import Settings
 
@@ -20,10 +21,10 @@ T0 = 1_700_000_000_000
 FIVE = ("cpu", "memory", "disk_read", "disk_write", "cpu_wait")
 
 
-def _rows(order_id: int, resources, seconds: int = 6) -> list[DeviationRow]:
+def _rows(order_id: int, resources, seconds: int = 6) -> list[Deviation]:
     # A CPU hog from second 3 on: high values right where a legend inside a panel would sit.
-    return [DeviationRow(order_id, "median", 0, resource, T0 + s * 1000, 400.0 if s >= 3 else 95.0, 95.0, 85.0,
-                         110.0, 25.0 if s >= 3 else 0.0, s >= 5)
+    return [Deviation(order_id, "median", 0, resource, T0 + s * 1000, 400.0 if s >= 3 else 95.0, 95.0, 85.0,
+                      110.0, 25.0 if s >= 3 else 0.0, "1", s >= 5)
             for s in range(1, seconds + 1) for resource in resources]
 
 
@@ -44,10 +45,10 @@ def _scored_order(settings: Settings, resources, context=()) -> int:
     rows = _rows(order_id, resources)
     measured = [r for r in rows if r.resource in FIVE]
     MeasurementWriter(engine).write(
-        [Measurement(order_id, r.task, r.resource, r.value, r.timestamp_ms, 0, 1) for r in measured]
-        + [Measurement(order_id, "median", resource, 30.0, T0 + s * 1000, 0, 1)
+        [Sample((), r.task, order_id, r.resource, r.value, r.timestamp_ms, 0, 1) for r in measured]
+        + [Sample((), "median", order_id, resource, 30.0, T0 + s * 1000, 0, 1)
            for resource in context for s in range(1, 7)])
-    DeviationStore(engine).write(rows, "1")
+    DeviationStore(engine).write(rows)
     return order_id
 
 

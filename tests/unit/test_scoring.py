@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from monitor.scoring import (
+from analysis.scoring import (
     BAND_EDGE_Z, ConsecutiveFilter, Detector, FixedThresholdScorer, ModelBandScorer,
     RollingZScorer, SampleContext, band_score,
 )
@@ -87,9 +87,9 @@ def test_the_detector_flags_a_sustained_excess_on_the_right_resource_only():
         samples += [SampleContext(7, "blur", 0, "cpu_demand", 1000 * second, cpu, second, "<none>", 1e6),
                     SampleContext(7, "blur", 0, "memory", 1000 * second, memory, second, "<none>", 1e6)]
     results = Detector(ModelBandScorer(ConstantModel()), ConsecutiveFilter(2.5, 3)).process(samples)
-    flagged = [(r.sample.resource, r.sample.seconds) for r in results if r.anomaly]
+    flagged = [(r.resource, r.timestamp_ms / 1000) for r in results if r.anomaly]  # a tick a second
     assert flagged == [("cpu_demand", 5.0), ("cpu_demand", 6.0)]
-    raised = [r for r in results if r.first_of_episode]
+    raised = [r for r in results if r.raised]
     assert len(raised) == 1 and raised[0].expected == 50 and raised[0].upper == 60
 
 
@@ -124,7 +124,7 @@ class _Work:
 def test_a_run_that_used_far_more_cpu_time_than_its_task_needs_overran_once():
     from dataclasses import replace
 
-    from monitor.scoring import DURATION, OverrunCheck
+    from analysis.scoring import DURATION, OverrunCheck
 
     check = OverrunCheck(_Work(), slack=1.5, floor_s=1.0)  # overrun past 1.5 * 3 + 1 = 5.5 s
     # Half a core (a busy node): 0.5 CPU seconds a second.
@@ -134,15 +134,15 @@ def test_a_run_that_used_far_more_cpu_time_than_its_task_needs_overran_once():
     raised = check.check(ticks[10:])
     assert len(raised) == 1
     overrun = raised[0]
-    assert overrun.sample.resource == DURATION and overrun.anomaly and overrun.first_of_episode
-    assert overrun.sample.value == 12.0  # seconds the task has run
+    assert overrun.resource == DURATION and overrun.anomaly and overrun.raised
+    assert overrun.value == 12.0  # seconds the task has run
     # the expected duration at half a core: 4-6 s
     assert (overrun.lower, overrun.expected, overrun.upper) == pytest.approx((4.0, 5.0, 6.0))
     assert check.check(ticks[12:]) == []  # once per run
 
 
 def test_every_detector_of_the_benchmark_keeps_the_contract():
-    from monitor.scoring import NSigmaScorer
+    from analysis.scoring import NSigmaScorer
 
     history = pd.DataFrame({"task": ["blur"] * 6, "resource": ["cpu"] * 6,
                             "value": [48.0, 50.0, 52.0, 49.0, 51.0, 50.0]})

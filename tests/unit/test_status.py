@@ -7,9 +7,10 @@ import json
 import pytest
 
 from orchestrator import cli
-from pipeline.db import Measurement, MeasurementWriter, connect, create_schema
-from pipeline.db.deviations import DeviationRow, DeviationStore
+from pipeline.db import MeasurementWriter, connect, create_schema
+from pipeline.db.deviations import DeviationStore
 from pipeline.db.orders import OrderStatus, OrderStore
+from pipeline.protocol import Deviation, Sample
 
 
 @pytest.fixture()
@@ -25,10 +26,10 @@ def database(tmp_path, monkeypatch):
     for position, task in enumerate(("resize", "blur")):
         store.start_task(done, position, 1, task)
         store.finish_task(done, position, 1, "SUCCEEDED", output=f"/out/{position}.png")
-    MeasurementWriter(engine).write([Measurement(done, "resize", "cpu", 90.0, 1_700_000_000_000 + i * 1000, 0, 1)
+    MeasurementWriter(engine).write([Sample((), "resize", done, "cpu", 90.0, 1_700_000_000_000 + i * 1000, 0, 1)
                                      for i in range(3)])
-    DeviationStore(engine).write([DeviationRow(done, "resize", 0, "cpu", 1_700_000_000_000 + i * 1000, 90.0, 50.0,
-                                               40.0, 60.0, 4.0, i > 0) for i in range(3)], "1")
+    DeviationStore(engine).write([Deviation(done, "resize", 0, "cpu", 1_700_000_000_000 + i * 1000, 90.0, 50.0,
+                                            40.0, 60.0, 4.0, "1", i > 0) for i in range(3)])
     store.set_status(done, OrderStatus.SUCCEEDED)
     failing = store.create("failing", "b.jpg", "sharpen")
     store.set_status(failing, OrderStatus.RUNNING)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from models.features import FEATURE_COLUMNS, NO_PREVIOUS
-from pipeline.errors import InsufficientDataError
+from training.errors import InsufficientDataError
 from training import synthetic
 from training.baseline import QuantileTableBaseline
 from training.champion import CurrentChampion, decide

@@ -20,9 +20,10 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from pipeline.db import connect, create_schema  # noqa: E402
 from pipeline.db.retry import retrying  # noqa: E402
-from pipeline.db.deviations import DeviationRow, DeviationStore, to_ms  # noqa: E402
+from pipeline.db.deviations import DeviationStore, to_ms  # noqa: E402
 from pipeline.db.schema import measurements, resources, task_runs, tasks  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.protocol import Deviation  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -58,9 +59,9 @@ def plot_order(settings: Settings, order_id: int, out_dir: Path, version: str | 
     if not rows:
         raise PlotError(f"order {order_id} has no stored samples")
     panels = panels_for(r.resource for r in rows)
-    runs: dict[int, list[DeviationRow]] = defaultdict(list)
+    runs: dict[int, list[Deviation]] = defaultdict(list)
     for row in rows:
-        runs[row.position].append(row)
+        runs[row.index].append(row)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
     for position, run_rows in sorted(runs.items()):
@@ -81,7 +82,7 @@ def panels_for(resources: Iterable[str]) -> list[str]:
     return [*FIRST_PANELS, *known, *sorted(others - set(known))]
 
 
-def draw_run(order_id: int, position: int, rows: list[DeviationRow], panels: list[str], scored: set[str],
+def draw_run(order_id: int, position: int, rows: list[Deviation], panels: list[str], scored: set[str],
              version: str | None, started_ms: int | None) -> Figure:
     """One task run's figure: a panel per resource of ``panels``, the band and median for the
     ``scored`` ones, one legend below the panels (outside them: it never hides a sample)."""
@@ -137,7 +138,7 @@ def _steps(values: list[float]) -> list[float]:
     return [values[0], *values]
 
 
-def _summary(order_id: int, rows: list[DeviationRow], version: str | None) -> str:
+def _summary(order_id: int, rows: list[Deviation], version: str | None) -> str:
     if version is None:
         return f"order {order_id}: not scored (no expected-usage model); actual usage only"
     anomalous = [r for r in rows if r.anomaly]
@@ -147,9 +148,9 @@ def _summary(order_id: int, rows: list[DeviationRow], version: str | None) -> st
     most = max(rows, key=lambda r: abs(r.score))
     return "\n".join([
         f"order {order_id} (model version {version}): {len(anomalous)} anomalous samples of {len(rows)}",
-        f"deviated first: task {first.position + 1} {first.task}, {first.resource} "
+        f"deviated first: task {first.index + 1} {first.task}, {first.resource} "
         f"(value {first.value:.1f}, expected {first.expected:.1f})",
-        f"deviated most: task {most.position + 1} {most.task}, {most.resource} (score {most.score:+.1f})",
+        f"deviated most: task {most.index + 1} {most.task}, {most.resource} (score {most.score:+.1f})",
     ])
 
 
@@ -185,7 +186,7 @@ def _run_starts(engine: Engine, order_id: int) -> dict[int, dict[str, int]]:
     return starts
 
 
-def _stored_samples(engine: Engine, order_id: int, starts: dict[int, dict[str, int]]) -> list[DeviationRow]:
+def _stored_samples(engine: Engine, order_id: int, starts: dict[int, dict[str, int]]) -> list[Deviation]:
     """The order's samples as measured (every resource, context included), unscored. A sample
     stored before samples named their run goes to the last run of its task started before it."""
     query = (
@@ -203,7 +204,7 @@ def _stored_samples(engine: Engine, order_id: int, starts: dict[int, dict[str, i
         if position is None:
             began = sorted((start, p) for p, by_task in starts.items() for t, start in by_task.items() if t == task)
             position = next((p for start, p in reversed(began) if start <= ts_ms), began[0][1] if began else 0)
-        rows.append(DeviationRow(order_id, task, position, resource, ts_ms, value, value, value, value, 0.0, False))
+        rows.append(Deviation(order_id, task, position, resource, ts_ms, value, value, value, value, 0.0, "", False))
     return rows
 
 
@@ -218,7 +219,7 @@ def log_to_mlflow(settings: Settings, order_id: int, result: PlotResult, out_dir
         import mlflow
         from mlflow import MlflowClient
 
-        from training.tracking import ensure_experiment, use_store
+        from models.registry import ensure_experiment, use_store
 
         use_store(settings.mlflow_tracking_uri)
         experiment = ensure_experiment(MlflowClient(), PLOTS_EXPERIMENT, settings.mlflow_tracking_uri)

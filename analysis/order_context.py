@@ -14,7 +14,7 @@ import pandas as pd
 from models.rows import RAW_COLUMNS, model_rows, previous_task
 from pipeline.db.deviations import to_ms
 from pipeline.db.schema import orders, task_runs, tasks
-from monitor.scoring import SampleContext, contexts
+from analysis.scoring import SampleContext, contexts
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ import numpy as np
 import pandas as pd
 
 from models.rows import DEMAND
+from pipeline.protocol import Deviation
+from pipeline.settings import Settings
 
 # The P10-P90 band of a normal distribution is +-1.2816 standard deviations.
 BAND_EDGE_Z = 1.2816
@@ -111,17 +113,11 @@ def feature_frame(samples: Sequence[SampleContext]) -> pd.DataFrame:
     })
 
 
-@dataclass(frozen=True)
-class Scored:
-    """A sample with its expectation, score and verdict."""
-
-    sample: SampleContext
-    expected: float
-    lower: float
-    upper: float
-    score: float
-    anomaly: bool
-    first_of_episode: bool  # the sample at which the anomaly was raised
+def scored(sample: SampleContext, expected: float, lower: float, upper: float, score: float,
+           anomaly: bool, raised: bool, model_version: str) -> Deviation:
+    """``sample`` with its expectation, band, score and verdict."""
+    return Deviation(sample.order_id, sample.task, sample.position, sample.resource, sample.timestamp_ms,
+                     sample.value, expected, lower, upper, score, model_version, anomaly, raised)
 
 
 def band_score(value: float, p10: float, p50: float, p90: float, resource: str) -> float:
@@ -259,7 +255,7 @@ class OverrunCheck:
         self.floor_s = floor_s
         self._raised: set[tuple[int, int, int]] = set()
 
-    def check(self, samples: Sequence[SampleContext]) -> list[Scored]:
+    def check(self, samples: Sequence[SampleContext], model_version: str = "") -> list[Deviation]:
         found = []
         for s in samples:
             if s.resource != "cpu" or s.run in self._raised:
@@ -270,8 +266,8 @@ class OverrunCheck:
             self._raised.add(s.run)
             rate = s.cpu_seconds / s.seconds if s.seconds > 0 else 1.0  # CPU seconds per second
             p10, p50, p90 = (b / rate for b in band)
-            found.append(Scored(replace(s, resource=DURATION, value=s.seconds), p50, p10, p90,
-                                s.cpu_seconds / band[2], True, True))
+            found.append(scored(replace(s, resource=DURATION, value=s.seconds), p50, p10, p90,
+                                s.cpu_seconds / band[2], True, True, model_version))
         return found
 
     def forget(self, order_id: int) -> None:
@@ -290,20 +286,31 @@ def alarm_score(resource: str, score: float) -> float:
 
 class Detector:
     """A scorer, the alarm policy and a filter, and optionally the overrun check: what the
-    monitor-consumer, re-scoring and the benchmark run."""
+    monitor-consumer, re-scoring and the benchmark run. Its results carry ``model_version``
+    (empty for the simple detectors)."""
 
-    def __init__(self, scorer, filter_: ConsecutiveFilter, overrun: OverrunCheck | None = None) -> None:
+    def __init__(self, scorer, filter_: ConsecutiveFilter, overrun: OverrunCheck | None = None,
+                 model_version: str = "") -> None:
         self.scorer = scorer
         self.filter = filter_
         self.overrun = overrun
+        self.model_version = model_version
 
-    def process(self, samples: Sequence[SampleContext]) -> list[Scored]:
+    def process(self, samples: Sequence[SampleContext]) -> list[Deviation]:
         """Score a batch (in time order within each series) and classify every sample; an
         overrun adds a ``duration`` result after the batch's samples."""
         results = []
         for sample, (expected, lower, upper, score) in zip(samples, self.scorer.score_many(samples)):
             anomaly, first = self.filter.update(sample.series, alarm_score(sample.resource, score))
-            results.append(Scored(sample, expected, lower, upper, score, anomaly, first))
+            results.append(scored(sample, expected, lower, upper, score, anomaly, first, self.model_version))
         if self.overrun is not None:
-            results.extend(self.overrun.check(samples))
+            results.extend(self.overrun.check(samples, self.model_version))
         return results
+
+
+def model_detector(model, settings: Settings, model_version: str = "") -> Detector:
+    """The model-band detector with the anomaly rule of ``settings``: what live scoring and
+    re-scoring both run. ``model_version`` is the registered version of ``model``."""
+    return Detector(ModelBandScorer(model),
+                    ConsecutiveFilter(settings.anomaly_threshold, settings.anomaly_consecutive),
+                    OverrunCheck(model.work), model_version)

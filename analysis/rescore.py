@@ -7,8 +7,8 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
-from monitor.live_scoring import model_detector, to_row
-from monitor.order_context import order_samples
+from analysis.order_context import order_samples
+from analysis.scoring import model_detector
 from pipeline.db import connect, create_schema
 from pipeline.db.retry import retrying
 from pipeline.db.deviations import DeviationStore
@@ -34,7 +34,7 @@ class RescoreResult:
 
 def rescore(settings: Settings, order_id: int, version: str | None = None) -> RescoreResult:
     """Score every stored sample of ``order_id`` with ``version`` (default: the champion)."""
-    from training.registry import load_expected_usage
+    from models.registry import load_expected_usage
 
     engine = connect(settings.database_url)
     patience = settings.db_retry_seconds
@@ -48,11 +48,10 @@ def rescore(settings: Settings, order_id: int, version: str | None = None) -> Re
     samples = retrying(lambda: order_samples(engine, order_id), f"order {order_id}: reading its samples", patience)
     if not samples:
         raise RescoreError(f"order {order_id} has no stored samples in {settings.database_url.split('@')[-1]}")
-    results = model_detector(model, settings).process(samples)
-    rows = [to_row(r) for r in results]
-    retrying(lambda: DeviationStore(engine).replace(order_id, rows, model_version),
+    results = model_detector(model, settings, model_version).process(samples)
+    retrying(lambda: DeviationStore(engine).replace(order_id, results, model_version),
              f"order {order_id}: storing its deviations", patience)
-    anomalies = Counter((r.sample.task, r.sample.position, r.sample.resource) for r in results if r.anomaly)
+    anomalies = Counter((r.task, r.index, r.resource) for r in results if r.anomaly)
     logger.info("order_id=%d rescored %d samples with version %s: %d anomalous",
                 order_id, len(results), model_version, sum(anomalies.values()))
     return RescoreResult(order_id, model_version, len(results), anomalies)
