@@ -130,7 +130,7 @@ def run_size(n: int, args: argparse.Namespace, env_base: dict[str, str]) -> dict
     order_file.write_text(json.dumps(ORDER))
     if args.monitors == "shared":  # started before the clock runs, as `infra up` does
         subprocess.run([sys.executable, "-c", "from pipeline.settings import Settings;"
-                        "from pipeline.infra.shared_monitors import SharedMonitors;"
+                        "from ops.infra.shared_monitors import SharedMonitors;"
                         f"print(*SharedMonitors(Settings.from_env()).start({args.replicas}), sep='\\n')"],
                        env=env, cwd=REPO, check=True)
     names = monitor_pids(state)
@@ -176,7 +176,7 @@ def run_size(n: int, args: argparse.Namespace, env_base: dict[str, str]) -> dict
             sent[int(match.group(1))] = int(match.group(2))
     if args.monitors == "shared":
         subprocess.run([sys.executable, "-c", "from pipeline.settings import Settings;"
-                        "from pipeline.infra.shared_monitors import SharedMonitors;"
+                        "from ops.infra.shared_monitors import SharedMonitors;"
                         "SharedMonitors(Settings.from_env()).stop()"], env=env, cwd=REPO, check=True)
     else:  # the per-order producers log per order
         for path in (state / "logs").glob("order-*/monitor-producer.log"):

@@ -38,8 +38,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO_ROOT, du_bytes, loadavg, machine, markdown_table, median, mib, write_json  # noqa: E402
 
-from pipeline.infra.kafka_broker import KAFKA_VERSION  # noqa: E402
-from pipeline.infra.state import port_open  # noqa: E402
+from ops.infra.kafka_broker import KAFKA_VERSION  # noqa: E402
+from ops.infra.state import port_open  # noqa: E402
 
 _KAFKA_LINE = re.compile(r"kafka: started on \S+ in ([\d.]+)s \((jars \w+)\)")
 _PG_LINE = re.compile(r"postgres: started on \S+ in ([\d.]+)s")
@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> dict:
         results["pg_first"] = {"wall_s": took, "reported_s": pg_seconds(output)}
         print(f"  {took:.1f}s", flush=True)
         os.environ["PIPELINE_PG_DIR"] = str(pg)  # for LocalPostgres below (this process only)
-        from pipeline.infra.postgres import LocalPostgres
+        from ops.infra.postgres import LocalPostgres
         from pipeline.settings import Settings
 
         local_pg = LocalPostgres(Settings.from_env(bench.env(state, pg)), port=args.postgres_port)

@@ -101,7 +101,7 @@ def _environment(folder: Path, task_start: str = "fork-server", monitors: str = 
 
 
 def _stop_shared(env: dict[str, str]) -> None:
-    from pipeline.infra.shared_monitors import SharedMonitors
+    from ops.infra.shared_monitors import SharedMonitors
 
     SharedMonitors(Settings.from_env(env)).stop()
 

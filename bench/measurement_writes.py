@@ -97,8 +97,8 @@ class Server:
             if self.url.get_backend_name() != "postgresql":
                 raise SystemExit("--database-url must be a PostgreSQL URL")
             return
-        from pipeline.infra.postgres import LocalPostgres
-        from pipeline.infra.state import port_open
+        from ops.infra.postgres import LocalPostgres
+        from ops.infra.state import port_open
         from pipeline.settings import Settings
 
         if port_open("127.0.0.1", args.postgres_port):

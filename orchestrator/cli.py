@@ -22,7 +22,7 @@ from pipeline.db.orders import OrderStore
 from pipeline.db.owners import Owner
 from pipeline.db.retry import retrying
 from pipeline.errors import PipelineError
-from pipeline.infra.manager import ensure_kafka, use_shared_monitors
+from ops.infra.manager import ensure_kafka, use_shared_monitors
 from pipeline.kafka import Consumer, Producer, TopicAdmin
 from pipeline.logs import configure_logging
 from pipeline.protocol import ANOMALIES_TOPIC, ORCHESTRATOR_TOPIC

@@ -20,9 +20,8 @@ from urllib3.exceptions import HTTPError
 from orchestrator.orders import Order, OrderError, load_order
 from orchestrator.runtime.job_specs import COMPONENT, PART_OF, RUN_LABEL, JobTemplates, job_name
 from orchestrator.runtime.job_watcher import JobWatcher, Phase
-from orchestrator.runtime.kubernetes import load_api_client
 from pipeline.errors import ClusterError
-from pipeline.kube import api_message
+from pipeline.kube import api_message, load_api_client
 from pipeline.settings import Settings
 
 ORDER_FILE = "order.json"

@@ -1,3 +1,5 @@
+# `python -m pipeline` is the operator's command line (DESIGN.md's name for it); its code is
+# in ops/cli.py. The module is named, not imported, so the shared core imports no operator tool.
 from pipeline.entry import run_main
 
-run_main("pipeline.cli")
+run_main("ops.cli")

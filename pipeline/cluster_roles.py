@@ -9,7 +9,7 @@ Every credential goes only where it is used (docs/kubernetes.md, "Roles and cred
   (``training``: registers ``expected-usage`` and moves its alias), ``MLFLOW_TRACKING_USERNAME``/
   ``MLFLOW_TRACKING_PASSWORD`` as MLflow's clients read them.
 
-``python -m pipeline deploy`` creates the Secrets (:mod:`pipeline.deploy`); the Job templates
+``python -m pipeline deploy`` creates the Secrets (:mod:`ops.deploy`); the Job templates
 (:mod:`orchestrator.runtime.job_specs`) and ``k8s/monitor-consumer.yaml`` hand each container
 its role's Secrets and no other.
 """

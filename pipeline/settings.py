@@ -96,7 +96,7 @@ class Settings:
     """Everything a process needs to know about its surroundings.
 
     ``kafka_bootstrap_servers`` is ``None`` when nothing is configured: commands that need a
-    broker then start the local one (see :mod:`pipeline.infra`).
+    broker then start the local one (see :mod:`ops.infra`).
     """
 
     kafka_bootstrap_servers: str | None

@@ -19,34 +19,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
 from orchestrator.runtime.base import Handle, Runtime, RuntimeFailure, TaskLaunch
 from orchestrator.runtime.job_specs import RUN_LABEL, JobTemplates
 from orchestrator.runtime.job_watcher import JobState, JobWatcher, Phase
-from pipeline.errors import SettingsError
-from pipeline.kube import api_message
+from pipeline.kube import api_message, load_api_client
 from pipeline.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 EXIT_FAILED = 1
-
-
-def load_api_client() -> client.ApiClient:
-    """An API client as the pod's service account in a cluster, from the kubeconfig outside."""
-    try:
-        if os.environ.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config()
-        else:
-            config.load_kube_config()
-    except config.ConfigException as exc:
-        raise SettingsError(
-            f"RUNTIME=kubernetes: no cluster credentials ({exc}); run inside a pod with a "
-            "service account, or set KUBECONFIG") from None
-    return client.ApiClient()
 
 
 class JobHandle(Handle):

@@ -14,7 +14,7 @@ from orchestrator.runtime.base import Handle, ProcessGroupHandle, Runtime, Runti
 from orchestrator.runtime.fork_client import ForkServerClient, ForkServerUnavailable
 from pipeline.lifetime import PARENT_PID_VARIABLE
 from pipeline.proctime import started_ns, wall_time
-from pipeline.infra.kafka_auth import role_environment
+from ops.infra.kafka_auth import role_environment
 from pipeline.settings import Settings, TaskStart
 from services.catalog import task_module
 

@@ -20,7 +20,7 @@ import psycopg2
 import pytest
 from sqlalchemy.engine import make_url
 
-from pipeline.infra.manager import Infra, Ports
+from ops.infra.manager import Infra, Ports
 from pipeline.kafka import TopicAdmin
 from pipeline.settings import Settings
 

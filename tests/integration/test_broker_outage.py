@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.infra.kafka_broker import KafkaBroker
+from ops.infra.kafka_broker import KafkaBroker
 from pipeline.kafka import Consumer, Producer, TopicAdmin
 from pipeline.protocol import Message
 from pipeline.settings import Settings

@@ -25,8 +25,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.db import connect
 from pipeline.db.orders import OrderStatus, OrderStore
-from pipeline.infra.kafka_broker import KafkaBroker
-from pipeline.infra.postgres import LocalPostgres
+from ops.infra.kafka_broker import KafkaBroker
+from ops.infra.postgres import LocalPostgres
 from pipeline.errors import ProtocolError
 from pipeline.kafka import Consumer, Producer, TopicAdmin
 from pipeline.protocol import (

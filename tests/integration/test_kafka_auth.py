@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import InfraError, KafkaClientError
-from pipeline.infra.kafka_auth import MECHANISM, PROTOCOL, ROLES, with_role
-from pipeline.infra.kafka_broker import KafkaBroker
-from pipeline.infra.manager import Infra, Ports, ensure_kafka
-from pipeline.infra.state import process_cmdline
+from ops.infra.kafka_auth import MECHANISM, PROTOCOL, ROLES, with_role
+from ops.infra.kafka_broker import KafkaBroker
+from ops.infra.manager import Infra, Ports, ensure_kafka
+from ops.infra.state import process_cmdline
 from pipeline.kafka import Consumer, Producer, TopicAdmin
 from pipeline.protocol import (ANOMALIES_TOPIC, ORCHESTRATOR_TOPIC, Deviation, Key, Message, MonitorStopped,
                                MonitorTerminated, OrderStopped, Progress, TaskStatus, order_topics,

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from pipeline.db import connect
 from pipeline.db.schema import measurements
-from pipeline.infra.shared_monitors import SharedMonitors
+from ops.infra.shared_monitors import SharedMonitors
 from pipeline.kafka import TopicAdmin
 from pipeline.protocol import RESOURCES, order_topics
 from pipeline.settings import Monitors

@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 
-from pipeline.infra.shared_monitors import SharedMonitors
+from ops.infra.shared_monitors import SharedMonitors
 from pipeline.kafka import Consumer, Producer, TopicAdmin
 from pipeline.protocol import ORCHESTRATOR_TOPIC, RESOURCES, Message, order_topics
 from pipeline.settings import Monitors, Settings

@@ -16,7 +16,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from pipeline.entry import exit_status, run_main
 from pipeline.errors import InfraError, SettingsError
-from pipeline.infra.kafka_broker import KafkaBroker
+from ops.infra.kafka_broker import KafkaBroker
 from pipeline.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -142,8 +142,9 @@ def test_the_entry_point_keeps_the_traceback_of_a_bug_and_the_status_of_main():
 
 
 def test_every_command_line_ends_through_the_entry_point(tmp_path, monkeypatch, capsys, signal_handlers):
-    for package in ("orchestrator", "monitor", "training", "pipeline"):
-        assert f'run_main("{package}.cli")' in (REPO / package / "__main__.py").read_text()
+    for package, cli in (("orchestrator", "orchestrator"), ("monitor", "monitor"),
+                         ("training", "training"), ("ops", "ops"), ("pipeline", "ops")):
+        assert f'run_main("{cli}.cli")' in (REPO / package / "__main__.py").read_text()
     (tmp_path / "interrupted_cli.py").write_text("def main(argv):\n    raise KeyboardInterrupt\n")
     (tmp_path / "fine_cli.py").write_text("def main(argv):\n    return len(argv)\n")
     monkeypatch.syspath_prepend(str(tmp_path))

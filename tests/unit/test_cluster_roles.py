@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from orchestrator.runtime.job_specs import COMPONENT, JobTemplates
-from pipeline import deploy
+from ops import deploy
 from pipeline.cluster_roles import (
     ALL_SECRETS, CONTAINER_SECRETS, DATABASE_SECRET, KAFKA_USERS, MLFLOW_USERS, kafka_secret, mlflow_secret,
 )

@@ -42,7 +42,7 @@ DATA_FILES = {
     "orchestrator.order_schema": ["orders/schema.json"],
     "orchestrator.runtime.job_specs": ["k8s/jobs/task.yaml", "k8s/jobs/monitor.yaml",
                                        "k8s/jobs/orchestrator.yaml"],
-    "pipeline.infra.kafka_broker": ["pipeline/infra/kafka-pom.xml"],
+    "ops.infra.kafka_broker": ["ops/infra/kafka-pom.xml"],
 }
 # The uid of the Job templates' securityContext (k8s/jobs/*.yaml).
 POD_UID = 10001

@@ -7,8 +7,8 @@ import stat
 
 from confluent_kafka.admin import ResourcePatternType, ResourceType
 
-from pipeline.infra.kafka_auth import GRANTS, ROLES, acl_bindings
-from pipeline.infra.kafka_broker import KafkaBroker
+from ops.infra.kafka_auth import GRANTS, ROLES, acl_bindings
+from ops.infra.kafka_broker import KafkaBroker
 from pipeline.settings import Settings
 
 

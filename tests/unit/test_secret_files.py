@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.infra import postgres as postgres_module
-from pipeline.infra.postgres import LocalPostgres
-from pipeline.infra.state import infra_env_path, publish
+from ops.infra import postgres as postgres_module
+from ops.infra.postgres import LocalPostgres
+from ops.infra.state import infra_env_path, publish
 from pipeline.secret_files import private_dir, write_secret
 from pipeline.settings import Settings
 

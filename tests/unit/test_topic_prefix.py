@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.runtime.job_specs import JobTemplates
-from pipeline import deploy
+from ops import deploy
 from pipeline.errors import SettingsError
 from pipeline.invocation import TaskInvocation
 from pipeline.kafka.topics import TopicNames

@@ -4,7 +4,7 @@ with its ``server.properties`` (only the ports, the host and the log directory c
 ``create-acls.sh`` adds the ACLs of ``acls.txt``, and then every role may do what the pipeline's
 code does with its credentials and is refused the rest.
 
-The broker runs from the jars of the local broker (``pipeline/infra/kafka_broker.py``); the
+The broker runs from the jars of the local broker (``ops/infra/kafka_broker.py``); the
 image's ``kafka-storage.sh`` and ``kafka-server-start.sh`` are stand-ins that start the same
 classes. ``kafka-acls.sh`` is a stand-in that records its arguments; the test creates the ACLs
 those arguments ask for through the Admin API, as the real tool would.
@@ -31,9 +31,9 @@ from confluent_kafka.admin import (
     ResourceType,
 )
 
-from pipeline import deploy
+from ops import deploy
 from pipeline.cluster_roles import KAFKA_USERS, kafka_secret
-from pipeline.infra.kafka_broker import KafkaBroker
+from ops.infra.kafka_broker import KafkaBroker
 from pipeline.settings import Settings
 
 K8S = Path(__file__).resolve().parents[3] / "k8s"

@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from orchestrator.runtime.job_specs import COMPONENT, JobTemplates
-from pipeline import deploy
+from ops import deploy
 from pipeline.cluster_roles import ALL_SECRETS, CONTAINER_SECRETS
 from pipeline.invocation import TaskInvocation
 from pipeline.settings import Settings

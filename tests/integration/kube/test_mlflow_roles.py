@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import deploy
+from ops import deploy
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException

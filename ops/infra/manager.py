@@ -7,10 +7,10 @@ import logging
 import time
 from dataclasses import dataclass
 
-from pipeline.infra.kafka_auth import ADMIN, ROLES, alter_password, create_acls, with_role
-from pipeline.infra.kafka_broker import KafkaBroker
-from pipeline.infra.postgres import LocalPostgres
-from pipeline.infra.state import publish
+from ops.infra.kafka_auth import ADMIN, ROLES, alter_password, create_acls, with_role
+from ops.infra.kafka_broker import KafkaBroker
+from ops.infra.postgres import LocalPostgres
+from ops.infra.state import publish
 from pipeline.errors import InfraError, SettingsError
 from pipeline.settings import Runtime as RuntimeName
 from pipeline.settings import Settings
@@ -50,7 +50,7 @@ class Infra:
            kafka_auth: bool = False) -> list[str]:
         """Start what is not running yet (with ``monitors``, the shared monitoring services
         too, ``consumers`` replicas of the consumer; with ``kafka_auth``, a broker that
-        authenticates its clients, see :mod:`pipeline.infra.kafka_auth`); returns one report
+        authenticates its clients, see :mod:`ops.infra.kafka_auth`); returns one report
         line per service."""
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         self._remember()
@@ -129,7 +129,7 @@ class Infra:
         return Settings.from_env({**os.environ, "PIPELINE_STATE_DIR": str(self.settings.state_dir)})
 
     def monitors(self, settings: Settings | None = None):
-        from pipeline.infra.shared_monitors import SharedMonitors
+        from ops.infra.shared_monitors import SharedMonitors
 
         return SharedMonitors(settings or self.settings)
 
@@ -201,7 +201,7 @@ def use_shared_monitors(settings: Settings) -> bool:
     """Whether this run's orders go to the shared monitoring services (``MONITORS``):
     ``shared`` starts them here if needed; ``auto`` uses them when they serve these settings,
     and starts them when the broker is this state folder's own (the local default)."""
-    from pipeline.infra.shared_monitors import SharedMonitors
+    from ops.infra.shared_monitors import SharedMonitors
     from pipeline.settings import Monitors
 
     if settings.monitors is Monitors.PER_ORDER:

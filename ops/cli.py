@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline import deploy
+from ops import deploy
 from pipeline.errors import PipelineError
-from pipeline.infra.kafka_auth import ROLES
-from pipeline.infra.manager import Infra, Ports
+from ops.infra.kafka_auth import ROLES
+from ops.infra.manager import Infra, Ports
 from pipeline.logs import configure_logging
 from pipeline.settings import Settings
 

@@ -41,7 +41,7 @@ from pipeline.cluster_roles import (
     mlflow_secret,
 )
 from pipeline.errors import ClusterError, PipelineError, SettingsError
-from pipeline.kube import api_message
+from pipeline.kube import api_message, load_api_client
 from pipeline.settings import Settings
 
 K8S_DIR = Path(__file__).resolve().parents[1] / "k8s"
@@ -278,34 +278,16 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
 # ---------------------------------------------------------------------------- the cluster
 
 def connect(kubeconfig: str | None):
-    """An ``ApiClient`` for ``kubeconfig`` (or the defaults), checked to answer."""
-    from kubernetes import client, config
-    from kubernetes.config.config_exception import ConfigException
+    """An ``ApiClient`` for ``kubeconfig`` (or the defaults, :func:`pipeline.kube.credentials_source`),
+    checked to answer."""
+    from kubernetes import client
 
-    configuration = client.Configuration()
-    if kubeconfig:
-        path = Path(kubeconfig).expanduser()
-        if not path.is_file():
-            raise DeployError(f"kubeconfig {path} does not exist")
-        source = str(path)
-    else:
-        source = os.environ.get("KUBECONFIG") or str(Path("~/.kube/config").expanduser())
-        if not any(Path(p).expanduser().is_file() for p in source.split(os.pathsep) if p):
-            if os.environ.get("KUBERNETES_SERVICE_HOST"):
-                source = "the in-cluster service account"
-            else:
-                raise DeployError(f"no kubeconfig: {source} does not exist; pass --kubeconfig "
-                                  "PATH or set KUBECONFIG")
     try:
-        if source == "the in-cluster service account":
-            config.load_incluster_config(client_configuration=configuration)
-        else:
-            config.load_kube_config(config_file=source, client_configuration=configuration,
-                                    persist_config=False)
-    except (ConfigException, OSError, yaml.YAMLError, ValueError, KeyError) as exc:
-        raise DeployError(f"kubeconfig {source}: {str(exc).strip() or type(exc).__name__}") from None
+        api = load_api_client(kubeconfig)
+    except ClusterError as exc:
+        raise DeployError(str(exc)) from None
+    configuration = api.configuration
     configuration.retries = 0  # a CLI: say at once that the cluster does not answer
-    api = client.ApiClient(configuration)
     try:
         client.VersionApi(api).get_code(_request_timeout=(5, 30))
     except Exception as exc:  # noqa: BLE001 - turned into one line below

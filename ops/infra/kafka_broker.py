@@ -14,8 +14,8 @@ from importlib import resources
 from pathlib import Path
 
 from pipeline.errors import InfraError
-from pipeline.infra.kafka_auth import ADMIN, KafkaUsers
-from pipeline.infra.state import pid_alive, port_open, process_cmdline
+from ops.infra.kafka_auth import ADMIN, KafkaUsers
+from ops.infra.state import pid_alive, port_open, process_cmdline
 from pipeline.secret_files import private_dir, write_secret
 from pipeline.settings import Settings
 
@@ -54,7 +54,7 @@ listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
 """
 
 # `up --kafka-auth`: clients log in with SCRAM-SHA-512 (users made at format time) and are held
-# to the ACLs `up` creates (pipeline/infra/kafka_auth.py). The controller listener, on loopback,
+# to the ACLs `up` creates (ops/infra/kafka_auth.py). The controller listener, on loopback,
 # takes PLAIN with the admin's password only: KRaft cannot check SCRAM there (the credentials
 # live in the metadata the controller serves), and a PLAINTEXT one would make the broker's own
 # registration User:ANONYMOUS, which would then have to be a super user, and so would any local
@@ -162,7 +162,7 @@ class KafkaBroker:
             return
         mvn = _require("mvn", "Maven")
         _require("java", "a Java 17+ runtime")
-        template = resources.files("pipeline.infra").joinpath("kafka-pom.xml").read_text()
+        template = resources.files("ops.infra").joinpath("kafka-pom.xml").read_text()
         pom = template.replace("@KAFKA_VERSION@", self.version).replace("@LOG4J_VERSION@", LOG4J_VERSION)
         logger.info("downloading Apache Kafka %s jars from Maven Central (first run only)", self.version)
         self.libs_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import InfraError
-from pipeline.infra.state import port_open
+from ops.infra.state import port_open
 from pipeline.secret_files import private_dir, write_secret
 from pipeline.settings import Settings
 

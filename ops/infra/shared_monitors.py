@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import InfraError
-from pipeline.infra.kafka_auth import role_environment
-from pipeline.infra.state import pid_alive, process_cmdline
+from ops.infra.kafka_auth import role_environment
+from ops.infra.state import pid_alive, process_cmdline
 from pipeline.lifetime import PARENT_PID_VARIABLE
 from pipeline.settings import Settings, mask_url
 
@@ -132,7 +132,7 @@ class SharedMonitors:
         env = dict(os.environ)
         env.update(self.settings.to_env())
         # On the local broker with authentication each logs in as its own role, whatever login
-        # its starter has (pipeline/infra/kafka_auth.py).
+        # its starter has (ops/infra/kafka_auth.py).
         env.update(role_environment(self.settings, "sampler" if name == "sampler" else "consumer"))
         env.pop(PARENT_PID_VARIABLE, None)  # services: they outlive whoever started them
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT), env.get("PYTHONPATH")]))

@@ -230,7 +230,7 @@ def with_role(settings: Settings, role: str) -> Settings:
 
 def _local_broker(settings: Settings):
     """This state folder's broker when ``settings`` use it and it authenticates, else None."""
-    from pipeline.infra.manager import Infra
+    from ops.infra.manager import Infra
 
     broker = Infra(settings).kafka
     if not broker.users.exists() or settings.kafka_bootstrap_servers != broker.bootstrap:

@@ -1,0 +1,3 @@
+from pipeline.entry import run_main
+
+run_main("ops.cli")
