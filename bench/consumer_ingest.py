@@ -42,7 +42,7 @@ from sqlalchemy import insert, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from pipeline.db import NameLookup, connect, create_schema  # noqa: E402
-from pipeline.db.orders import SHARED_MONITORS, OrderStatus  # noqa: E402
+from pipeline.db.orders import SHARED_MONITORS, RunStatus  # noqa: E402
 from pipeline.db.schema import orders, resources, task_runs, tasks  # noqa: E402
 from pipeline.kafka import Consumer, TopicAdmin  # noqa: E402
 from pipeline.protocol import RESOURCES, Key, MonitorStopped, Sample, order_topics, task_topic  # noqa: E402
@@ -119,7 +119,7 @@ def main() -> None:
                 # Ids far above any real order's: the topics of nobody else's order are touched.
                 ids.append(conn.execute(insert(orders).values(
                     id=first_id + o, name=f"ingest-{o}", image="bench.jpg", image_width=1024, image_height=768,
-                    task_list=",".join(TASKS), status=OrderStatus.RUNNING.value,
+                    task_list=",".join(TASKS), status=RunStatus.RUNNING.value,
                     created_at=datetime.now(timezone.utc), monitors=SHARED_MONITORS).returning(orders.c.id)).scalar_one())
             lookup = NameLookup(tasks)
             for o, position, task, began, ended in runs:

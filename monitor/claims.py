@@ -17,7 +17,7 @@ import time
 
 from sqlalchemy import Engine
 
-from pipeline.db.orders import SHARED_MONITORS, OrderStatus, OrderStore
+from pipeline.db.orders import SHARED_MONITORS, OrderStore, RunStatus
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class OrderClaims:
             return False
         self._unknown_since.pop(order_id, None)
         answer = found.monitors == SHARED_MONITORS and \
-            found.status in (OrderStatus.PENDING, OrderStatus.RUNNING)
+            found.status in (RunStatus.PENDING, RunStatus.RUNNING)
         if not answer:
             logger.info("order_id=%d is not served by the shared monitors (its own monitors, or "
                         "over); its messages are left alone", order_id)

@@ -6,14 +6,12 @@ import argparse
 import gc
 import logging
 import os
-import sys
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.lifetime import exit_now, stop_with_parent
+from pipeline.lifetime import StopSignals, exit_now, stop_with_parent
 from pipeline.logs import configure_logging
 from pipeline.settings import Settings
-from monitor.signals import StopSignals
 
 logger = logging.getLogger(__name__)
 
@@ -65,43 +63,38 @@ def main(argv: list[str] | None = None) -> int:
         _lower_priority(MONITOR_NICENESS[args.command])
     signals = StopSignals().install()
     stop_with_parent()
-    try:
-        settings = Settings.from_env()
-        if getattr(args, "all", False):
-            _serve(args.command, settings, signals)
-            exit_now(0)
-        elif args.command == "producer":
-            from monitor.producer import Mode, MonitorProducer
+    # An expected failure ends in one line through pipeline/entry.py (the __main__).
+    settings = Settings.from_env()
+    if getattr(args, "all", False):
+        _serve(args.command, settings, signals)
+        exit_now(0)
+    elif args.command == "producer":
+        from monitor.producer import Mode, MonitorProducer
 
-            MonitorProducer(settings, args.order_id, signals, mode=Mode(args.mode)).run()
-            exit_now(0)  # all sent and flushed: skip the interpreter's teardown
-        elif args.command == "consumer":
-            from monitor.consumer import MonitorConsumer
+        MonitorProducer(settings, args.order_id, signals, mode=Mode(args.mode)).run()
+        exit_now(0)  # all sent and flushed: skip the interpreter's teardown
+    elif args.command == "consumer":
+        from monitor.consumer import MonitorConsumer
 
-            MonitorConsumer(settings, signals, args.order_id).run()
-            exit_now(0)  # all stored and committed: skip the interpreter's teardown
-        elif args.command == "rescore":
-            from analysis.rescore import rescore
+        MonitorConsumer(settings, signals, args.order_id).run()
+        exit_now(0)  # all stored and committed: skip the interpreter's teardown
+    elif args.command == "rescore":
+        from analysis.rescore import rescore
 
-            result = rescore(settings, args.order_id, args.model)
-            print(f"order {result.order_id}: {result.scored} samples scored with expected-usage "
-                  f"version {result.model_version}; {sum(result.anomalies.values())} anomalous")
-            for (task, position, resource), count in sorted(result.anomalies.items(), key=lambda i: i[0][1]):
-                print(f"  task {position + 1} {task}: {resource} anomalous for {count} samples")
-        else:
-            from analysis.plots import log_to_mlflow, plot_order
+        result = rescore(settings, args.order_id, args.model)
+        print(f"order {result.order_id}: {result.scored} samples scored with expected-usage "
+              f"version {result.model_version}; {sum(result.anomalies.values())} anomalous")
+        for (task, position, resource), count in sorted(result.anomalies.items(), key=lambda i: i[0][1]):
+            print(f"  task {position + 1} {task}: {resource} anomalous for {count} samples")
+    else:
+        from analysis.plots import log_to_mlflow, plot_order
 
-            result = plot_order(settings, args.order_id, args.out, args.model)
-            print("\n".join(str(path) for path in result.files))
-            print(result.summary)
-            run_id = log_to_mlflow(settings, args.order_id, result, args.out)
-            if run_id:
-                print(f"logged to MLflow run {run_id} (experiment deviation-plots)")
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
+        result = plot_order(settings, args.order_id, args.out, args.model)
+        print("\n".join(str(path) for path in result.files))
+        print(result.summary)
+        run_id = log_to_mlflow(settings, args.order_id, result, args.out)
+        if run_id:
+            print(f"logged to MLflow run {run_id} (experiment deviation-plots)")
     return 0
 
 

@@ -28,13 +28,14 @@ from pipeline.db import MeasurementWriter, connect, create_schema
 from pipeline.db.retry import retrying
 from pipeline.errors import ProtocolError
 from pipeline.kafka import Consumer, Producer
+from pipeline.lifetime import StopSignals
 from pipeline.protocol import (
     RESOURCE_TOPIC_PATTERN, Message, MonitorStopped, MonitorTerminated, Sample, decode_resource_topic,
     order_id_of_topic, resource_topic,
 )
 from pipeline.settings import Settings
 from monitor.claims import OrderClaims
-from monitor.signals import StopSignals, announce_ready
+from monitor.ready import announce_ready
 from models.registry_probe import champion_may_exist
 
 logger = logging.getLogger(__name__)

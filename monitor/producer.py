@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from pipeline.errors import ProtocolError
 from pipeline.kafka import Consumer, Producer
+from pipeline.lifetime import StopSignals
 from pipeline.protocol import (
     RESOURCES, MonitorStopped, MonitorTerminated, OrderStopped, Sample, TaskHalted, TaskStarted,
     decode_task_topic, task_topic,
@@ -41,7 +42,7 @@ from pipeline.proctime import boottime_ns
 from pipeline.settings import Settings
 from monitor.proc import children_of
 from monitor.sampler import ProcessTreeSampler, TaskGoneError, Usage
-from monitor.signals import StopSignals, announce_ready
+from monitor.ready import announce_ready
 
 logger = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ import time
 
 from pipeline.errors import ProtocolError
 from pipeline.kafka import Consumer, Producer
+from pipeline.lifetime import StopSignals
 from pipeline.protocol import TASK_TOPIC_PATTERN, Message, order_id_of_topic
 from pipeline.settings import Settings
 from pipeline.db import connect
@@ -32,7 +33,7 @@ from monitor.claims import OrderClaims
 from monitor.consumer import SHARED_GROUP_CONFIG
 from monitor.proc import ChildIndex
 from monitor.producer import INTERVAL, TERMINATE_WAIT, Mode, MonitorProducer
-from monitor.signals import StopSignals, announce_ready
+from monitor.ready import announce_ready
 
 logger = logging.getLogger(__name__)
 

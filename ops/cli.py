@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ops import deploy
-from pipeline.errors import PipelineError
 from ops.infra.kafka_auth import ROLES
 from ops.infra.manager import Infra, Ports
 from pipeline.logs import configure_logging
@@ -42,28 +40,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
-    try:
-        settings = Settings.from_env()
-        if args.command == "settings":
-            for name, value in settings.describe().items():
-                print(f"{name}={value}")
-            return 0
-        if args.command == "deploy":
-            return deploy.command(args, settings)
-        if args.action == "up":
-            infra = Infra(settings, Ports(kafka=args.kafka_port or settings.local_kafka_port,
-                                          postgres=args.postgres_port or settings.local_postgres_port))
-            lines = infra.up(with_postgres=args.postgres, monitors=not args.no_monitors,
-                             consumers=args.monitor_consumers, kafka_auth=args.kafka_auth)
-            lines.append(f"settings written to {settings.state_dir / 'infra.env'}")
-        elif args.action == "status":
-            lines = Infra(settings).status()
-        elif args.action == "rotate-password":
-            lines = Infra(settings).rotate_password(args.role)
-        else:
-            lines = Infra(settings).down()
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    # An expected failure ends in one line through pipeline/entry.py (the __main__).
+    settings = Settings.from_env()
+    if args.command == "settings":
+        for name, value in settings.describe().items():
+            print(f"{name}={value}")
+        return 0
+    if args.command == "deploy":
+        return deploy.command(args, settings)
+    if args.action == "up":
+        infra = Infra(settings, Ports(kafka=args.kafka_port or settings.local_kafka_port,
+                                      postgres=args.postgres_port or settings.local_postgres_port))
+        lines = infra.up(with_postgres=args.postgres, monitors=not args.no_monitors,
+                         consumers=args.monitor_consumers, kafka_auth=args.kafka_auth)
+        lines.append(f"settings written to {settings.state_dir / 'infra.env'}")
+    elif args.action == "status":
+        lines = Infra(settings).status()
+    elif args.action == "rotate-password":
+        lines = Infra(settings).rotate_password(args.role)
+    else:
+        lines = Infra(settings).down()
     print("\n".join(lines))
     return 0

@@ -17,8 +17,7 @@ import time
 from orchestrator.progress_listener import ProgressListener
 from orchestrator.report import Reporter
 from orchestrator.runtime import Runtime
-from orchestrator.runtime.base import RuntimeFailure
-from pipeline.db.orders import SHARED_MONITORS, OrderRecord, OrderStatus, OrderStore
+from pipeline.db.orders import SHARED_MONITORS, OrderRecord, OrderStore, RunStatus
 from pipeline.db.owners import HEARTBEAT_SECONDS
 from pipeline.errors import PipelineError
 from pipeline.kafka import Producer, TopicAdmin
@@ -51,7 +50,7 @@ class AbandonedOrders:
         for record in marked:
             self._reporter.line(f"order {record.id} {record.name}: was {record.status.value}, but its "
                                 f"orchestrator is gone; marked FAILED")
-            if record.status is not OrderStatus.RUNNING:
+            if record.status is not RunStatus.RUNNING:
                 # Still PENDING: its orchestrator may have died before it claimed the order's
                 # topics, so topics of that name may be another deployment's (order_run.py).
                 continue
@@ -95,7 +94,7 @@ class AbandonedOrders:
         try:
             self._producer.send_now(MonitorStopped(order_id).encode())
             handle = self._runtime.start_monitor("consumer", order_id)
-        except (PipelineError, RuntimeFailure) as exc:
+        except PipelineError as exc:
             logger.warning("order_id=%d its last samples cannot be stored (%s); topics kept", order_id, exc)
             return
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -18,12 +17,12 @@ from orchestrator.progress_listener import ProgressListener
 from orchestrator.report import Reporter, format_summary
 from orchestrator.runtime import make_runtime
 from pipeline.db import connect, create_schema
-from pipeline.db.orders import OrderStore
+from pipeline.db.orders import OrderStore, RunStatus
 from pipeline.db.owners import Owner
 from pipeline.db.retry import retrying
-from pipeline.errors import PipelineError
 from ops.infra.manager import ensure_kafka, use_shared_monitors
 from pipeline.kafka import Consumer, Producer, TopicAdmin
+from pipeline.lifetime import StopSignals
 from pipeline.logs import configure_logging
 from pipeline.protocol import ANOMALIES_TOPIC, ORCHESTRATOR_TOPIC
 from pipeline.settings import Settings
@@ -69,23 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     if args.command == "status":
         return show_status(args.order_id, args.limit, args.json)
-    try:
-        settings = Settings.from_env()
-        orders = load_orders(args.orders)  # every file checked before anything starts
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+    # Expected failures (bad settings or order files: status 2) end in one line through
+    # pipeline/entry.py, as everywhere.
+    settings = Settings.from_env()
+    orders = load_orders(args.orders)  # every file checked before anything starts
     if args.command == "submit":
         return submit_orders(settings, args.orders, args.wait, args.timeout)
     if args.repeat < 1 or (args.max_concurrent is not None and args.max_concurrent < 1):
         print("error: --repeat and --max-concurrent must be at least 1", file=sys.stderr)
         return EXIT_INVALID
-    try:
-        return run_orders(settings, orders * args.repeat, args.keep_topics, args.max_concurrent,
-                          monitoring=not args.no_monitors)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return run_orders(settings, orders * args.repeat, args.keep_topics, args.max_concurrent,
+                      monitoring=not args.no_monitors)
 
 
 def run_orders(settings: Settings, orders, keep_topics: bool = False, max_concurrent: int | None = None,
@@ -140,7 +133,7 @@ def run_orders(settings: Settings, orders, keep_topics: bool = False, max_concur
     print(format_summary(results))
     if cancel.is_set():
         return EXIT_CANCELLED
-    return EXIT_OK if all(r.status == "SUCCEEDED" for r in results) else EXIT_FAILED
+    return EXIT_OK if all(r.status is RunStatus.SUCCEEDED for r in results) else EXIT_FAILED
 
 
 def add_anomalies(engine, results, feed: AnomalyFeed, cancel: threading.Event) -> None:
@@ -180,12 +173,8 @@ def show_status(order_id: int | None, limit: int, as_json: bool) -> int:
     if limit < 1:
         print("error: --limit must be at least 1", file=sys.stderr)
         return EXIT_INVALID
-    try:
-        settings = Settings.from_env()
-        reports = order_statuses(connect(settings.database_url), order_id, limit, settings.db_retry_seconds)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    settings = Settings.from_env()
+    reports = order_statuses(connect(settings.database_url), order_id, limit, settings.db_retry_seconds)
     print(to_json(reports) if as_json else format_statuses(reports))
     return EXIT_OK
 
@@ -207,9 +196,6 @@ def submit_orders(settings: Settings, paths: list[str], wait: bool, timeout: flo
             return EXIT_OK
         print(f"waiting for {len(submitted)} orchestrator Job(s) (at most {timeout:g}s)")
         outcomes = submitter.wait(submitted, timeout)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
     except KeyboardInterrupt:
         # The Jobs run on in the cluster; only the waiting stops.
         return EXIT_CANCELLED
@@ -221,13 +207,5 @@ def submit_orders(settings: Settings, paths: list[str], wait: bool, timeout: flo
 def _install_cancel(cancel: threading.Event, reporter: Reporter) -> None:
     """First Ctrl-C/SIGTERM: stop running tasks, complete the monitors' handshake, mark the
     orders CANCELLED. Second: leave at once (children are stopped on the way out)."""
-
-    def handle(signum: int, _frame: object) -> None:
-        if cancel.is_set():
-            raise KeyboardInterrupt
-        reporter.line(f"{signal.Signals(signum).name}: cancelling; stopping tasks and monitors "
-                      "(press Ctrl-C again to force)")
-        cancel.set()
-
-    signal.signal(signal.SIGINT, handle)
-    signal.signal(signal.SIGTERM, handle)
+    StopSignals(cancel, lambda name: reporter.line(
+        f"{name}: cancelling; stopping tasks and monitors (press Ctrl-C again to force)")).install()

@@ -16,7 +16,7 @@ from orchestrator.report import OrderResult, Reporter, TaskResult
 from orchestrator.runtime import Handle, Runtime, TaskLaunch
 from orchestrator.runtime.base import RuntimeFailure
 from services.runtime.confinement import is_under
-from pipeline.db.orders import SHARED_MONITORS, OrderStatus, OrderStore
+from pipeline.db.orders import SHARED_MONITORS, OrderStore, RunStatus
 from pipeline.errors import DatabaseError, PipelineError
 from pipeline.kafka import Producer, TopicAdmin
 from pipeline.protocol import OrderStopped, Progress, TaskStatus, order_topics
@@ -117,12 +117,12 @@ class OrderRun:
             self.order_id = self._new_order_id()
             self.result.order_id = self.order_id
             status, error = self._run_tasks()
-        except (PipelineError, RuntimeFailure) as exc:
+        except PipelineError as exc:  # the broker, the database, a monitor that never came up
             logger.debug("order_id=%s failed outside its tasks", self.order_id, exc_info=True)
-            status, error = OrderStatus.FAILED, str(exc)
+            status, error = RunStatus.FAILED, str(exc)
         finally:
             self._wind_down()
-        self.result.status, self.result.error = status.value, error
+        self.result.status, self.result.error = status, error
         self.result.seconds = time.monotonic() - began
         recorded = self.order_id is None or self._record_end(status, error)
         if self.order_id is not None:
@@ -138,14 +138,14 @@ class OrderRun:
             self._say(f"{status.value} after {self.result.seconds:.1f}s, {self.result.rows} sample rows stored")
         return self.result
 
-    def _record_end(self, status: OrderStatus, error: str | None) -> bool:
+    def _record_end(self, status: RunStatus, error: str | None) -> bool:
         """Store how the order ended; False (said in one line) when the database stayed away
         for longer than DB_RETRY_SECONDS: the next orchestrator to start marks it then."""
         try:
             self.s.store.set_status(self.order_id, status, error)
             self.result.rows = self.s.store.count_measurements(self.order_id)
         except DatabaseError as exc:
-            self.result.status = OrderStatus.FAILED.value
+            self.result.status = RunStatus.FAILED
             self.result.error = f"{error or status.value}; not recorded: {exc}"
             self._say(f"{status.value} after {self.result.seconds:.1f}s but not recorded: {exc}; "
                       "the next orchestrator to start marks it FAILED")
@@ -158,7 +158,7 @@ class OrderRun:
             return None
         return SHARED_MONITORS if self.s.shared_monitors else "per-order"
 
-    def _run_tasks(self) -> tuple[OrderStatus, str | None]:
+    def _run_tasks(self) -> tuple[RunStatus, str | None]:
         order_id = self.order_id
         self._progress = self.s.listener.register(order_id)
         if self.s.anomalies is not None:
@@ -175,22 +175,22 @@ class OrderRun:
             # A consumer that scores loads its model before it reports ready (seconds of CPU):
             # the tasks wait for that rather than share the machine with it.
             self._starting.pop("consumer").settle(self.s.runtime.monitor_ready_timeout)
-        self.s.store.set_status(order_id, OrderStatus.RUNNING)
+        self.s.store.set_status(order_id, RunStatus.RUNNING)
         monitors = ("shared monitors" if self.s.shared_monitors else "monitors starting") \
             if self.s.monitoring else "no monitors"
         self._say(f"running {len(self.order.tasks)} task(s) on {self.order.image.name} ({monitors})")
         progress: tuple[str, ...] = ()
         for position, spec in enumerate(self.order.tasks):
             if self.s.cancel.is_set():
-                return OrderStatus.CANCELLED, "cancelled by the user"
+                return RunStatus.CANCELLED, "cancelled by the user"
             outputs = self._run_task(position, spec, progress)
             if outputs is None:
                 if self.s.cancel.is_set():
-                    return OrderStatus.CANCELLED, "cancelled by the user"
+                    return RunStatus.CANCELLED, "cancelled by the user"
                 task = self.result.tasks[position]
-                return OrderStatus.FAILED, f"task {position + 1} ({spec.name}) failed: {task.error}"
+                return RunStatus.FAILED, f"task {position + 1} ({spec.name}) failed: {task.error}"
             progress = outputs
-        return OrderStatus.SUCCEEDED, None
+        return RunStatus.SUCCEEDED, None
 
     def _run_task(self, position: int, spec: TaskSpec, progress: tuple[str, ...]) -> tuple[str, ...] | None:
         """All attempts of one task; the outputs so far on success, None on failure."""
@@ -206,14 +206,14 @@ class OrderRun:
             try:
                 outputs = self._attempt(launch, spec)
             except RuntimeFailure as exc:  # the order cannot go on (a monitor never came up)
-                result.status, result.error = "FAILED", str(exc)
+                result.status, result.error = RunStatus.FAILED, str(exc)
                 result.seconds = time.monotonic() - began
-                self.s.store.finish_task(self.order_id, position, attempt, "FAILED", error=str(exc))
+                self.s.store.finish_task(self.order_id, position, attempt, RunStatus.FAILED, error=str(exc))
                 raise
             except _AttemptFailed as exc:
-                result.status, result.error = "FAILED", str(exc)
+                result.status, result.error = RunStatus.FAILED, str(exc)
                 result.seconds = time.monotonic() - began
-                self.s.store.finish_task(self.order_id, position, attempt, "FAILED", error=str(exc))
+                self.s.store.finish_task(self.order_id, position, attempt, RunStatus.FAILED, error=str(exc))
                 self._say(f"task {position + 1}/{len(self.order.tasks)} {spec.name} failed: {exc}")
                 if self.s.cancel.is_set() or attempt == retry.max_attempts:
                     return None
@@ -222,8 +222,8 @@ class OrderRun:
                     return None
                 continue
             result.seconds = time.monotonic() - began
-            result.status, result.output, result.error = "SUCCEEDED", outputs[-1], None
-            self.s.store.finish_task(self.order_id, position, attempt, "SUCCEEDED", output=outputs[-1])
+            result.status, result.output, result.error = RunStatus.SUCCEEDED, outputs[-1], None
+            self.s.store.finish_task(self.order_id, position, attempt, RunStatus.SUCCEEDED, output=outputs[-1])
             self._say(f"task {position + 1}/{len(self.order.tasks)} {spec.name} done in {result.seconds:.1f}s")
             return outputs
         return None
@@ -295,7 +295,7 @@ class OrderRun:
                 return order_id
             why = f"orderID {order_id} skipped: topics {', '.join(sorted(taken))} exist already (another database's)"
             logger.warning("%s", why)
-            self.s.store.set_status(order_id, OrderStatus.FAILED, why)
+            self.s.store.set_status(order_id, RunStatus.FAILED, why)
         raise PipelineError(f"{MAX_SKIPPED_IDS} orderIDs in a row have topics on the broker already; "
                             "delete the leftover task<ID>/resource<ID> topics or use another database")
 
@@ -312,7 +312,7 @@ class OrderRun:
         try:
             taken = self.s.admin.create_exclusive(topics)
         except PipelineError as exc:  # the broker refused: this order ends here
-            self.s.store.set_status(order_id, OrderStatus.FAILED, str(exc))
+            self.s.store.set_status(order_id, RunStatus.FAILED, str(exc))
             raise
         created = [t for t in topics if t not in taken]
         if taken:
@@ -384,7 +384,7 @@ class OrderRun:
             except RuntimeFailure as exc:
                 logger.error("order_id=%d %s", self.order_id, exc)
         last = self.result.tasks[-1]
-        if (self._monitors or self._terminated is not None) and last.status != "SUCCEEDED":
+        if (self._monitors or self._terminated is not None) and last.status is not RunStatus.SUCCEEDED:
             # The last task never sent STOP: send it for it, so the monitors end cleanly.
             try:
                 self.s.producer.send_now(OrderStopped(self.order_id).encode())

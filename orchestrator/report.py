@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from orchestrator.anomalies import OrderAnomalies, summary_lines
+from pipeline.db.orders import RunStatus
 
 
 @dataclass
@@ -16,7 +17,7 @@ class TaskResult:
 
     position: int
     name: str
-    status: str = "PENDING"
+    status: RunStatus = RunStatus.PENDING
     attempts: int = 0
     seconds: float = 0.0
     output: str | None = None
@@ -30,7 +31,7 @@ class OrderResult:
     name: str
     source: str
     order_id: int | None = None
-    status: str = "PENDING"
+    status: RunStatus = RunStatus.PENDING
     seconds: float = 0.0
     rows: int = 0
     tasks: list[TaskResult] = field(default_factory=list)

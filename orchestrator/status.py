@@ -23,7 +23,7 @@ class UnknownOrderError(PipelineError):
 
 
 @dataclass
-class RunStatus:
+class TaskRunReport:
     position: int
     attempt: int
     task: str
@@ -46,7 +46,7 @@ class OrderStatusReport:
     samples: int
     anomalies: int
     error: str | None
-    runs: list[RunStatus] = field(default_factory=list)
+    runs: list[TaskRunReport] = field(default_factory=list)
     orchestrator: str | None = None  # the process running it: "pid N on host"
     orchestrator_gone: bool = False  # unfinished, but that process is gone (see pipeline/db/owners.py)
 
@@ -89,7 +89,7 @@ def order_statuses(engine: Engine, order_id: int | None = None, limit: int = 20,
             report.orchestrator = owner.describe()
             report.orchestrator_gone = row["status"] in ACTIVE and not owner.alive(
                 row["heartbeat_at"], now, patience)
-        report.runs = [RunStatus(r["position"], r["attempt"], r["task"], r["status"], _iso(r["started_at"]),
+        report.runs = [TaskRunReport(r["position"], r["attempt"], r["task"], r["status"], _iso(r["started_at"]),
                                  _iso(r["finished_at"]), _seconds(r["started_at"], r["finished_at"]), r["error"])
                        for r in runs if r["order_id"] == row["id"]]
         reports.append(report)

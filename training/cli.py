@@ -7,7 +7,6 @@ import os
 import sys
 from datetime import datetime, timezone
 
-from pipeline.errors import PipelineError
 from pipeline.logs import configure_logging
 from pipeline.settings import Settings, mask_url
 
@@ -74,15 +73,10 @@ def main(argv: list[str] | None = None) -> int:
                              device=args.device, experiment=args.experiment, min_orders=args.min_orders,
                              folds=args.folds)
         report = run_fit(settings, options, progress=not args.no_progress)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except MlflowException as exc:
+    except MlflowException as exc:  # the rest end in one line through pipeline/entry.py
         print(f"error: MLflow at {mask_url(settings.mlflow_tracking_uri)}: "
               f"{str(exc.message).splitlines()[0]}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        return EXIT_CANCELLED
     print(report.table)
     print(report.verdict)
     print(report.champion)
@@ -98,19 +92,13 @@ def _collect(args: argparse.Namespace) -> int:
 
     from training import collect
 
-    try:
-        settings = Settings.from_env()
-        plan = collect.CollectPlan(
-            sizes=collect.parse_sizes(args.sizes), concurrency=collect.parse_levels(args.concurrency),
-            sequences=collect.parse_sequences(args.sequences) if args.sequences else collect.DEFAULT_SEQUENCES,
-            orders=args.orders, seed=args.seed)
-        folder = Path(args.out) if args.out else settings.state_dir / "history"
-        statuses = collect.collect(plan, folder, settings.to_env())
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return EXIT_CANCELLED
+    settings = Settings.from_env()
+    plan = collect.CollectPlan(
+        sizes=collect.parse_sizes(args.sizes), concurrency=collect.parse_levels(args.concurrency),
+        sequences=collect.parse_sequences(args.sequences) if args.sequences else collect.DEFAULT_SEQUENCES,
+        orders=args.orders, seed=args.seed)
+    folder = Path(args.out) if args.out else settings.state_dir / "history"
+    statuses = collect.collect(plan, folder, settings.to_env())
     failed = [level for level, status in statuses.items() if status]
     print(f"collected {plan.orders} order(s) at each of concurrency {', '.join(map(str, plan.concurrency))}"
           + (f"; some orders failed at concurrency {', '.join(map(str, failed))} (left out of training)"

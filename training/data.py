@@ -20,6 +20,7 @@ from sqlalchemy import Engine, and_, inspect, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from models.rows import RAW_COLUMNS, ROW_COLUMNS, model_rows, previous_task
+from pipeline.db.orders import RunStatus
 from pipeline.db.schema import measurements, orders, resources, task_runs, tasks
 from pipeline.errors import DatabaseError
 from pipeline.settings import mask_url
@@ -68,7 +69,7 @@ def load_measurements(engine: Engine, since: datetime | None = None,
 def _query(since: datetime | None, until: datetime | None):
     run = and_(task_runs.c.order_id == measurements.c.order_id,
                task_runs.c.task_id == measurements.c.task_id,
-               task_runs.c.status == "SUCCEEDED",
+               task_runs.c.status == RunStatus.SUCCEEDED.value,
                task_runs.c.fault.is_(None),  # injected faults are not normal usage
                or_(and_(measurements.c.position == task_runs.c.position,
                         measurements.c.attempt == task_runs.c.attempt),

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 
+from pipeline.errors import PipelineError
 from pipeline.invocation import TaskInvocation
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class ProcessGroupHandle(Handle):
         return self.exit_code()
 
 
-class RuntimeFailure(Exception):
+class RuntimeFailure(PipelineError):
     """A task or monitor could not be started or ended badly."""
 
 

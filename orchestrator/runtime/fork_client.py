@@ -44,7 +44,7 @@ COMMAND_LINE_ROOM = 8192
 UNKNOWN_STATUS = 255
 
 
-class ForkServerUnavailable(Exception):
+class ForkServerUnavailable(RuntimeFailure):
     """The fork server could not start a task (start a process of its own instead)."""
 
 

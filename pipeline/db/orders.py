@@ -22,8 +22,10 @@ T = TypeVar("T")
 SHARED_MONITORS = "shared"  # orders.monitors of an order the shared services serve
 
 
-class OrderStatus(str, enum.Enum):
-    """Lifecycle of one run of an order."""
+class RunStatus(enum.StrEnum):
+    """Lifecycle of one run of an order (``orders.status``) and of one attempt of a task
+    (``task_runs.status``: RUNNING, SUCCEEDED or FAILED; PENDING in a report, not yet reached).
+    The value is what the database stores."""
 
     PENDING = "PENDING"
     RUNNING = "RUNNING"
@@ -42,7 +44,7 @@ class OrderRecord:
     image_width: int | None
     image_height: int | None
     task_list: str
-    status: OrderStatus
+    status: RunStatus
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -57,7 +59,7 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-ACTIVE = (OrderStatus.PENDING.value, OrderStatus.RUNNING.value)
+ACTIVE = (RunStatus.PENDING.value, RunStatus.RUNNING.value)
 
 
 class OrderStore:
@@ -92,19 +94,19 @@ class OrderStore:
                     insert(orders)
                     .values(name=name, image=image, task_list=task_list,
                             image_width=width, image_height=height,
-                            status=OrderStatus.PENDING.value, created_at=now, monitors=monitors,
+                            status=RunStatus.PENDING.value, created_at=now, monitors=monitors,
                             owner=owner, heartbeat_at=now if owner else None)
                     .returning(orders.c.id)
                 )
                 return int(result.scalar_one())
         return self._retrying(f"recording order {name}", insert_order)
 
-    def set_status(self, order_id: int, status: OrderStatus, error: str | None = None) -> None:
+    def set_status(self, order_id: int, status: RunStatus, error: str | None = None) -> None:
         """Move an order to ``status``, stamping its start or end time."""
         values: dict[str, object] = {"status": status.value}
-        if status is OrderStatus.RUNNING:
+        if status is RunStatus.RUNNING:
             values["started_at"] = utcnow()
-        elif status in (OrderStatus.SUCCEEDED, OrderStatus.FAILED, OrderStatus.CANCELLED):
+        elif status in (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED):
             values["finished_at"] = utcnow()
             values["error"] = error
         self._update(f"order {order_id}: recording {status.value}",
@@ -140,12 +142,12 @@ class OrderStore:
         task_id = self._retrying(what, lambda: self._tasks.committed_id_of(self.engine, task))
         self._update(what, insert(task_runs).values(
             order_id=order_id, position=position, attempt=attempt,
-            task_id=task_id, status="RUNNING", started_at=started, fault=fault,
+            task_id=task_id, status=RunStatus.RUNNING.value, started_at=started, fault=fault,
             input_pixels=input_pixels,
         ))
         return started
 
-    def finish_task(self, order_id: int, position: int, attempt: int, status: str,
+    def finish_task(self, order_id: int, position: int, attempt: int, status: RunStatus,
                     output: str | None = None, error: str | None = None) -> None:
         """Record how an attempt ended."""
         self._update(
@@ -153,7 +155,7 @@ class OrderStore:
             update(task_runs)
             .where(task_runs.c.order_id == order_id, task_runs.c.position == position,
                    task_runs.c.attempt == attempt)
-            .values(status=status, finished_at=utcnow(), output=output, error=error))
+            .values(status=RunStatus(status).value, finished_at=utcnow(), output=output, error=error))
 
     def count_measurements(self, order_id: int) -> int:
         """How many samples are stored for the order."""
@@ -200,16 +202,16 @@ class OrderStore:
         def mark() -> None:
             with self.engine.begin() as conn:
                 conn.execute(update(task_runs)
-                             .where(task_runs.c.order_id == order_id, task_runs.c.status == "RUNNING")
-                             .values(status="FAILED", finished_at=utcnow(), error=why))
+                             .where(task_runs.c.order_id == order_id, task_runs.c.status == RunStatus.RUNNING.value)
+                             .values(status=RunStatus.FAILED.value, finished_at=utcnow(), error=why))
                 conn.execute(update(orders)
                              .where(orders.c.id == order_id, orders.c.status.in_(ACTIVE))
-                             .values(status=OrderStatus.FAILED.value, finished_at=utcnow(), error=why))
+                             .values(status=RunStatus.FAILED.value, finished_at=utcnow(), error=why))
         self._retrying(f"order {order_id}: marking it FAILED", mark)
 
 
 def _record(row) -> OrderRecord:
-    return OrderRecord(**{**row, "status": OrderStatus(row["status"])})
+    return OrderRecord(**{**row, "status": RunStatus(row["status"])})
 
 
 def _fresh(record: OrderRecord, now: datetime, patience: float) -> bool:

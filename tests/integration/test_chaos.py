@@ -24,7 +24,7 @@ import pytest
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.db import connect
-from pipeline.db.orders import OrderStatus, OrderStore
+from pipeline.db.orders import OrderStore, RunStatus
 from ops.infra.kafka_broker import KafkaBroker
 from ops.infra.postgres import LocalPostgres
 from pipeline.errors import ProtocolError
@@ -239,7 +239,7 @@ def test_a_killed_orchestrators_order_is_marked_by_the_next_run(settings, tmp_pa
         while pipeline_processes(settings) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert pipeline_processes(settings) == []
-        assert OrderStore(connect(settings.database_url)).get(dead_id).status is OrderStatus.RUNNING
+        assert OrderStore(connect(settings.database_url)).get(dead_id).status is RunStatus.RUNNING
 
         next_path = write_order(tmp_path, "next", ["grayscale"])
         result = run_orchestrator(settings, str(next_path))
@@ -252,7 +252,7 @@ def test_a_killed_orchestrators_order_is_marked_by_the_next_run(settings, tmp_pa
     assert f"order {dead_id} killed: was RUNNING, but its orchestrator is gone; marked FAILED" in console, console
     orders = {o.name: o for o in all_stored_orders(settings)}
     dead = OrderStore(connect(settings.database_url)).get(dead_id)
-    assert dead.status is OrderStatus.FAILED and "without recording" in dead.error
+    assert dead.status is RunStatus.FAILED and "without recording" in dead.error
     assert [r["status"] for r in orders["killed"].runs] == ["FAILED"]
     assert orders["next"].status == "SUCCEEDED"
     assert not set(order_topics(dead_id)) & TopicAdmin(settings).existing()
@@ -281,7 +281,7 @@ def test_a_database_away_longer_than_the_retry_time_fails_the_order_and_the_next
     assert orchestrator.returncode == 1, console
     assert "the database has been unreachable for 3s" in console and "Traceback" not in console, console
     assert f"order {order_id} database-gone: FAILED after" in console and "but not recorded" in console
-    assert OrderStore(connect(impatient.database_url)).get(order_id).status is OrderStatus.RUNNING
+    assert OrderStore(connect(impatient.database_url)).get(order_id).status is RunStatus.RUNNING
 
     next_path = write_order(tmp_path, "after", ["grayscale"])
     result = run_orchestrator(own_settings, str(next_path))

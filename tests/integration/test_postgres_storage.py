@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from sqlalchemy import func, select, text
 
 from pipeline.db import MeasurementWriter, NameLookup, connect, create_schema
-from pipeline.db.orders import OrderStatus, OrderStore
+from pipeline.db.orders import OrderStore, RunStatus
 from pipeline.db.schema import measurements, tasks
 from pipeline.protocol import Sample
 
@@ -85,8 +85,8 @@ def test_order_ids_come_from_the_database_and_statuses_are_stamped(database_url)
     store = OrderStore(engine)
     first, second = store.create("a", "/a.png", "blur"), store.create("b", "/b.png", "blur")
     assert second > first > 0
-    store.set_status(first, OrderStatus.RUNNING)
-    store.set_status(first, OrderStatus.SUCCEEDED)
+    store.set_status(first, RunStatus.RUNNING)
+    store.set_status(first, RunStatus.SUCCEEDED)
     record = store.get(first)
-    assert record.status is OrderStatus.SUCCEEDED
+    assert record.status is RunStatus.SUCCEEDED
     assert record.started_at <= record.finished_at

@@ -19,7 +19,7 @@ from orchestrator.anomaly_feed import AnomalyFeed
 from orchestrator.report import OrderResult, Reporter, TaskResult, format_summary
 from pipeline.db import MeasurementWriter, connect, create_schema
 from pipeline.db.deviations import DeviationStore
-from pipeline.db.orders import OrderStatus, OrderStore
+from pipeline.db.orders import OrderStore, RunStatus
 from pipeline.errors import KafkaClientError
 from pipeline.protocol import ANOMALIES_TOPIC, Deviation, Message, Sample
 
@@ -158,7 +158,7 @@ def engine(tmp_path):
 def _order(engine, name, tasks=("median", "grayscale")) -> int:
     store = OrderStore(engine)
     order_id = store.create(name, "a.jpg", ",".join(tasks))
-    store.set_status(order_id, OrderStatus.RUNNING)
+    store.set_status(order_id, RunStatus.RUNNING)
     for position, task in enumerate(tasks):
         store.start_task(order_id, position, 1, task,
                          started=datetime.fromtimestamp((T0 + position * 20_000) / 1000, tz=timezone.utc))

@@ -154,3 +154,19 @@ def test_every_command_line_ends_through_the_entry_point(tmp_path, monkeypatch, 
     with pytest.raises(SystemExit) as fine:
         run_main("fine_cli", ["a", "b"])
     assert fine.value.code == 2
+
+
+def test_the_first_stop_signal_asks_for_a_warm_stop_the_second_forces_it(signal_handlers):
+    import os
+    import threading
+
+    from pipeline.lifetime import StopSignals
+
+    heard: list[str] = []
+    cancel = threading.Event()
+    signals = StopSignals(cancel, heard.append).install()
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert signals.requested is cancel and cancel.is_set() and heard == ["SIGTERM"]
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+    assert heard == ["SIGTERM"]  # the forced stop is the entry point's to tell

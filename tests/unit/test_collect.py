@@ -8,6 +8,7 @@ import json
 import pytest
 from PIL import Image
 
+from pipeline.entry import exit_status
 from training import cli
 from training.collect import CollectPlan, make_image, parse_levels, parse_sequences, parse_sizes, write_orders
 
@@ -40,7 +41,7 @@ def test_generated_images_are_repeatable_and_differ_by_seed():
 ])
 def test_bad_arguments_are_one_line_and_status_2(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PIPELINE_STATE_DIR", str(tmp_path))
-    assert cli.main(["collect", *argv]) == 2
+    assert exit_status(lambda: cli.main(["collect", *argv])) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
 

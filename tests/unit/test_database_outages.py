@@ -21,7 +21,7 @@ from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.exc import OperationalError
 
 from pipeline.db import connect, create_schema
-from pipeline.db.orders import OrderStatus, OrderStore, utcnow
+from pipeline.db.orders import OrderStore, RunStatus, utcnow
 from pipeline.db.owners import HEARTBEAT_SECONDS, MISSED_BEATS, Owner
 from pipeline.db.retry import connection_lost, retrying
 from pipeline.db.schema import orders, task_runs
@@ -137,27 +137,27 @@ def _dead_owner() -> Owner:
 def test_orders_of_a_dead_orchestrator_are_marked_failed_with_their_running_tasks(engine) -> None:
     dead = OrderStore(engine, owner=_dead_owner())
     running = dead.create("left-running", "in.png", "blur,sepia")
-    dead.set_status(running, OrderStatus.RUNNING)
+    dead.set_status(running, RunStatus.RUNNING)
     dead.start_task(running, 0, 1, "blur")
     dead.finish_task(running, 0, 1, "SUCCEEDED", output="a.png")
     dead.start_task(running, 1, 1, "sepia")
     pending = dead.create("left-pending", "in.png", "blur")
     done = dead.create("finished", "in.png", "blur")
-    dead.set_status(done, OrderStatus.SUCCEEDED)
+    dead.set_status(done, RunStatus.SUCCEEDED)
     mine = OrderStore(engine, owner=Owner.me())
     live = mine.create("mine", "in.png", "blur")
-    mine.set_status(live, OrderStatus.RUNNING)
+    mine.set_status(live, RunStatus.RUNNING)
 
     marked = mine.mark_abandoned()
 
     assert sorted(r.id for r in marked) == [running, pending]
     for order_id in (running, pending):
         record = mine.get(order_id)
-        assert record.status is OrderStatus.FAILED
+        assert record.status is RunStatus.FAILED
         assert "orchestrator" in record.error and "without recording" in record.error
         assert record.finished_at is not None
-    assert mine.get(done).status is OrderStatus.SUCCEEDED
-    assert mine.get(live).status is OrderStatus.RUNNING
+    assert mine.get(done).status is RunStatus.SUCCEEDED
+    assert mine.get(live).status is RunStatus.RUNNING
     with engine.connect() as conn:
         runs = {r.position: r for r in conn.execute(select(task_runs).where(task_runs.c.order_id == running))}
     assert runs[0].status == "SUCCEEDED"
@@ -177,7 +177,7 @@ def test_another_hosts_order_is_marked_only_once_its_heartbeat_is_stale(engine) 
     marked = OrderStore(engine, patience=patience, owner=Owner.me()).mark_abandoned()
 
     assert [r.id for r in marked] == [stale]
-    assert elsewhere.get(fresh).status is OrderStatus.PENDING
+    assert elsewhere.get(fresh).status is RunStatus.PENDING
 
 
 def test_a_database_that_never_answers_fails_the_store_call_after_its_patience() -> None:

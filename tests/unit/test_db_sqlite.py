@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Engine, func, inspect, select
 
 from pipeline.db import MeasurementWriter, NameLookup, connect, create_schema
-from pipeline.db.orders import OrderStatus, OrderStore
+from pipeline.db.orders import OrderStore, RunStatus
 from pipeline.db.schema import measurements, resources, task_runs, tasks
 from pipeline.protocol import Sample
 
@@ -191,7 +191,7 @@ def test_each_run_of_an_order_gets_a_fresh_increasing_id(engine: Engine) -> None
     record = store.get(ids[0])
     assert (record.name, record.image, record.task_list) == ("demo", "images/small.png",
                                                              "resize,blur")
-    assert record.status is OrderStatus.PENDING
+    assert record.status is RunStatus.PENDING
     assert record.started_at is None and record.finished_at is None
 
 
@@ -203,14 +203,14 @@ def test_set_status_stamps_start_and_end(engine: Engine) -> None:
     store = OrderStore(engine)
     order_id = store.create("demo", "images/small.png", "blur")
 
-    store.set_status(order_id, OrderStatus.RUNNING)
+    store.set_status(order_id, RunStatus.RUNNING)
     running = store.get(order_id)
-    assert running.status is OrderStatus.RUNNING
+    assert running.status is RunStatus.RUNNING
     assert running.started_at is not None and running.finished_at is None
 
-    store.set_status(order_id, OrderStatus.FAILED, error="blur: exit status 1")
+    store.set_status(order_id, RunStatus.FAILED, error="blur: exit status 1")
     failed = store.get(order_id)
-    assert failed.status is OrderStatus.FAILED
+    assert failed.status is RunStatus.FAILED
     assert failed.error == "blur: exit status 1"
     assert failed.started_at == running.started_at
     assert as_utc(failed.created_at) <= as_utc(failed.started_at) <= as_utc(failed.finished_at)

@@ -18,6 +18,7 @@ from models.expected_usage import ExpectedUsageModel
 from models.features import FEATURE_COLUMNS, NO_PREVIOUS, previous_task
 from pipeline.db import connect, create_schema
 from pipeline.db.schema import measurements, orders, resources, task_runs, tasks
+from pipeline.entry import exit_status
 from training import cli, synthetic
 from training.baseline import QuantileTableBaseline, time_bucket
 from training.data import load_measurements, require_enough, split_by_order
@@ -135,7 +136,7 @@ def test_too_little_data_is_one_line_and_exit_status_2(tmp_path, monkeypatch, ca
     monkeypatch.setenv("PIPELINE_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'empty.db'}")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert cli.main(["fit", "--no-progress"]) == 2
+    assert exit_status(lambda: cli.main(["fit", "--no-progress"])) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: not enough history to train: 0 order(s)")
     assert "./dev run orders/example-*.json --repeat 20" in err[0]

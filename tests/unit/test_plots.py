@@ -14,7 +14,7 @@ from analysis.plots import draw_run, plot_order
 from pipeline.db import MeasurementWriter, connect, create_schema
 from pipeline.db.deviations import DeviationStore
 from pipeline.protocol import Deviation, Sample
-from pipeline.db.orders import OrderStatus, OrderStore
+from pipeline.db.orders import OrderStore, RunStatus
 from pipeline.settings import Settings
 
 T0 = 1_700_000_000_000
@@ -40,7 +40,7 @@ def _scored_order(settings: Settings, resources, context=()) -> int:
     create_schema(engine)
     store = OrderStore(engine)
     order_id = store.create("hog", "a.jpg", "median")
-    store.set_status(order_id, OrderStatus.RUNNING)
+    store.set_status(order_id, RunStatus.RUNNING)
     store.start_task(order_id, 0, 1, "median", started=datetime.fromtimestamp(T0 / 1000, tz=timezone.utc))
     rows = _rows(order_id, resources)
     measured = [r for r in rows if r.resource in FIVE]

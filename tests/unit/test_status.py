@@ -9,7 +9,8 @@ import pytest
 from orchestrator import cli
 from pipeline.db import MeasurementWriter, connect, create_schema
 from pipeline.db.deviations import DeviationStore
-from pipeline.db.orders import OrderStatus, OrderStore
+from pipeline.db.orders import OrderStore, RunStatus
+from pipeline.entry import exit_status
 from pipeline.protocol import Deviation, Sample
 
 
@@ -22,7 +23,7 @@ def database(tmp_path, monkeypatch):
     create_schema(engine)
     store = OrderStore(engine)
     done = store.create("done", "a.jpg", "resize,blur")
-    store.set_status(done, OrderStatus.RUNNING)
+    store.set_status(done, RunStatus.RUNNING)
     for position, task in enumerate(("resize", "blur")):
         store.start_task(done, position, 1, task)
         store.finish_task(done, position, 1, "SUCCEEDED", output=f"/out/{position}.png")
@@ -30,12 +31,12 @@ def database(tmp_path, monkeypatch):
                                      for i in range(3)])
     DeviationStore(engine).write([Deviation(done, "resize", 0, "cpu", 1_700_000_000_000 + i * 1000, 90.0, 50.0,
                                             40.0, 60.0, 4.0, "1", i > 0) for i in range(3)])
-    store.set_status(done, OrderStatus.SUCCEEDED)
+    store.set_status(done, RunStatus.SUCCEEDED)
     failing = store.create("failing", "b.jpg", "sharpen")
-    store.set_status(failing, OrderStatus.RUNNING)
+    store.set_status(failing, RunStatus.RUNNING)
     store.start_task(failing, 0, 1, "sharpen")
     store.finish_task(failing, 0, 1, "FAILED", error="RuntimeError: boom")
-    store.set_status(failing, OrderStatus.FAILED, "task 1 (sharpen) failed: RuntimeError: boom")
+    store.set_status(failing, RunStatus.FAILED, "task 1 (sharpen) failed: RuntimeError: boom")
     return done, failing
 
 
@@ -58,10 +59,10 @@ def test_status_lists_orders_newest_first_with_runs_samples_and_anomalies(databa
 
 
 def test_an_unknown_order_or_a_bad_limit_is_one_line_and_status_2(database, capsys):
-    assert cli.main(["status", "424242"]) == 2
+    assert exit_status(lambda: cli.main(["status", "424242"])) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no order 424242") and len(err.strip().splitlines()) == 1
-    assert cli.main(["status", "--limit", "0"]) == 2
+    assert exit_status(lambda: cli.main(["status", "--limit", "0"])) == 2
 
 
 def test_an_order_whose_orchestrator_is_gone_says_so(database, capsys, tmp_path):
