@@ -44,6 +44,7 @@ from pipeline.errors import ClusterError, PipelineError, SettingsError
 from pipeline.kube import api_message, load_api_client
 from pipeline.settings import Settings
 
+# The manifests of a source checkout; an installed package has none: --manifests names them.
 K8S_DIR = Path(__file__).resolve().parents[1] / "k8s"
 FIELD_MANAGER = "image-pipeline"
 SETTINGS_CONFIGMAP = "pipeline-settings"
@@ -89,6 +90,8 @@ def read_kustomization(k8s_dir: Path = K8S_DIR) -> Kustomization:
     path = k8s_dir / "kustomization.yaml"
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise DeployError(f"{path} does not exist; pass --manifests DIR, the repository's k8s/ folder") from None
     except (OSError, yaml.YAMLError) as exc:
         raise DeployError(f"cannot read {path}: {exc}") from None
     unknown = sorted(set(data) - _KUSTOMIZATION_FIELDS)
@@ -218,7 +221,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --dry-run: create the namespace for real when it does not "
                              "exist, so that the namespaced objects can be checked too")
     parser.add_argument("--kubeconfig", metavar="PATH",
-                        help="default: $KUBECONFIG, else ~/.kube/config, else the in-cluster account")
+                        help="default: $KUBECONFIG; in a pod, its service account; else ~/.kube/config")
+    parser.add_argument("--manifests", metavar="DIR", type=Path, default=K8S_DIR,
+                        help="the folder with kustomization.yaml; default: this checkout's k8s/")
     parser.add_argument("--namespace", metavar="NS",
                         help="default: $K8S_NAMESPACE, else image-pipeline")
     parser.add_argument("--image-tag", metavar="TAG", help="default: $IMAGE_TAG, else the release's")
@@ -271,7 +276,7 @@ class DeployOptions:
 def command(args: argparse.Namespace, settings: Settings) -> int:
     """``python -m pipeline deploy``; raises :class:`PipelineError` (one line) on failure."""
     options = DeployOptions.from_args(args, settings)
-    deploy(options)
+    deploy(options, args.manifests)
     return 0
 
 
@@ -282,12 +287,11 @@ def connect(kubeconfig: str | None):
     checked to answer."""
     from kubernetes import client
 
-    try:
-        api = load_api_client(kubeconfig)
+    try:  # a CLI: say at once that the cluster does not answer
+        api = load_api_client(kubeconfig, retries=0)
     except ClusterError as exc:
         raise DeployError(str(exc)) from None
     configuration = api.configuration
-    configuration.retries = 0  # a CLI: say at once that the cluster does not answer
     try:
         client.VersionApi(api).get_code(_request_timeout=(5, 30))
     except Exception as exc:  # noqa: BLE001 - turned into one line below

@@ -12,7 +12,7 @@ from orchestrator.abandoned import DRAIN_SECONDS, AbandonedOrders, Heartbeat
 from orchestrator.anomalies import order_anomalies, wait_for_scoring
 from orchestrator.anomaly_feed import AnomalyFeed
 from orchestrator.order_run import OrderRun, Services
-from orchestrator.orders import load_orders
+from orchestrator.orders import Order, load_orders
 from orchestrator.progress_listener import ProgressListener
 from orchestrator.report import Reporter, format_summary
 from orchestrator.runtime import make_runtime
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     orders = load_orders(args.orders)  # every file checked before anything starts
     if args.command == "submit":
-        return submit_orders(settings, args.orders, args.wait, args.timeout)
+        return submit_orders(settings, orders, args.wait, args.timeout)
     if args.repeat < 1 or (args.max_concurrent is not None and args.max_concurrent < 1):
         print("error: --repeat and --max-concurrent must be at least 1", file=sys.stderr)
         return EXIT_INVALID
@@ -179,17 +179,17 @@ def show_status(order_id: int | None, limit: int, as_json: bool) -> int:
     return EXIT_OK
 
 
-def submit_orders(settings: Settings, paths: list[str], wait: bool, timeout: float) -> int:
-    """Start one in-cluster orchestrator Job per order; with ``wait``, report their ends."""
+def submit_orders(settings: Settings, orders: list[Order], wait: bool, timeout: float) -> int:
+    """Start one in-cluster orchestrator Job per (checked) order; with ``wait``, report their ends."""
     from orchestrator.submit import Submitter
 
     try:
         submitter = Submitter(settings)
         submitted = []
-        for path in paths:
-            item = submitter.submit(path)
+        for order in orders:
+            item = submitter.submit(order)
             submitted.append(item)
-            print(f"order {item.order.name} ({path}) submitted: Job {settings.k8s_namespace}/{item.job} "
+            print(f"order {order.name} ({order.source}) submitted: Job {settings.k8s_namespace}/{item.job} "
                   f"runs it as service account orchestrator")
             print(f"  follow it: kubectl -n {settings.k8s_namespace} logs -f job/{item.job}")
         if not wait:

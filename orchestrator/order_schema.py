@@ -1,4 +1,4 @@
-"""The order file's JSON Schema (``orders/schema.json``) and readable schema errors.
+"""The order file's JSON Schema (``orchestrator/order.schema.json``) and readable schema errors.
 
 jsonschema's own messages quote whole sub-documents and schemas; a user needs one line: where
 in the file (a JSON path such as ``$.tasks[1].fault_at``) and what is expected there.
@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 from jsonschema.exceptions import ValidationError, best_match
 
-# The schema sits with the example orders, where users look for it; this module finds it
-# from a source checkout or an editable install.
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "orders" / "schema.json"
+# Package data (pyproject.toml): the loader has it wherever the package is installed.
+SCHEMA_PATH = Path(str(resources.files(__package__) / "order.schema.json"))
 
 _JSON_TYPES = {
     "object": "an object",

@@ -11,13 +11,12 @@ import base64
 import json
 import secrets
 from dataclasses import dataclass
-from pathlib import Path
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
-from orchestrator.orders import Order, OrderError, load_order
+from orchestrator.orders import Order, OrderError
 from orchestrator.runtime.job_specs import COMPONENT, PART_OF, RUN_LABEL, JobTemplates, job_name
 from orchestrator.runtime.job_watcher import JobWatcher, Phase
 from pipeline.errors import ClusterError
@@ -48,16 +47,16 @@ class Submitter:
         self.run_id = secrets.token_hex(6)
         self.templates = JobTemplates(settings, self.run_id)
 
-    def submit(self, path: Path) -> Submitted:
-        """Check the order, upload it, start its orchestrator Job."""
-        order = load_order(path)  # a bad order fails here, before anything is created
+    def submit(self, order: Order) -> Submitted:
+        """Upload a checked order (:func:`~orchestrator.orders.load_order`) with its image and
+        start its orchestrator Job."""
         image = order.image.read_bytes()
         if len(image) > MAX_IMAGE_BYTES:
-            raise OrderError(f"{path}: image {order.image.name} is {len(image) // 1024} KiB; a "
-                             f"submitted order's image must be under {MAX_IMAGE_BYTES // 1024} KiB "
-                             "(it travels in a ConfigMap)")
-        document = json.loads(Path(path).read_text(encoding="utf-8-sig"))
-        document["image"] = order.image.name  # next to the order file in the mounted ConfigMap
+            raise OrderError(f"{order.source or order.name}: image {order.image.name} is "
+                             f"{len(image) // 1024} KiB; a submitted order's image must be under "
+                             f"{MAX_IMAGE_BYTES // 1024} KiB (it travels in a ConfigMap)")
+        # The image lies next to the order file in the mounted ConfigMap.
+        document = order.to_document(image=order.image.name)
         config_map = job_name("order", order.name)
         labels = {PART_OF: "image-pipeline", COMPONENT: "order", RUN_LABEL: self.run_id}
         body = client.V1ConfigMap(

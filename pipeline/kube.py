@@ -33,9 +33,10 @@ def credentials_source(kubeconfig: str | None = None) -> str:
     return source
 
 
-def load_api_client(kubeconfig: str | None = None):
+def load_api_client(kubeconfig: str | None = None, retries: int | None = None):
     """A ``kubernetes.client.ApiClient`` with the credentials of :func:`credentials_source`;
-    :class:`ClusterError` (one line) when there are none or they cannot be read."""
+    :class:`ClusterError` (one line) when there are none or they cannot be read. ``retries``:
+    how often urllib3 tries a failed connection again (default: the client's)."""
     import yaml
     from kubernetes import client, config
     from kubernetes.config.config_exception import ConfigException
@@ -50,6 +51,8 @@ def load_api_client(kubeconfig: str | None = None):
                                     persist_config=False)
     except (ConfigException, OSError, yaml.YAMLError, ValueError, KeyError) as exc:
         raise ClusterError(f"kubeconfig {source}: {str(exc).strip() or type(exc).__name__}") from None
+    if retries is not None:
+        configuration.retries = retries  # read when the client builds its connection pool
     return client.ApiClient(configuration)
 
 

@@ -1,4 +1,4 @@
-"""The batch/v1 Jobs of the Kubernetes runtime, filled in from the templates in ``k8s/jobs/``.
+"""The batch/v1 Jobs of the Kubernetes runtime, filled in from the templates in ``orchestrator/runtime/jobs/``.
 
 The templates hold what a cluster operator may want to change (security context, default
 requests and limits, deadlines, volumes, node selectors, tolerations); this module sets what
@@ -15,6 +15,7 @@ import math
 import re
 import secrets
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from pipeline.invocation import TaskInvocation
 from pipeline.settings import Settings
 from services import catalog
 
-TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "k8s" / "jobs"
+# Package data (pyproject.toml), so an installed wheel has them too.
+TEMPLATES_DIR = Path(str(resources.files(__package__) / "jobs"))
 
 PART_OF = "app.kubernetes.io/part-of"
 COMPONENT = "app.kubernetes.io/component"
@@ -36,7 +38,7 @@ POSITION_LABEL = "image-pipeline/position"
 ATTEMPT_LABEL = "image-pipeline/attempt"
 ORDER_NAME_LABEL = "image-pipeline/order-name"
 
-# The consumer's readiness probe (k8s/jobs/monitor.yaml) checks this file.
+# The consumer's readiness probe (orchestrator/runtime/jobs/monitor.yaml) checks this file.
 READY_FILE = "/tmp/ready"
 # Past the order's own task timeout (which the orchestrator enforces), the cluster stops a
 # task by itself: a backstop for an orchestrator that died.

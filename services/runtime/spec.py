@@ -143,7 +143,7 @@ class ImageTask:
     apply: Callable[[Image.Image, Mapping[str, object]], Image.Image]
     output_format: str = "PNG"
     check: Callable[[str, Mapping[str, object]], None] | None = field(default=None, repr=False)
-    # Kubernetes requests/limits for this task's container, over k8s/jobs/task.yaml's defaults,
+    # Kubernetes requests/limits for this task's container, over orchestrator/runtime/jobs/task.yaml's defaults,
     # e.g. {"requests": {"cpu": "1"}}; an order can override them again per task.
     resources: Mapping[str, Mapping[str, str]] | None = None
 

@@ -39,12 +39,12 @@ DISTRIBUTIONS = {"PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn",
                  "psycopg2": "psycopg2-binary", "confluent_kafka": "confluent-kafka"}
 # Files read at run time by a module (not imports, so the walk cannot see them).
 DATA_FILES = {
-    "orchestrator.order_schema": ["orders/schema.json"],
-    "orchestrator.runtime.job_specs": ["k8s/jobs/task.yaml", "k8s/jobs/monitor.yaml",
-                                       "k8s/jobs/orchestrator.yaml"],
+    "orchestrator.order_schema": ["orchestrator/order.schema.json"],
+    "orchestrator.runtime.job_specs": ["orchestrator/runtime/jobs/task.yaml", "orchestrator/runtime/jobs/monitor.yaml",
+                                       "orchestrator/runtime/jobs/orchestrator.yaml"],
     "ops.infra.kafka_broker": ["ops/infra/kafka-pom.xml"],
 }
-# The uid of the Job templates' securityContext (k8s/jobs/*.yaml).
+# The uid of the Job templates' securityContext (orchestrator/runtime/jobs/*.yaml).
 POD_UID = 10001
 
 

@@ -1,4 +1,4 @@
-"""The Jobs the Kubernetes runtime creates, built from k8s/jobs/ (no API server needed here;
+"""The Jobs the Kubernetes runtime creates, built from orchestrator/runtime/jobs/ (no API server needed here;
 tests/integration/kube/ sends them to a real one)."""
 
 from __future__ import annotations

@@ -55,3 +55,9 @@ def test_the_client_talks_to_the_kubeconfigs_server(no_cluster_env, tmp_path):
     broken.write_text("clusters: [")
     with pytest.raises(ClusterError, match=f"kubeconfig {broken}"):
         load_api_client(str(broken))
+
+
+def test_a_command_line_may_ask_for_no_retries(no_cluster_env, tmp_path):
+    (tmp_path / ".kube").mkdir()
+    _kubeconfig(tmp_path / ".kube" / "config")
+    assert load_api_client(retries=0).rest_client.pool_manager.connection_pool_kw["retries"].total == 0
