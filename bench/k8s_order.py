@@ -1,7 +1,7 @@
 """How long an order of five tasks takes through the Kubernetes runtime vs the local runtime.
 
 Kubernetes side: a real kube-apiserver (built from the Go module proxy, see k8s/testenv/),
-the order submitted with ``python -m orchestrator submit --wait``, and the test suite's
+the order submitted with ``python -m orchestrator submit --wait``, and devkit's
 kubelet stand-in running the orchestrator, task and monitor Jobs as local processes. So the
 figure contains everything the runtime itself adds (API calls, the watch, a Job per task,
 the sampler sidecar per task pod), but no image pulls or pod scheduling, which depend on
@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import kubernetes.client as k8s  # noqa: E402
 
 from bench._common import REPO_ROOT, loadavg, machine, markdown_table, median, write_json  # noqa: E402
+from devkit.kube.apiserver import ApiServer  # noqa: E402
+from devkit.kube.cluster import prepare_namespace, submit  # noqa: E402
+from devkit.kube.kubelet import KubeletStandIn  # noqa: E402
+from devkit.orders import child_env, stored_orders, write_order  # noqa: E402
+from devkit.servers import fresh_database, settings_for  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
-from tests.integration.conftest import fresh_database, settings_for  # noqa: E402
-from tests.integration.kube.apiserver import ApiServer  # noqa: E402
-from tests.integration.kube.cluster import prepare_namespace, submit  # noqa: E402
-from tests.integration.kube.kubelet import KubeletStandIn  # noqa: E402
-from tests.integration.orderkit import child_env, stored_orders, write_order  # noqa: E402
 
 TASKS = ["grayscale", "resize", "blur", "sharpen", "edge_detect"]
 

@@ -61,6 +61,7 @@ import psutil  # noqa: E402
 from sqlalchemy import select as sql_select, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
+from devkit.orders import child_env  # noqa: E402
 from pipeline.db import connect, create_schema  # noqa: E402
 from pipeline.db.orders import OrderStore  # noqa: E402
 from pipeline.db.schema import orders as orders_table, task_runs  # noqa: E402
@@ -120,15 +121,6 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
     return ordered[rank - 1]
-
-
-def child_env(settings: Settings) -> dict[str, str]:
-    """The environment the local runtime gives tasks and monitors."""
-    env = dict(os.environ)
-    env.update(settings.to_env())
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def cpu_seconds(process: psutil.Process) -> float:

@@ -31,10 +31,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO_ROOT, machine, markdown_table, median, write_json  # noqa: E402
-from order_flow import child_env, load, percentile, read_topic, warm_group_coordinator  # noqa: E402
+from order_flow import load, percentile, read_topic, warm_group_coordinator  # noqa: E402
 
 from sqlalchemy import select as sql_select  # noqa: E402
 
+from devkit.orders import child_env  # noqa: E402
 from pipeline.db import connect, create_schema  # noqa: E402
 from pipeline.db.schema import orders as orders_table, task_runs  # noqa: E402
 from pipeline.kafka import TopicAdmin  # noqa: E402

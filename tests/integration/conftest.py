@@ -8,36 +8,18 @@ Every test gets fresh topics and consumer groups; database tests get a fresh dat
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg2
 import pytest
-from sqlalchemy.engine import make_url
 
+from devkit.servers import fresh_database, free_port, free_port_pair, settings_for
 from ops.infra.manager import Infra, Ports
 from pipeline.kafka import TopicAdmin
 from pipeline.settings import Settings
-
-
-def _free_port_pair() -> int:
-    """A port p with p and p+1 free (the broker's listener and its controller)."""
-    for _ in range(50):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        with socket.socket() as other:
-            try:
-                other.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no two consecutive free ports")
 
 
 @pytest.fixture(scope="session")
@@ -52,10 +34,7 @@ def infra_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
     settings = Settings.from_env({"PIPELINE_STATE_DIR": str(state_dir),
                                   "PIPELINE_CACHE_DIR": os.environ.get("PIPELINE_CACHE_DIR", "")
                                   or str(Path.home() / ".cache" / "image-pipeline")})
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        pg_port = sock.getsockname()[1]
-    infra = Infra(settings, Ports(kafka=_free_port_pair(), postgres=pg_port))
+    infra = Infra(settings, Ports(kafka=free_port_pair(), postgres=free_port()))
     infra.up(with_postgres=True)
     try:
         yield {
@@ -66,42 +45,6 @@ def infra_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
         infra.down()
         # A cluster on a random port is of no use to any later session.
         shutil.rmtree(infra.postgres.home, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def fresh_database(server_url: str) -> Iterator[str]:
-    """A new, empty database on the server of ``server_url``, dropped afterwards."""
-    server = make_url(server_url)
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    admin = dict(host=server.host, port=server.port, user=server.username,
-                 password=server.password, dbname="postgres")
-
-    def execute(statement: str) -> None:
-        # A connection per statement: the server may have been restarted in between.
-        conn = psycopg2.connect(**admin)
-        conn.autocommit = True
-        try:
-            with conn.cursor() as cursor:
-                cursor.execute(statement)
-        finally:
-            conn.close()
-
-    execute(f"CREATE DATABASE {name}")
-    try:
-        yield server.set(database=name).render_as_string(hide_password=False)
-    finally:
-        execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
-def settings_for(infra_env: dict[str, str], database_url: str, folder: Path) -> Settings:
-    """Settings with the real broker, ``database_url`` and private folders under ``folder``."""
-    return Settings.from_env({
-        "KAFKA_BOOTSTRAP_SERVERS": infra_env["KAFKA_BOOTSTRAP_SERVERS"],
-        "DATABASE_URL": database_url,
-        "PIPELINE_STATE_DIR": str(folder / "state"),
-        "ARTIFACT_DIR": str(folder / "artifacts"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
-    })
 
 
 @pytest.fixture

@@ -19,14 +19,14 @@ from ops.infra.kafka_broker import KafkaBroker
 from pipeline.kafka import Consumer, Producer, TopicAdmin
 from pipeline.protocol import Message
 from pipeline.settings import Settings
-from tests.integration.conftest import _free_port_pair
+from devkit.servers import free_port_pair
 
 OUTAGE_SECONDS = 5.0
 
 
 @pytest.fixture
 def own_broker(tmp_path: Path) -> Iterator[KafkaBroker]:
-    broker = KafkaBroker(Settings.from_env({"PIPELINE_STATE_DIR": str(tmp_path / "state")}), port=_free_port_pair())
+    broker = KafkaBroker(Settings.from_env({"PIPELINE_STATE_DIR": str(tmp_path / "state")}), port=free_port_pair())
     broker.start()
     try:
         yield broker

@@ -12,7 +12,6 @@ import dataclasses
 import os
 import shutil
 import signal
-import socket
 import threading
 import time
 from collections import Counter
@@ -34,10 +33,10 @@ from pipeline.protocol import (
     task_topic,
 )
 from pipeline.settings import Settings
-from tests.integration.conftest import _free_port_pair, fresh_database, settings_for
-from tests.integration.orderkit import (
+from devkit.orders import (
     all_stored_orders, pipeline_processes, run_orchestrator, start_orchestrator, write_order,
 )
+from devkit.servers import free_port, free_port_pair, fresh_database, settings_for
 from tests.integration.test_order_flow import _wait_for_process
 
 # A first task that runs for about 14 s (a CPU hog from its second second on), then a quick one.
@@ -49,11 +48,8 @@ def own_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Kafk
     """A broker and a PostgreSQL server that only this module uses, so it may restart them."""
     state = tmp_path_factory.mktemp("chaos-infra")
     settings = Settings.from_env({"PIPELINE_STATE_DIR": str(state)})
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        pg_port = sock.getsockname()[1]
-    broker = KafkaBroker(settings, port=_free_port_pair())
-    postgres = LocalPostgres(settings, port=pg_port)
+    broker = KafkaBroker(settings, port=free_port_pair())
+    postgres = LocalPostgres(settings, port=free_port())
     broker.start()
     try:
         postgres.start()

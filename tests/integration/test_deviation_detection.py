@@ -31,8 +31,8 @@ from pipeline.db.deviations import DeviationStore
 from pipeline.kafka import Consumer
 from pipeline.protocol import ANOMALIES_TOPIC, Deviation
 from pipeline.settings import Settings
-from tests.integration.conftest import fresh_database, settings_for
-from tests.integration.orderkit import REPO, child_env, run_orchestrator, stored_orders, write_order
+from devkit.orders import REPO, child_env, run_orchestrator, stored_orders, write_order
+from devkit.servers import fresh_database, settings_for
 
 # About 7 s of one core on the colour image: long enough that the fault starts well inside
 # the task's normal life, where the model has seen what to expect.

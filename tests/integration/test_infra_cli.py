@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +12,8 @@ import psutil
 from sqlalchemy import create_engine, func, select
 
 from pipeline.db.schema import measurements, orders
-from tests.integration.conftest import _free_port_pair
-from tests.integration.orderkit import REPO
+from devkit.orders import REPO
+from devkit.servers import free_port, free_port_pair
 
 CONNECTION_VARIABLES = ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "MLFLOW_TRACKING_URI", "ARTIFACT_DIR")
 
@@ -31,12 +30,6 @@ def _pipeline(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=240)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _running_under(state_dir: Path, postgres_home: Path) -> list[psutil.Process]:
     """Processes started by this test's `up`: the broker (its config is in the state folder)
     and the PostgreSQL server (its data in its own folder)."""
@@ -49,7 +42,7 @@ def _running_under(state_dir: Path, postgres_home: Path) -> list[psutil.Process]
 
 
 def test_up_status_down_twice_leaves_nothing_running_and_downloads_once(tmp_path):
-    kafka_port, postgres_port = _free_port_pair(), _free_port()
+    kafka_port, postgres_port = free_port_pair(), free_port()
     env = _env(tmp_path / "state", kafka_port, postgres_port)
     postgres_home = Path(f"/var/lib/image-pipeline/postgres-{postgres_port}") if os.geteuid() == 0 \
         else tmp_path / "state" / f"postgres-{postgres_port}"
@@ -87,7 +80,7 @@ def test_up_status_down_twice_leaves_nothing_running_and_downloads_once(tmp_path
 def test_the_readme_first_command_runs_on_the_embedded_default(tmp_path):
     """No broker or database configured: a local broker is started, samples go to SQLite."""
     state_dir = tmp_path / "state"
-    env = _env(state_dir, _free_port_pair(), _free_port())
+    env = _env(state_dir, free_port_pair(), free_port())
     try:
         run = subprocess.run([sys.executable, "-m", "orchestrator", "run", "orders/example-simple.json"],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -106,7 +99,7 @@ def test_the_readme_first_command_runs_on_the_embedded_default(tmp_path):
 
 def test_down_leaves_a_cluster_it_did_not_start_running(tmp_path):
     """Two state folders on one PostgreSQL port: only the one whose `up` started it stops it."""
-    kafka_a, kafka_b, postgres_port = _free_port_pair(), _free_port_pair(), _free_port()
+    kafka_a, kafka_b, postgres_port = free_port_pair(), free_port_pair(), free_port()
     owner = _env(tmp_path / "owner", kafka_a, postgres_port)
     guest = _env(tmp_path / "guest", kafka_b, postgres_port)
     postgres_home = Path(f"/var/lib/image-pipeline/postgres-{postgres_port}") if os.geteuid() == 0 \

@@ -26,8 +26,8 @@ from pipeline.protocol import (ANOMALIES_TOPIC, ORCHESTRATOR_TOPIC, Deviation, K
                                MonitorTerminated, OrderStopped, Progress, TaskStatus, order_topics,
                                resource_topic, task_topic)
 from pipeline.settings import Settings
-from tests.integration.conftest import _free_port_pair
-from tests.integration.orderkit import REPO
+from devkit.orders import REPO
+from devkit.servers import free_port_pair
 
 REFUSED = "Topic authorization failed"  # librdkafka's words for TOPIC_AUTHORIZATION_FAILED
 _order_ids = itertools.count(900_001)
@@ -40,7 +40,7 @@ def infra(tmp_path_factory: pytest.TempPathFactory):
     settings = Settings.from_env({"PIPELINE_STATE_DIR": str(state_dir),
                                   "PIPELINE_CACHE_DIR": os.environ.get("PIPELINE_CACHE_DIR", "")
                                   or str(Path.home() / ".cache" / "image-pipeline")})
-    infra = Infra(settings, Ports(kafka=_free_port_pair(), postgres=settings.local_postgres_port))
+    infra = Infra(settings, Ports(kafka=free_port_pair(), postgres=settings.local_postgres_port))
     infra.up_lines = infra.up(with_postgres=False, kafka_auth=True)
     try:
         orchestrator = TopicAdmin(as_role(infra, "orchestrator"))
@@ -254,7 +254,7 @@ def test_rotating_a_password(infra, order):
 
 def test_a_broker_made_without_users_gets_none_later(tmp_path):
     settings = Settings.from_env({"PIPELINE_STATE_DIR": str(tmp_path)})
-    broker = KafkaBroker(settings, port=_free_port_pair())
+    broker = KafkaBroker(settings, port=free_port_pair())
     broker.data_dir.mkdir(parents=True)
     (broker.data_dir / "meta.properties").write_text("formatted without users\n")
     with pytest.raises(InfraError, match="without --kafka-auth"):
@@ -265,7 +265,7 @@ def test_a_broker_made_without_users_gets_none_later(tmp_path):
 def test_an_order_runs_end_to_end_with_every_process_in_its_own_role(infra, tmp_path):
     """The local runtime starts tasks as `task` and monitors as `sampler`/`consumer`: with the
     orchestrator's login alone, a task's PROGRESS would be refused."""
-    from tests.integration.orderkit import child_env, stored_orders, write_order
+    from devkit.orders import child_env, stored_orders, write_order
 
     settings = dataclasses.replace(as_role(infra, "orchestrator"),
                                    database_url=f"sqlite:///{tmp_path / 'pipeline.db'}",

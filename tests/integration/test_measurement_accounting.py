@@ -29,7 +29,7 @@ from pipeline.kafka import TopicAdmin
 from pipeline.protocol import order_topics
 from services.catalog import get_task, task_module
 from services.runtime.runner import output_path
-from tests.integration.orderkit import IMAGES, REPO, child_env
+from devkit.orders import IMAGES, REPO, child_env
 
 ORDER_ID = 870_001
 TASKS = [

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipeline.kafka import TopicAdmin
 from pipeline.protocol import RESOURCES, order_topics
-from tests.integration.orderkit import (
+from devkit.orders import (
     REPO, all_stored_orders, pipeline_processes, run_orchestrator, start_orchestrator, stored_orders,
     write_order,
 )

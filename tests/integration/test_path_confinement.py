@@ -23,7 +23,7 @@ from pipeline.invocation import TaskInvocation
 from pipeline.kafka import Consumer, Producer, TopicAdmin
 from pipeline.protocol import ORCHESTRATOR_TOPIC, Key, Progress, TaskStatus, order_topics
 from services.catalog import task_module
-from tests.integration.orderkit import IMAGES, REPO, all_stored_orders, child_env, start_orchestrator, write_order
+from devkit.orders import IMAGES, REPO, all_stored_orders, child_env, start_orchestrator, write_order
 
 ORDER_ID = 880_101
 

@@ -18,7 +18,7 @@ from pipeline.protocol import (
     RESOURCES, MonitorStopped, MonitorTerminated, OrderStopped, Sample, TaskHalted, TaskStarted,
     decode_resource_topic, order_topics, resource_topic,
 )
-from tests.integration.orderkit import REPO, child_env
+from devkit.orders import REPO, child_env
 
 ORDER_ID = 880_001
 TASKS = ("grayscale", "blur")

@@ -19,7 +19,7 @@ from ops.infra.shared_monitors import SharedMonitors
 from pipeline.kafka import TopicAdmin
 from pipeline.protocol import RESOURCES, order_topics
 from pipeline.settings import Monitors
-from tests.integration.orderkit import all_stored_orders, run_orchestrator, start_orchestrator, write_order
+from devkit.orders import all_stored_orders, run_orchestrator, start_orchestrator, write_order
 
 SENT = re.compile(r"order_id=(\d+) STOP sent on the resource topic after (\d+) samples")
 

@@ -12,7 +12,7 @@ from ops.infra.shared_monitors import SharedMonitors
 from pipeline.kafka import Consumer, Producer, TopicAdmin
 from pipeline.protocol import ORCHESTRATOR_TOPIC, RESOURCES, Message, order_topics
 from pipeline.settings import Monitors, Settings
-from tests.integration.orderkit import all_stored_orders, run_orchestrator, write_order
+from devkit.orders import all_stored_orders, run_orchestrator, write_order
 
 
 def _prefixed(settings: Settings, prefix: str) -> Settings:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,10 +20,11 @@ import pandas as pd
 import psutil
 from mlflow import MlflowClient
 
+from devkit.orders import REPO, child_env, run_orchestrator, write_order
+from devkit.servers import free_port
 from models import registry
 from models.registry import load_expected_usage
 from pipeline.settings import Settings
-from tests.integration.orderkit import REPO, child_env, run_orchestrator, write_order
 
 EXPERIMENT = "expected-usage-it"
 SAMPLE = {"task": "blur", "resource": "cpu", "seconds": 1.5, "position": 1.0, "prev_task": "grayscale",
@@ -132,7 +132,7 @@ def test_mlflow_ui_serves_the_default_store_over_http(tmp_path):
     client.set_terminated(run.info.run_id)
     assert load_expected_usage(store) is None  # a store without a registered model
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
@@ -150,12 +150,6 @@ def test_mlflow_ui_serves_the_default_store_over_http(tmp_path):
     finally:
         _stop_group(server)
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(port) in (p.info["cmdline"] or [])]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _get(url: str) -> str:

@@ -10,6 +10,7 @@ import time
 import confluent_kafka
 import pytest
 
+from devkit.servers import free_port
 from pipeline.kafka import health
 from pipeline.kafka.config import client_config
 from pipeline.kafka.health import BrokerHealth, broker_health, reachable
@@ -163,9 +164,7 @@ def test_failures_that_go_on_although_the_port_answers_are_said_once(caplog, bro
 
 
 def test_the_background_probe_says_when_a_real_port_listens_again(caplog):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     tracker = BrokerHealth(f"127.0.0.1:{port}")
     tracker.connection_failed("Connect to ipv4#127.0.0.1 failed: Connection refused")
     _wait_for(lambda: tracker.down)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from devkit.servers import free_port
 from pipeline.entry import exit_status, run_main
 from pipeline.errors import InfraError, SettingsError
 from ops.infra.kafka_broker import KafkaBroker
@@ -71,12 +71,6 @@ def test_the_kubernetes_runtime_without_a_broker_or_cluster_credentials_is_one_l
     assert not list(tmp_path.glob("*.db")), "nothing was created"
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("args", [
     ["-m", "orchestrator", "status"],
     ["-m", "orchestrator", "status", "7", "--json"],
@@ -85,7 +79,7 @@ def _closed_port() -> int:
     ["-m", "training", "fit", "--no-progress"],
 ], ids=lambda args: " ".join(args[1:3]))
 def test_an_unreachable_database_is_one_line_from_every_command(tmp_path, args):
-    url = f"postgresql+psycopg2://pipeline:secret@127.0.0.1:{_closed_port()}/pipeline"
+    url = f"postgresql+psycopg2://pipeline:secret@127.0.0.1:{free_port()}/pipeline"
     result = _run([*args, *(["--out", str(tmp_path / "plots")] if "plot" in args else [])],
                   PIPELINE_STATE_DIR=str(tmp_path), DATABASE_URL=url, DB_RETRY_SECONDS="0",
                   MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -170,3 +164,10 @@ def test_the_first_stop_signal_asks_for_a_warm_stop_the_second_forces_it(signal_
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
     assert heard == ["SIGTERM"]  # the forced stop is the entry point's to tell
+
+
+def test_deploy_without_manifests_says_where_to_find_them(tmp_path):
+    result = _run(["-m", "pipeline", "deploy", "--manifests", str(tmp_path / "k8s")],
+                  PIPELINE_STATE_DIR=str(tmp_path / "state"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"{tmp_path / 'k8s' / 'kustomization.yaml'} does not exist; pass --manifests DIR" in result.stderr

@@ -7,7 +7,6 @@ is in tests/integration/test_chaos.py.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import threading
@@ -20,18 +19,13 @@ import pytest
 from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.exc import OperationalError
 
+from devkit.servers import free_port
 from pipeline.db import connect, create_schema
 from pipeline.db.orders import OrderStore, RunStatus, utcnow
 from pipeline.db.owners import HEARTBEAT_SECONDS, MISSED_BEATS, Owner
 from pipeline.db.retry import connection_lost, retrying
 from pipeline.db.schema import orders, task_runs
 from pipeline.errors import DatabaseError
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -43,7 +37,7 @@ def engine(tmp_path: Path):
 
 
 def _refused_connection_error() -> OperationalError:
-    engine = create_engine(f"postgresql+psycopg2://user:pw@127.0.0.1:{_closed_port()}/db")
+    engine = create_engine(f"postgresql+psycopg2://user:pw@127.0.0.1:{free_port()}/db")
     with pytest.raises(OperationalError) as caught:
         engine.connect()
     return caught.value
@@ -181,12 +175,12 @@ def test_another_hosts_order_is_marked_only_once_its_heartbeat_is_stale(engine) 
 
 
 def test_a_database_that_never_answers_fails_the_store_call_after_its_patience() -> None:
-    engine = connect(f"postgresql+psycopg2://user:pw@127.0.0.1:{_closed_port()}/db")
+    engine = connect(f"postgresql+psycopg2://user:pw@127.0.0.1:{free_port()}/db")
     store = OrderStore(engine, patience=1.0, owner=Owner.me())
     with pytest.raises(DatabaseError, match="recording order late: the database has been unreachable"):
         store.create("late", "in.png", "blur")
 
 
 def test_a_bare_postgresql_url_uses_the_installed_driver() -> None:
-    engine = connect(f"postgresql://user:pw@127.0.0.1:{_closed_port()}/db")
+    engine = connect(f"postgresql://user:pw@127.0.0.1:{free_port()}/db")
     assert engine.dialect.driver == "psycopg2"

@@ -119,7 +119,7 @@ def test_infra_env_with_the_database_password_is_0600(tmp_path, writes):
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 def test_the_test_apiservers_key_token_and_kubeconfig_are_0600(tmp_path, writes):
     pytest.importorskip("kubernetes")
-    from tests.integration.kube.apiserver import ApiServer
+    from devkit.kube.apiserver import ApiServer
 
     server = ApiServer(workdir=tmp_path)
     server._write_credentials()

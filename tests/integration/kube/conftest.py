@@ -9,8 +9,8 @@ from pathlib import Path
 import kubernetes.client as k8s
 import pytest
 
-from tests.integration.kube.apiserver import ApiServer
-from tests.integration.kube.kubelet import KubeletStandIn
+from devkit.kube.apiserver import ApiServer
+from devkit.kube.kubelet import KubeletStandIn
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from confluent_kafka.admin import (
     ResourceType,
 )
 
+from devkit.servers import free_port
 from ops import deploy
 from pipeline.cluster_roles import KAFKA_USERS, kafka_secret
 from ops.infra.kafka_broker import KafkaBroker
@@ -39,12 +39,6 @@ from pipeline.settings import Settings
 K8S = Path(__file__).resolve().parents[3] / "k8s"
 CLUSTER_ID = "ImPpLnK8sKfKa4Ab1cD2eQ"
 logger = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -84,7 +78,7 @@ def broker(tmp_path_factory) -> Iterator[Broker]:
     jars.ensure_jars()
     java = shutil.which("java")
     assert java, "the Kafka tests need a Java 17+ runtime"
-    port, controller = _free_port(), _free_port()
+    port, controller = free_port(), free_port()
 
     objects = {(o["kind"], o["metadata"]["name"]): o for o in deploy.render(K8S)}
     scripts = folder / "scripts"

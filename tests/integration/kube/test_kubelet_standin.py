@@ -17,8 +17,8 @@ import kubernetes.client as k8s
 import psutil
 import pytest
 
-from tests.integration.kube.apiserver import ApiServer
-from tests.integration.kube.kubelet import KubeletStandIn
+from devkit.kube.apiserver import ApiServer
+from devkit.kube.kubelet import KubeletStandIn
 
 T = TypeVar("T")
 

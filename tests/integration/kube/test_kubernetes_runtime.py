@@ -18,9 +18,9 @@ import yaml
 
 from orchestrator.runtime.job_specs import COMPONENT, ORDER_LABEL, POSITION_LABEL, RUN_LABEL, TASK_LABEL
 from pipeline.protocol import RESOURCES
-from tests.integration.kube.cluster import apply_rbac, prepare_namespace
-from tests.integration.kube.cluster import submit as submit_orders
-from tests.integration.orderkit import REPO, stored_orders, write_order
+from devkit.kube.cluster import apply_rbac, prepare_namespace
+from devkit.kube.cluster import submit as submit_orders
+from devkit.orders import REPO, stored_orders, write_order
 
 def granted_verbs() -> set[tuple[str, str]]:
     """(resource, verb) pairs the orchestrator Role grants, read from k8s/rbac/role.yaml."""

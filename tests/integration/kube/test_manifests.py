@@ -14,7 +14,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -28,7 +27,8 @@ from typing import Any, NamedTuple
 import pytest
 import yaml
 
-from orchestrator.runtime.job_specs import COMPONENT, JobTemplates
+from devkit.servers import free_port
+from orchestrator.runtime.job_specs import COMPONENT, TEMPLATES_DIR, JobTemplates
 from ops import deploy
 from pipeline.cluster_roles import ALL_SECRETS, CONTAINER_SECRETS
 from pipeline.invocation import TaskInvocation
@@ -36,7 +36,8 @@ from pipeline.settings import Settings
 
 REPO = Path(__file__).resolve().parents[3]
 K8S = REPO / "k8s"
-JOB_TEMPLATES = sorted((K8S / "jobs").glob("*.yaml"))
+JOB_TEMPLATES = sorted(TEMPLATES_DIR.glob("*.yaml"))
+assert [p.name for p in JOB_TEMPLATES] == ["monitor.yaml", "orchestrator.yaml", "task.yaml"], TEMPLATES_DIR
 K8S_VERSION = os.environ.get("K8S_VERSION", "v1.37.2")
 # What the orchestrator's Role grants: batch/jobs with these verbs, nothing else. (The runtime
 # watches its Jobs and never reads one alone, so "get" is not granted; tests/integration/kube/
@@ -527,7 +528,7 @@ def test_role_grants_exactly_job_management_and_is_bound_to_the_service_account(
     account = yaml.safe_load((K8S / "rbac" / "serviceaccount.yaml").read_text())
     assert (account["kind"], account["metadata"]["name"]) == ("ServiceAccount", "orchestrator")
     # ... and the orchestrator Job runs as that account.
-    job = yaml.safe_load((K8S / "jobs" / "orchestrator.yaml").read_text())
+    job = yaml.safe_load((TEMPLATES_DIR / "orchestrator.yaml").read_text())
     assert job["spec"]["template"]["spec"]["serviceAccountName"] == "orchestrator"
 
 
@@ -537,7 +538,7 @@ def test_kustomization_lists_every_manifest_and_no_secret():
     assert kustomization.labels == {"app.kubernetes.io/part-of": "image-pipeline"}
     listed = {path.relative_to(K8S).as_posix() for path in kustomization.resources}
     on_disk = {p.relative_to(K8S).as_posix() for p in K8S.rglob("*.yaml")
-               if p.name != "kustomization.yaml" and p.parent.name != "jobs"}
+               if p.name != "kustomization.yaml"}
     assert listed == on_disk == {"namespace.yaml", "rbac/serviceaccount.yaml", "rbac/role.yaml",
                                  "settings.yaml", "artifacts-pvc.yaml", "kafka.yaml",
                                  "postgres.yaml", "mlflow.yaml", "monitor-consumer.yaml",
@@ -557,15 +558,9 @@ def test_kustomization_lists_every_manifest_and_no_secret():
 
 # ------------------------------------------------------------------ errors: one line, status 2
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_unreachable_cluster_and_forbidden_are_one_line_with_status_2(kube, tmp_path):
     config = yaml.safe_load(kube.kubeconfig.read_text())
-    config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{_free_port()}"
+    config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{free_port()}"
     unreachable = tmp_path / "unreachable"
     unreachable.write_text(yaml.safe_dump(config))
     result = subprocess.run([sys.executable, "-m", "pipeline", "deploy", "--kubeconfig", str(unreachable)],

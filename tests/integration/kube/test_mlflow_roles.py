@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,18 +22,13 @@ from pathlib import Path
 
 import pytest
 
+from devkit.servers import free_port
 from ops import deploy
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 K8S = Path(__file__).resolve().parents[3] / "k8s"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +40,7 @@ def cluster_mlflow(tmp_path_factory) -> Iterator[dict]:
     (folder / "setup_users.py").write_text(config["setup_users.py"])
     secrets = {s["metadata"]["name"]: s["stringData"] for s in deploy.role_secrets("ns", {})}
 
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     container = objects[("Deployment", "mlflow")]["spec"]["template"]["spec"]["containers"][0]
     command = [arg.replace("--host=0.0.0.0", "--host=127.0.0.1").replace("--port=5000", f"--port={port}")

@@ -66,8 +66,8 @@ from pathlib import Path
 import kubernetes.client as k8s
 from kubernetes import watch
 
+from devkit.kube.apiserver import REPO, ApiServer
 from pipeline.secret_files import write_secret
-from tests.integration.kube.apiserver import REPO, ApiServer
 
 logger = logging.getLogger(__name__)
 POLL = 0.05

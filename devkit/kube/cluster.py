@@ -13,10 +13,10 @@ from pathlib import Path
 import kubernetes.client as k8s
 from kubernetes.utils import create_from_yaml
 
+from devkit.kube.apiserver import ApiServer
 from pipeline.cluster_roles import ALL_SECRETS, DATABASE_SECRET
-from tests.integration.kube.apiserver import ApiServer
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 RBAC_FILES = [REPO / "k8s" / "rbac" / "serviceaccount.yaml", REPO / "k8s" / "rbac" / "role.yaml"]
 
 

@@ -19,7 +19,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -31,9 +30,10 @@ from pathlib import Path
 import kubernetes.client as k8s
 import yaml
 
+from devkit.servers import free_port
 from pipeline.secret_files import write_secret
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_K8S_VERSION = "v1.37.2"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 AUDIT_POLICY = {
@@ -47,12 +47,6 @@ AUDIT_POLICY = {
 
 def _bin_cache() -> Path:
     return Path(os.environ.get("K8S_BIN_CACHE") or Path.home() / ".cache" / "image-pipeline" / "k8s")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -89,7 +83,7 @@ class ApiServer:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kube-api."))
         self.grace_seconds = grace_seconds
         self.admin_token = secrets.token_hex(16)
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
         self.ca_cert = self.workdir / "certs" / "apiserver.crt"
         self.audit_log = self.workdir / "audit.log"
@@ -177,7 +171,7 @@ class ApiServer:
                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
 
     def _start_etcd(self) -> None:
-        self._etcd_port, peer = _free_port(), _free_port()
+        self._etcd_port, peer = free_port(), free_port()
         client_url, peer_url = f"http://127.0.0.1:{self._etcd_port}", f"http://127.0.0.1:{peer}"
         self._etcd = self._spawn("etcd", [
             self.etcd_binary(), "--name", "test", "--data-dir", str(self.workdir / "etcd"),

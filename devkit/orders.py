@@ -1,4 +1,4 @@
-"""Helpers for end-to-end tests: write order files, run the orchestrator, inspect results."""
+"""Orders for tests and benchmarks: write order files, run the orchestrator, inspect results."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pipeline.db import connect
 from pipeline.db.schema import measurements, orders, resources, task_runs, tasks
 from pipeline.settings import Settings
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "orders" / "images"
 
 
@@ -28,10 +28,17 @@ def write_order(folder: Path, name: str, tasks_: list, image: str = "scene-640x4
 
 
 def child_env(settings: Settings) -> dict[str, str]:
+    """The environment the local runtime gives tasks and monitors, for ``settings``.
+
+    This process's environment without its own broker, database and state folder (a
+    ``settings`` without a broker must not inherit one), then ``settings.to_env()``; the
+    repository first on ``PYTHONPATH`` (an existing one kept after it) and unbuffered output.
+    """
     env = {k: v for k, v in os.environ.items()
            if k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "PIPELINE_STATE_DIR")}
     env.update(settings.to_env())
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
