@@ -405,6 +405,8 @@ def test_a_loaded_order_is_its_own_order_file(folder: Path) -> None:
     assert dataclasses.replace(again, source=order.source) == order
     assert order.retry == RetryPolicy(2, 0.0, 300.0) and isinstance(order.retry.max_attempts, int)
     assert order.to_document(image="small.png")["image"] == "small.png"
+    every_task = load_order(write_order(folder, minimal(tasks=sorted(catalog.all_tasks())), "all.json"))
+    assert load_order(write_order(folder, every_task.to_document(), "all-again.json")).tasks == every_task.tasks
 
 
 def test_schema_matches_the_code() -> None:
