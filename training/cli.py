@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pipeline.logs import configure_logging
 from pipeline.settings import Settings, mask_url
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
+EXIT_OK, EXIT_ERROR = 0, 1
 MAX_TORCH_THREADS = 4  # training shares the machine with the pipeline's tasks and monitors
 
 
