@@ -63,7 +63,7 @@ COLUMNS = "order_id, task_id, resource_id, value, ts"
 
 
 def make_rows(total: int, seed: int = 42) -> list[Sample]:
-    """``total`` samples: ORDERS orders x 5 tasks x N seconds x 4 resources, in arrival order."""
+    """``total`` samples: ORDERS orders x 5 tasks x N seconds x every resource, in arrival order."""
     per_second = ORDERS * len(TASK_LISTS[0]) * len(RESOURCES)
     if total % per_second:
         raise SystemExit(f"--rows must be a multiple of {per_second}")
@@ -81,6 +81,8 @@ def make_rows(total: int, seed: int = 42) -> list[Sample]:
                     "memory": round(rng.uniform(80, 1500), 1),
                     "disk_read": round(rng.expovariate(1 / 400), 1),
                     "disk_write": round(rng.expovariate(1 / 250), 1),
+                    "cpu_wait": round(rng.uniform(0, 60), 1),
+                    "node_cpu_pressure": round(rng.uniform(0, 100), 1),
                 }
                 rows.extend(Sample((), task, order_id, r, usage[r], ts) for r in RESOURCES)
     return rows
@@ -296,7 +298,7 @@ def report(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=1000)
-    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--rows", type=int, default=99_000)
     parser.add_argument("--database-url", help="a PostgreSQL SQLAlchemy URL; the benchmark creates "
                         "and drops two databases there (default: start a local PostgreSQL)")
     parser.add_argument("--postgres-port", type=int, default=25433,

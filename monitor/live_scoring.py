@@ -159,8 +159,7 @@ class LiveScorer:
         try:
             from mlflow import MlflowClient
 
-            from models.registry import load_expected_usage
-            from models.registry import champion_version
+            from models.registry import champion_version, load_expected_usage
 
             uri = self.settings.mlflow_tracking_uri
             version = champion_version(MlflowClient(tracking_uri=uri, registry_uri=uri))
