@@ -24,6 +24,9 @@ import logging
 import threading
 import time
 
+from models.registry_probe import champion_may_exist
+from monitor.claims import OrderClaims
+from monitor.ready import announce_ready
 from pipeline.db import MeasurementWriter, connect, create_schema
 from pipeline.db.retry import retrying
 from pipeline.errors import ProtocolError
@@ -34,9 +37,6 @@ from pipeline.protocol import (
     order_id_of_topic, resource_topic,
 )
 from pipeline.settings import Settings
-from monitor.claims import OrderClaims
-from monitor.ready import announce_ready
-from models.registry_probe import champion_may_exist
 
 logger = logging.getLogger(__name__)
 

@@ -26,11 +26,11 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 
+from models import registry
 from models.expected_usage import ExpectedUsageModel
 from models.features import FEATURE_COLUMNS
-from pipeline.db import connect
-from models import registry
 from models.registry import RegistryError, load_expected_usage
+from pipeline.db import connect
 from pipeline.db.retry import retrying
 from pipeline.settings import Settings
 from training import champion as champion_rule
