@@ -8,6 +8,12 @@ order only when its own database holds it as running and asking for the shared s
 (``orders.monitors``), which the orchestrator records before it creates the order's topics.
 A found order's answer is final for the service's lifetime (an order never changes its
 monitors).
+
+An order ID means something only in its database, and a database can be replaced under a
+running service (the SQLite file removed and made anew, a PostgreSQL database dropped and
+created again): before an order is looked up, the database the service holds is compared with
+the one its URL leads to now, and :class:`~pipeline.db.identity.DatabaseReplaced` is raised
+when they differ, for the service to start over on the new one (pipeline/db/identity.py).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import time
 
 from sqlalchemy import Engine
 
+from pipeline.db.identity import HeldDatabase
 from pipeline.db.orders import SHARED_MONITORS, OrderStore, RunStatus
 
 logger = logging.getLogger(__name__)
@@ -29,20 +36,22 @@ class OrderClaims:
 
     RETRY_UNKNOWN = 1.0
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, database_url: str) -> None:
         self._store = OrderStore(engine)
+        self._held = HeldDatabase(database_url, engine)
         self._known: dict[int, bool] = {}
         self._unknown_since: dict[int, float] = {}
 
     def ours(self, order_id: int) -> bool | None:
         """True: serve it; False: not ours (or not in the database); None: the database
-        cannot tell now."""
+        cannot tell now. Raises DatabaseReplaced when the database was replaced."""
         known = self._known.get(order_id)
         if known is not None:
             return known
         asked = self._unknown_since.get(order_id)
         if asked is not None and time.monotonic() - asked < self.RETRY_UNKNOWN:
             return False
+        self.check_database()
         try:
             found = self._store.get(order_id)
         except Exception as exc:  # noqa: BLE001 - a database outage: ask again later
@@ -59,6 +68,10 @@ class OrderClaims:
                         "over); its messages are left alone", order_id)
         self._known[order_id] = answer
         return answer
+
+    def check_database(self) -> None:
+        """Raise DatabaseReplaced when the URL leads to another database than the one held."""
+        self._held.check()
 
     def forget(self, order_id: int) -> None:
         self._known.pop(order_id, None)

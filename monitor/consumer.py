@@ -24,10 +24,13 @@ import logging
 import threading
 import time
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from models.registry_probe import champion_may_exist
 from monitor.claims import OrderClaims
 from monitor.ready import announce_ready
 from pipeline.db import MeasurementWriter, connect, create_schema
+from pipeline.db.identity import DatabaseReplaced
 from pipeline.db.retry import retrying
 from pipeline.errors import ProtocolError
 from pipeline.kafka import Consumer, Producer
@@ -87,12 +90,26 @@ class MonitorConsumer:
 
     def run(self) -> bool:
         """Consume until the order's STOP (True) or a stop signal (False: for a per-order
-        consumer, TERMINATE is then not sent)."""
+        consumer, TERMINATE is then not sent). The shared consumer starts over on a database
+        replaced under it (monitor/claims.py): what it had not committed is read again, and
+        claimed in the new database."""
+        while True:
+            try:
+                return self._serve()
+            except DatabaseReplaced as exc:
+                if not self.shared:
+                    raise
+                logger.warning("%s %s; starting over on the new one", self._label, exc)
+                if self.scorer is not None:
+                    self.scorer.close(timeout=10.0)
+                    self.scorer = None
+
+    def _serve(self) -> bool:
         engine = connect(self.settings.database_url)
         retrying(lambda: create_schema(engine), f"{self._label} preparing the schema",
                  self.settings.db_retry_seconds, self.signals.requested)
         self._writer = MeasurementWriter(engine)
-        self._claims = OrderClaims(engine) if self.shared else None
+        self._claims = OrderClaims(engine, self.settings.database_url) if self.shared else None
         group = shared_group(self.settings) if self.shared else f"monitor-consumer-{self.order_id}"
         overrides = SHARED_GROUP_CONFIG if self.shared else {}
         with Consumer(self.settings, group_id=group, **overrides) as consumer, \
@@ -109,7 +126,13 @@ class MonitorConsumer:
             announce_ready()
             logger.info("%s monitor-consumer ready%s", self._label,
                         f" (group {group})" if self.shared else "")
-            return self._loop(producer)
+            try:
+                return self._loop(producer)
+            except DatabaseReplaced:
+                # What is pending was claimed in the old database; uncommitted, it is read
+                # again and claimed anew (not flushed when the consumer closes on the way out).
+                self._pending = []
+                raise
 
     def _start_scoring(self, engine, producer: Producer) -> None:
         self._scoring_args = (engine, producer)
@@ -229,8 +252,15 @@ class MonitorConsumer:
         """Write, riding out a lost database for ``DB_RETRY_SECONDS``; the offsets stay
         uncommitted meanwhile, so neither a stop nor giving up loses anything: the samples
         are read again by whoever resumes (a restarted consumer, the shared one starting over)."""
-        return retrying(lambda: self._writer.write(batch), f"{self._label} storing {len(batch)} samples",
-                        self.settings.db_retry_seconds, self.signals.requested)
+        try:
+            return retrying(lambda: self._writer.write(batch), f"{self._label} storing {len(batch)} samples",
+                            self.settings.db_retry_seconds, self.signals.requested)
+        except SQLAlchemyError:
+            # A write refused (an order or a name the database does not know) may be the first
+            # sign of a database replaced under a shared consumer.
+            if self._claims is not None:
+                self._claims.check_database()
+            raise
 
     def _terminate(self, order_ids: list[int], producer: Producer) -> None:
         """The orders' samples are stored (and scored): tell their monitor-producers."""

@@ -29,6 +29,7 @@ from pipeline.lifetime import StopSignals
 from pipeline.protocol import TASK_TOPIC_PATTERN, Message, order_id_of_topic
 from pipeline.settings import Settings
 from pipeline.db import connect
+from pipeline.db.identity import DatabaseReplaced
 from monitor.claims import OrderClaims
 from monitor.consumer import SHARED_GROUP_CONFIG
 from monitor.proc import ChildIndex
@@ -62,7 +63,18 @@ class SharedSampler:
         return f"monitor-sampler-{self.host}-{self.settings.deployment_id()}"
 
     def run(self) -> None:
-        self._claims = OrderClaims(connect(self.settings.database_url))
+        """Sample until stopped; start over on a database replaced meanwhile (its orders are
+        replayed from their task topics, whose offsets are committed only once they are over)."""
+        while True:
+            try:
+                return self._serve()
+            except DatabaseReplaced as exc:
+                logger.warning("shared sampler: %s; starting over on the new one", exc)
+                self.orders.clear()
+                self.finished.clear()
+
+    def _serve(self) -> None:
+        self._claims = OrderClaims(connect(self.settings.database_url), self.settings.database_url)
         with Consumer(self.settings, group_id=self.group_id, **SHARED_GROUP_CONFIG) as consumer, \
                 Producer(self.settings, shared=True) as producer:
             consumer.on_revoke = self._revoked
@@ -99,6 +111,8 @@ class SharedSampler:
             logger.warning("skipping a message on %s: %s", message.topic, exc)
             return
         if order_id in self.finished:
+            # Over; unless the database was replaced and the ID is a new order's.
+            self._claims.check_database()
             return
         order = self.orders.get(order_id)
         if order is None:

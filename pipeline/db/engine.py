@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy.pool import NullPool
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline.db.schema import metadata
+from pipeline.db.schema import database_identity, metadata
 from pipeline.errors import DatabaseError
 from pipeline.settings import mask_url
 
@@ -17,21 +20,24 @@ logger = logging.getLogger(__name__)
 
 # Serialises schema creation when several processes start at once on one PostgreSQL.
 _SCHEMA_LOCK_ID = 0x1A6E_0001
+IDENTITY_ROW = "database"  # the one row of database_identity (pipeline/db/identity.py)
 
 
-def connect(database_url: str) -> Engine:
-    """An engine for ``database_url``; for SQLite the folder is created and WAL enabled."""
+def connect(database_url: str, pooled: bool = True) -> Engine:
+    """An engine for ``database_url``; for SQLite the folder is created and WAL enabled.
+    ``pooled=False``: every use opens a fresh connection (a probe of what the URL leads to)."""
     url = make_url(database_url)
     if url.drivername == "postgresql":
         # The driver installed; SQLAlchemy 2.1 would pick psycopg 3 for a bare postgresql://.
         url = url.set(drivername="postgresql+psycopg2")
+    pool = {} if pooled else {"poolclass": NullPool}
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30})
+        engine = create_engine(url, connect_args={"timeout": 30}, **pool)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, **pool)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -51,6 +57,7 @@ def create_schema(engine: Engine) -> None:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _SCHEMA_LOCK_ID})
             metadata.create_all(conn)
             _add_missing_columns(conn)
+            _write_identity(conn)
             if engine.dialect.name == "postgresql" and _timescaledb_available(conn):
                 conn.execute(text("CREATE EXTENSION IF NOT EXISTS timescaledb"))
                 conn.execute(text(
@@ -63,6 +70,18 @@ def create_schema(engine: Engine) -> None:
             f"cannot create the schema in {mask_url(str(engine.url))}: {exc.__class__.__name__}: "
             f"{str(exc).splitlines()[0]}"
         ) from exc
+
+
+def _write_identity(conn) -> None:
+    """Give the database its identity unless it has one; several processes creating the
+    schema at once agree on the first one written."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    conn.execute(insert(database_identity)
+                 .values(name=IDENTITY_ROW, id=str(uuid.uuid4()), created_at=datetime.now(timezone.utc))
+                 .on_conflict_do_nothing(index_elements=["name"]))
 
 
 def _add_missing_columns(conn) -> None:

@@ -16,6 +16,16 @@ metadata = MetaData()
 # SQLite only autoincrements a column declared exactly INTEGER PRIMARY KEY.
 _BigId = BigInteger().with_variant(Integer(), "sqlite")
 
+# One row, written once when the schema is first created: which database this is. A service
+# that holds connections (the shared monitors) compares it with what the database URL leads to
+# now, and so notices a database replaced under it (pipeline/db/identity.py).
+database_identity = Table(
+    "database_identity", metadata,
+    Column("name", String(16), primary_key=True),  # always "database"
+    Column("id", String(36), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
 tasks = Table(
     "tasks", metadata,
     Column("id", Integer, primary_key=True),
