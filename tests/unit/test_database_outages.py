@@ -20,7 +20,9 @@ from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.exc import OperationalError
 
 from devkit.servers import free_port
+from devkit.waiting import PATIENCE, wait_for
 from pipeline.db import connect, create_schema
+from pipeline.db import retry as retry_module
 from pipeline.db.orders import OrderStore, RunStatus, utcnow
 from pipeline.db.owners import HEARTBEAT_SECONDS, MISSED_BEATS, Owner
 from pipeline.db.retry import connection_lost, retrying
@@ -57,19 +59,33 @@ def test_a_refused_connection_counts_as_lost_and_a_bad_query_does_not(engine) ->
         'connection to server failed: FATAL:  password authentication failed for user "x"'))
 
 
+class _Pauses(threading.Event):
+    """A stop event that records the pauses ``retrying`` asks of it instead of waiting them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.asked.append(timeout)
+        return self.is_set()
+
+
 def test_retrying_returns_once_the_database_answers_again() -> None:
     lost = _refused_connection_error()
     calls = []
 
     def flaky() -> str:
-        calls.append(time.monotonic())
-        if len(calls) < 3:
+        calls.append(1)
+        if len(calls) < 4:
             raise lost
         return "stored"
 
-    assert retrying(flaky, "storing", patience=30.0) == "stored"
-    assert len(calls) == 3
-    assert calls[2] - calls[1] >= calls[1] - calls[0]  # backing off, not hammering
+    pauses = _Pauses()
+    assert retrying(flaky, "storing", patience=30.0, stop=pauses) == "stored"
+    assert len(calls) == 4
+    # Backing off, not hammering: each pause twice the one before.
+    assert pauses.asked == [retry_module.FIRST_DELAY, 2 * retry_module.FIRST_DELAY, 4 * retry_module.FIRST_DELAY]
 
 
 def test_retrying_gives_up_after_its_patience_with_one_clear_error() -> None:
@@ -85,14 +101,31 @@ def test_retrying_gives_up_after_its_patience_with_one_clear_error() -> None:
     assert time.monotonic() - began >= 1.5
 
 
-def test_a_stop_request_ends_the_waiting_early() -> None:
+def test_a_stop_request_ends_the_waiting_early(monkeypatch) -> None:
+    # The first pause lasts an hour unless the stop request ends it; so does the patience.
+    monkeypatch.setattr(retry_module, "FIRST_DELAY", 3600.0)
     lost = _refused_connection_error()
     stop = threading.Event()
-    threading.Timer(0.3, stop.set).start()
-    began = time.monotonic()
-    with pytest.raises(DatabaseError):
-        retrying(lambda: (_ for _ in ()).throw(lost), "storing", patience=60.0, stop=stop)
-    assert time.monotonic() - began < 10.0
+    calls, outcome = [], []
+
+    def down() -> None:
+        calls.append(1)
+        raise lost
+
+    def run() -> None:
+        try:
+            retrying(down, "storing", patience=3600.0, stop=stop)
+        except DatabaseError as exc:
+            outcome.append(exc)
+
+    waiting = threading.Thread(target=run, daemon=True)
+    waiting.start()
+    wait_for(lambda: calls, "the first attempt")
+    stop.set()  # while it pauses (or just before: then it does not pause at all)
+    waiting.join(PATIENCE)
+    assert not waiting.is_alive(), "the stop request did not end the waiting"
+    assert len(outcome) == 1 and "the database has been unreachable" in str(outcome[0])
+    assert len(calls) <= 2  # at most the attempt the ended pause was waiting for
 
 
 def test_an_error_waiting_cannot_fix_is_raised_at_once(engine) -> None:
@@ -116,7 +149,9 @@ def test_an_order_records_its_owner_and_heartbeat(engine) -> None:
     assert Owner.parse(record.owner) == me
     assert record.heartbeat_at is not None
     before = record.heartbeat_at
-    time.sleep(0.01)
+    # (SQLite gives the stored UTC time back without its zone.)
+    wait_for(lambda: utcnow().replace(tzinfo=None) > before.replace(tzinfo=None),
+             "the clock past the first heartbeat", every=0.001)
     store.heartbeat()
     assert store.get(order_id).heartbeat_at > before
 
