@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
 
 import confluent_kafka
 import pytest
 
 from devkit.servers import free_port
+from devkit.waiting import wait_for
 from pipeline.kafka import health
 from pipeline.kafka.config import client_config
 from pipeline.kafka.health import BrokerHealth, broker_health, reachable
@@ -167,21 +167,14 @@ def test_the_background_probe_says_when_a_real_port_listens_again(caplog):
     port = free_port()
     tracker = BrokerHealth(f"127.0.0.1:{port}")
     tracker.connection_failed("Connect to ipv4#127.0.0.1 failed: Connection refused")
-    _wait_for(lambda: tracker.down)
+    wait_for(lambda: tracker.down, "the outage noticed")
     with socket.socket() as server:
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         server.bind(("127.0.0.1", port))
         server.listen()
-        _wait_for(lambda: not tracker.down)
+        wait_for(lambda: not tracker.down, "the port answering again noticed")
     assert [line.split(" after ")[0] for line in _lines(caplog)] == [
         f"WARNING broker 127.0.0.1:{port} unreachable, retrying", f"WARNING broker 127.0.0.1:{port} reachable again"]
-
-
-def _wait_for(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "not within the time"
-        time.sleep(0.05)
 
 
 def test_reachable_tries_every_bootstrap_server():
