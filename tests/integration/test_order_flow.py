@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import time
 from collections import Counter
 
 import psutil
@@ -11,11 +10,12 @@ import pytest
 from PIL import Image
 
 from pipeline.kafka import TopicAdmin
-from pipeline.protocol import RESOURCES, order_topics
+from pipeline.protocol import RESOURCES, order_topics, resource_topic
 from devkit.orders import (
     REPO, all_stored_orders, pipeline_processes, run_orchestrator, start_orchestrator, stored_orders,
     write_order,
 )
+from devkit.waiting import PATIENCE, committed_offset, read_to_end, wait_for
 
 
 def _runtime_seconds(run: dict) -> float:
@@ -96,19 +96,27 @@ def test_a_killed_monitor_consumer_is_restarted_and_loses_or_duplicates_nothing(
     path = write_order(tmp_path, "long", [{"name": "blur", "fault": "cpu_hog"}, "grayscale"])
     orchestrator = start_orchestrator(settings, str(path), "--keep-topics")
     try:
-        consumer = _wait_for_monitor(settings, "consumer", timeout=60)
-        time.sleep(5)  # several batches stored and committed
+        consumer = _wait_for_monitor(settings, "consumer", timeout=PATIENCE)
+        order_id = int(consumer.cmdline()[4])  # python -m monitor consumer ORDER_ID
+        # Killed once it has stored and committed samples, so that its successor must resume
+        # from a committed offset, not from the start of the topic.
+        committed = wait_for(
+            lambda: max(committed_offset(settings, f"monitor-consumer-{order_id}", resource_topic(order_id)), 0),
+            "offsets committed by the monitor-consumer")
+        assert consumer.is_running() and consumer.status() != psutil.STATUS_ZOMBIE
         consumer.send_signal(signal.SIGKILL)
-        out, err = orchestrator.communicate(timeout=180)
+        out, err = orchestrator.communicate(timeout=PATIENCE * 2)
     finally:
         if orchestrator.poll() is None:
             orchestrator.kill()
     assert orchestrator.returncode == 0, err[-3000:]
     assert "restarting it" in err
     order = stored_orders(settings)["long"]
+    assert order.id == order_id
     produced = _samples_on_topic(settings, order.id)
     stored = Counter((s["task"], s["resource"], s["ts"]) for s in order.samples)
-    assert len(order.samples) == len(produced) > 40
+    # More was produced than the killed consumer had committed: its successor stored the rest.
+    assert len(order.samples) == len(produced) > committed > 0
     assert max(stored.values()) == 1
     assert pipeline_processes(settings, order.id) == []
     # Kept only to count what was produced: later tests' fresh databases reuse the id.
@@ -119,9 +127,9 @@ def test_ctrl_c_cancels_and_leaves_nothing_running(settings, tmp_path):
     path = write_order(tmp_path, "cancelled", [{"name": "blur", "fault": "stall"}, "grayscale"])
     orchestrator = start_orchestrator(settings, str(path))
     try:
-        _wait_for_process(settings, lambda cmd: cmd[2:3] == ["services.blur.main"], timeout=60)
+        _wait_for_process(settings, lambda cmd: cmd[2:3] == ["services.blur.main"])
         orchestrator.send_signal(signal.SIGINT)
-        out, err = orchestrator.communicate(timeout=90)
+        out, err = orchestrator.communicate(timeout=PATIENCE)
     finally:
         if orchestrator.poll() is None:
             orchestrator.kill()
@@ -134,28 +142,43 @@ def test_ctrl_c_cancels_and_leaves_nothing_running(settings, tmp_path):
 def test_a_second_signal_forces_the_exit_in_one_line_and_leaves_nothing_running(settings, tmp_path):
     path = write_order(tmp_path, "forced", [{"name": "blur", "fault": "stall"}, "grayscale"])
     orchestrator = start_orchestrator(settings, str(path))
+    blur = None
     try:
-        _wait_for_process(settings, lambda cmd: cmd[2:3] == ["services.blur.main"], timeout=60)
+        blur = _wait_for_process(settings, lambda cmd: cmd[2:3] == ["services.blur.main"], timeout=PATIENCE)
+        # A task that does not stop at once (SIGSTOP holds the SIGTERM it gets pending): the
+        # cancellation then waits for it, and the second signal comes while it does, not
+        # before the first was handled nor after the cancellation was over.
+        blur.suspend()
         orchestrator.send_signal(signal.SIGTERM)
-        time.sleep(0.2)  # handled: the cancellation is under way
+        wait_for(lambda: _pending(blur.pid, signal.SIGTERM), "the cancellation stopping the task")
         orchestrator.send_signal(signal.SIGTERM)
-        out, err = orchestrator.communicate(timeout=90)
+        blur.resume()  # it gets its SIGTERM now, as the way out asks of it
+        out, err = orchestrator.communicate(timeout=PATIENCE)
     finally:
+        if blur is not None and blur.is_running():
+            blur.resume()
         if orchestrator.poll() is None:
             orchestrator.kill()
     assert orchestrator.returncode == 130, err[-3000:]
     assert "Traceback" not in err and err.rstrip().splitlines()[-1] == "interrupted", err[-3000:]
+    assert (out + err).count("cancelling") == 1, err[-3000:]  # the first signal's; the second forced
     order = stored_orders(settings)["forced"]
-    deadline = time.monotonic() + 15  # what the way out did not stop goes with its parent
-    while pipeline_processes(settings, order.id) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert pipeline_processes(settings, order.id) == []
+    # What the way out did not stop goes with its parent.
+    wait_for(lambda: pipeline_processes(settings, order.id) == [], "the order's processes gone")
 
 
-def _wait_for_process(settings, match, timeout: float) -> psutil.Process:
+def _pending(pid: int, signum: int) -> bool:
+    """Whether ``signum`` is pending for process ``pid`` (as for a stopped process)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) & (1 << (signum - 1)):
+                return True
+    return False
+
+
+def _wait_for_process(settings, match, timeout: float = PATIENCE) -> psutil.Process:
     """A process of this test's run (matched by its DATABASE_URL) whose command line matches."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def found() -> psutil.Process | None:
         for process in psutil.process_iter(["cmdline"]):
             cmdline = process.info["cmdline"] or []
             try:
@@ -164,8 +187,9 @@ def _wait_for_process(settings, match, timeout: float) -> psutil.Process:
                     return process
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-        time.sleep(0.2)
-    raise AssertionError("process did not appear")
+        return None
+
+    return wait_for(found, "the process", timeout, every=0.2)
 
 
 def _wait_for_monitor(settings, kind: str, timeout: float) -> psutil.Process:
@@ -173,25 +197,13 @@ def _wait_for_monitor(settings, kind: str, timeout: float) -> psutil.Process:
 
 
 def _samples_on_topic(settings, order_id: int) -> set[tuple[str, int]]:
-    """Distinct (key, timestamp) samples the producer put on resource<ID>."""
-    from pipeline.kafka import Consumer
-    from pipeline.protocol import resource_topic
-
-    seen = set()
-    with Consumer(settings) as consumer:
-        consumer.assign([resource_topic(order_id)])
-        idle_since = time.monotonic()
-        while time.monotonic() - idle_since < 3:
-            message = consumer.poll(0.5)
-            if message is not None:
-                idle_since = time.monotonic()
-                if message.key != "STOP":
-                    seen.add((message.key, message.timestamp_ms))
-    return seen
+    """Distinct (key, timestamp) samples the producer put on resource<ID> (the order is over:
+    the topic's end is where it stays)."""
+    return {(m.key, m.timestamp_ms) for m in read_to_end(settings, resource_topic(order_id)) if m.key != "STOP"}
 
 
 def test_topics_left_by_another_database_are_left_alone_and_their_id_skipped(settings, tmp_path):
-    from pipeline.kafka import Consumer, Producer
+    from pipeline.kafka import Producer
     from pipeline.protocol import MonitorTerminated, OrderStopped, task_topic
 
     # A fresh database hands out order id 1 again; leave behind what an old order 1 said
@@ -213,9 +225,7 @@ def test_topics_left_by_another_database_are_left_alone_and_their_id_skipped(set
         assert {s["resource"] for s in order.samples} == set(RESOURCES)
         # Id 1 was skipped, saying why, and the other database's topics are untouched.
         assert orders[1].status == "FAILED" and "skipped" in _order_error(settings, 1)
-        with Consumer(settings) as reader:
-            reader.assign([task_topic(1)])
-            keys = [m.key for m in iter(lambda: reader.poll(5.0), None)]
+        keys = [m.key for m in read_to_end(settings, task_topic(1))]
         assert keys[-2:] == ["STOP", "TERMINATE"]
     finally:
         if leftover:
@@ -233,13 +243,11 @@ def test_a_killed_orchestrator_leaves_no_task_or_monitor_behind(settings, tmp_pa
     path = write_order(tmp_path, "orphaned", [{"name": "blur", "fault": "stall"}, "grayscale"])
     orchestrator = start_orchestrator(settings, str(path))
     try:
-        _wait_for_process(settings, lambda cmd: cmd[2:3] == ["services.blur.main"], timeout=60)
+        _wait_for_process(settings, lambda cmd: cmd[2:3] == ["services.blur.main"])
         orchestrator.send_signal(signal.SIGKILL)
-        orchestrator.wait(10)
-        deadline = time.monotonic() + 45  # the monitor-producer waits up to 30 s for TERMINATE
-        while pipeline_processes(settings) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert pipeline_processes(settings) == []
+        orchestrator.wait(PATIENCE)
+        # (the monitor-producer waits up to 30 s for TERMINATE)
+        wait_for(lambda: pipeline_processes(settings) == [], "every task and monitor gone", every=0.5)
     finally:
         for process in pipeline_processes(settings):
             process.kill()
