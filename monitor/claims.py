@@ -4,7 +4,7 @@ Every order on the broker has ``task<ID>`` and ``resource<ID>`` topics, whoever 
 an order run with monitors of its own, or one stored in another database (an ID means
 nothing outside its database), must be left alone, or its samples would be stored twice or
 in the wrong place and its monitors told to TERMINATE early. So a shared service takes an
-order only when its own database holds it as running and asking for the shared services
+order only when its own database holds it as asking for the shared services
 (``orders.monitors``), which the orchestrator records before it creates the order's topics.
 A found order's answer is final for the service's lifetime (an order never changes its
 monitors).
@@ -24,7 +24,7 @@ import time
 from sqlalchemy import Engine
 
 from pipeline.db.identity import HeldDatabase
-from pipeline.db.orders import SHARED_MONITORS, OrderStore, RunStatus
+from pipeline.db.orders import SHARED_MONITORS, OrderStore
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +61,12 @@ class OrderClaims:
             self._unknown_since[order_id] = time.monotonic()
             return False
         self._unknown_since.pop(order_id, None)
-        answer = found.monitors == SHARED_MONITORS and \
-            found.status in (RunStatus.PENDING, RunStatus.RUNNING)
+        # Whatever its status: an order cancelled (or given up) before the shared services
+        # confirmed its samples keeps its topics, and what is on them is still to be stored.
+        answer = found.monitors == SHARED_MONITORS
         if not answer:
-            logger.info("order_id=%d is not served by the shared monitors (its own monitors, or "
-                        "over); its messages are left alone", order_id)
+            logger.info("order_id=%d is not served by the shared monitors (it has its own); its "
+                        "messages are left alone", order_id)
         self._known[order_id] = answer
         return answer
 

@@ -120,11 +120,13 @@ class AbandonedOrders:
         except PipelineError as exc:
             logger.warning("order_id=%d topics not deleted: %s", order_id, exc)
 
-    def close(self, timeout: float = DRAIN_SECONDS) -> None:
-        """Wait for the abandoned orders' last samples to be stored and their topics removed."""
+    def close(self, timeout: float = DRAIN_SECONDS, stop: threading.Event | None = None) -> None:
+        """Wait for the abandoned orders' last samples to be stored and their topics removed;
+        ``stop`` (a cancel) ends the wait (their topics are kept then, for the next run)."""
         deadline = time.monotonic() + timeout
         for thread in self._drains:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            while thread.is_alive() and time.monotonic() < deadline and not (stop and stop.is_set()):
+                thread.join(0.2)
 
 
 class Heartbeat:

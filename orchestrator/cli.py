@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from orchestrator.abandoned import DRAIN_SECONDS, AbandonedOrders, Heartbeat
 from orchestrator.anomalies import order_anomalies, wait_for_scoring
 from orchestrator.anomaly_feed import AnomalyFeed
-from orchestrator.order_run import OrderRun, Services
+from orchestrator.order_run import OrderRun, Services, TaskSlots
 from orchestrator.orders import Order, load_orders
 from orchestrator.progress_listener import ProgressListener
 from orchestrator.report import Reporter, format_summary
@@ -20,6 +21,7 @@ from pipeline.db import connect, create_schema
 from pipeline.db.orders import OrderStore, RunStatus
 from pipeline.db.owners import Owner
 from pipeline.db.retry import retrying
+from pipeline.errors import PipelineError
 from ops.infra.manager import ensure_kafka, use_shared_monitors
 from pipeline.kafka import Consumer, Producer, TopicAdmin
 from pipeline.lifetime import StopSignals
@@ -30,6 +32,9 @@ from pipeline.settings import Settings
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_CANCELLED = 0, 1, 2, 130
+# Tasks running at once, per CPU core (--max-running): more only queue for the CPU, and on a
+# small machine starve the broker and the monitors, whose answers every order waits for.
+TASKS_PER_CORE = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="orders running at the same time; default: as many as this machine's "
                           "free memory holds (about 150 MB an order with the shared monitors, "
                           "600 MB with monitors per order)")
+    run.add_argument("--max-running", type=int, default=None, metavar="N",
+                     help="tasks running at the same time across all orders (the others wait for a "
+                          f"slot, their timeout not yet running); default {TASKS_PER_CORE} per CPU core, "
+                          "so that the tasks leave the broker and the monitors CPU to answer")
     run.add_argument("--no-monitors", action="store_true",
                      help="run the tasks without sampling or storing their usage (to measure "
                           "what monitoring costs); nothing is stored but the orders and task runs")
@@ -74,31 +83,34 @@ def main(argv: list[str] | None = None) -> int:
     orders = load_orders(args.orders)  # every file checked before anything starts
     if args.command == "submit":
         return submit_orders(settings, orders, args.wait, args.timeout)
-    if args.repeat < 1 or (args.max_concurrent is not None and args.max_concurrent < 1):
-        print("error: --repeat and --max-concurrent must be at least 1", file=sys.stderr)
+    if args.repeat < 1 or any(n is not None and n < 1 for n in (args.max_concurrent, args.max_running)):
+        print("error: --repeat, --max-concurrent and --max-running must be at least 1", file=sys.stderr)
         return EXIT_INVALID
     return run_orders(settings, orders * args.repeat, args.keep_topics, args.max_concurrent,
-                      monitoring=not args.no_monitors)
+                      monitoring=not args.no_monitors, max_running=args.max_running)
 
 
 def run_orders(settings: Settings, orders, keep_topics: bool = False, max_concurrent: int | None = None,
-               monitoring: bool = True) -> int:
+               monitoring: bool = True, max_running: int | None = None) -> int:
     """Run ``orders`` concurrently; print the summary; the exit status."""
     settings = ensure_kafka(settings)
     shared = monitoring and use_shared_monitors(settings)
     if max_concurrent is None:
         max_concurrent = machine_capacity(shared)
+    if max_running is None:
+        max_running = TASKS_PER_CORE * len(os.sched_getaffinity(0))
     # Before touching the database or the broker: missing cluster credentials fail at once.
     runtime = make_runtime(settings, settings.state_dir / "logs")
+    cancel = threading.Event()
+    reporter = Reporter()
     try:
-        cancel = threading.Event()
+        # From here on every wait of this run ends on the first Ctrl-C or SIGTERM.
+        _install_cancel(cancel, reporter)
         engine = connect(settings.database_url)
         retrying(lambda: create_schema(engine), "preparing the schema", settings.db_retry_seconds, cancel)
         store = OrderStore(engine, settings.db_retry_seconds, cancel, Owner.me())
-        admin = TopicAdmin(settings)
+        admin = TopicAdmin(settings, stop=cancel)
         admin.create([ORCHESTRATOR_TOPIC, ANOMALIES_TOPIC])
-        reporter = Reporter()
-        _install_cancel(cancel, reporter)
         listener = ProgressListener(settings)
         listener.start()
         feed = AnomalyFeed(Consumer(settings), reporter).start() if monitoring else None
@@ -113,14 +125,14 @@ def run_orders(settings: Settings, orders, keep_topics: bool = False, max_concur
                 services = Services(runtime, store, admin, producer, listener, reporter,
                                     cancel, keep_topics, monitoring, shared,
                                     settings.mlflow_tracking_uri if settings.live_scoring else None, feed,
-                                    settings.artifact_dir)
+                                    settings.artifact_dir, TaskSlots(max_running, cancel))
                 workers = max(1, min(max_concurrent, len(orders)))
                 if len(orders) > 1:
                     reporter.line(f"{len(orders)} orders, up to {workers} at once"
+                                  + (f", {max_running} tasks running at a time" if workers > max_running else "")
                                   + (" (shared monitors)" if shared else ""))
-                with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="order") as pool:
-                    results = list(pool.map(lambda order: OrderRun(order, services).run(), orders))
-                abandoned.close(0.0 if cancel.is_set() else DRAIN_SECONDS)
+                results = _run_all(orders, services, workers)
+                abandoned.close(DRAIN_SECONDS, stop=cancel)
             if feed is not None:
                 add_anomalies(engine, results, feed, cancel)
         finally:
@@ -128,12 +140,28 @@ def run_orders(settings: Settings, orders, keep_topics: bool = False, max_concur
             listener.close()
             if feed is not None:
                 feed.close()
+    except PipelineError as exc:
+        if not cancel.is_set():
+            raise
+        # A wait the cancel ended (the broker or the database not answering at the start).
+        reporter.line(f"cancelled before the orders started: {exc}")
+        return EXIT_CANCELLED
     finally:
         runtime.close()
     print(format_summary(results))
     if cancel.is_set():
         return EXIT_CANCELLED
     return EXIT_OK if all(r.status is RunStatus.SUCCEEDED for r in results) else EXIT_FAILED
+
+
+def _run_all(orders, services: Services, workers: int) -> list:
+    """Every order's result, ``workers`` at a time. A forced stop (the second Ctrl-C or
+    SIGTERM, raised here as KeyboardInterrupt) leaves without waiting for the orders' threads."""
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="order")
+    try:
+        return list(pool.map(lambda order: OrderRun(order, services).run(), orders))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def add_anomalies(engine, results, feed: AnomalyFeed, cancel: threading.Event) -> None:

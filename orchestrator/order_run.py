@@ -29,6 +29,14 @@ MONITOR_EXIT_TIMEOUT = 60.0
 # How long an order monitored by the shared services waits for their TERMINATE (all its
 # samples stored) once its tasks are over; a backlog of many orders may take a while.
 SHARED_TERMINATE_TIMEOUT = 300.0
+# An order whose samples are not confirmed this long after its tasks ended says so (and what
+# to do) on the console, then goes on waiting.
+CONFIRM_NOTICE_SECONDS = 10.0
+# Once cancelled (the first Ctrl-C or SIGTERM) an order's wind-down waits at most this long for
+# its monitors: what they have not confirmed by then is kept for the next run, as for a dead
+# orchestrator. Together with the task's own stop grace this keeps a cancel under 10 s.
+CANCEL_GRACE = 3.0
+TASK_STOP_GRACE = 5.0
 EXIT_AFTER_PROGRESS_TIMEOUT = 30.0
 WIND_DOWN_RESTARTS = 3  # a monitor-consumer failing after the last task is started again this often
 LATE_PROGRESS_WAIT = 3.0
@@ -53,6 +61,28 @@ class Services:
     scoring_tracking_uri: str | None = None
     anomalies: AnomalyFeed | None = None  # shows the orders' anomalies as they are raised
     artifact_dir: Path | None = None  # where every task output lies (ARTIFACT_DIR)
+    task_slots: TaskSlots | None = None  # None: every order's task starts at once
+
+
+class TaskSlots:
+    """How many tasks of all orders run at once: a task attempt takes a slot before it starts
+    and gives it back once stopped, so many orders at once queue for a slot rather than for
+    the CPU (where the broker and the monitors, which every order waits for, would starve)."""
+
+    def __init__(self, slots: int, cancel: threading.Event) -> None:
+        self.slots = slots
+        self._free = threading.BoundedSemaphore(slots)
+        self._cancel = cancel
+
+    def take(self) -> bool:
+        """Wait for a slot; False when cancelled first."""
+        while not self._free.acquire(timeout=0.2):
+            if self._cancel.is_set():
+                return False
+        return True
+
+    def give_back(self) -> None:
+        self._free.release()
 
 
 class _AttemptFailed(Exception):
@@ -89,9 +119,12 @@ class _MonitorStart:
     def settled(self) -> bool:
         return not self._thread.is_alive()
 
-    def settle(self, timeout: float) -> None:
-        """Wait for the outcome; raise RuntimeFailure if the monitor never became ready."""
-        self._thread.join(timeout)
+    def settle(self, timeout: float, cancel: threading.Event) -> None:
+        """Wait for the outcome (or a cancel); raise RuntimeFailure if the monitor never
+        became ready."""
+        deadline = time.monotonic() + timeout
+        while self._thread.is_alive() and not cancel.is_set() and time.monotonic() < deadline:
+            self._thread.join(0.2)
         if self.error is not None:
             raise self.error
 
@@ -109,6 +142,7 @@ class OrderRun:
         self._starting: dict[str, _MonitorStart] = {}
         self._progress: queue.Queue[Progress] | None = None
         self._terminated: threading.Event | None = None  # shared monitors: TERMINATE seen
+        self._cancel_deadline: float | None = None  # set once the wind-down sees the cancel
         self._image = order.image  # where the tasks read it (see Runtime.stage_input)
 
     def run(self) -> OrderResult:
@@ -136,7 +170,18 @@ class OrderRun:
                                "storing every sample yet", self.order_id)
         if recorded:
             self._say(f"{status.value} after {self.result.seconds:.1f}s, {self.result.rows} sample rows stored")
+            self._warn_if_unmeasured()
         return self.result
+
+    def _warn_if_unmeasured(self) -> None:
+        """A monitored order whose tasks ran but left no sample row was not measured: every
+        task run yields at least its closing sample, so zero rows is never a quiet success."""
+        ran = any(task.attempts for task in self.result.tasks)
+        if self.s.monitoring and ran and self.result.rows == 0:
+            warning = ("no sample of its tasks was stored: the monitors did not serve it (see "
+                       "`python -m pipeline infra status` and the monitors' logs)")
+            self.result.warnings.append(warning)
+            self._say(f"warning: {warning}")
 
     def _record_end(self, status: RunStatus, error: str | None) -> bool:
         """Store how the order ended; False (said in one line) when the database stayed away
@@ -174,7 +219,7 @@ class OrderRun:
         if "consumer" in self._starting and uri and champion_may_exist(uri):
             # A consumer that scores loads its model before it reports ready (seconds of CPU):
             # the tasks wait for that rather than share the machine with it.
-            self._starting.pop("consumer").settle(self.s.runtime.monitor_ready_timeout)
+            self._starting.pop("consumer").settle(self.s.runtime.monitor_ready_timeout, self.s.cancel)
         self.s.store.set_status(order_id, RunStatus.RUNNING)
         monitors = ("shared monitors" if self.s.shared_monitors else "monitors starting") \
             if self.s.monitoring else "no monitors"
@@ -229,6 +274,16 @@ class OrderRun:
         return None
 
     def _attempt(self, launch: TaskLaunch, spec: TaskSpec) -> tuple[str, ...]:
+        slots = self.s.task_slots
+        if slots is not None and not slots.take():
+            raise _AttemptFailed("cancelled")
+        try:
+            return self._attempt_in_slot(launch, spec)
+        finally:
+            if slots is not None:
+                slots.give_back()
+
+    def _attempt_in_slot(self, launch: TaskLaunch, spec: TaskSpec) -> tuple[str, ...]:
         handle = self.s.runtime.start_task(launch, spec.resources, self.order.retry.task_timeout_seconds)
         started = time.monotonic()
         deadline = started + self.order.retry.task_timeout_seconds
@@ -268,7 +323,7 @@ class OrderRun:
                               f"running {now - started:.0f}s")
                     next_heartbeat = now + 10.0
         finally:
-            handle.stop(grace=5.0)
+            handle.stop(grace=TASK_STOP_GRACE)
 
     def _input_pixels(self, launch: TaskLaunch) -> int | None:
         """The size of the image the task reads. After the first task that is an output path
@@ -380,7 +435,7 @@ class OrderRun:
             return
         for kind, start in self._starting.items():
             try:
-                start.settle(self.s.runtime.monitor_ready_timeout)
+                start.settle(self.s.runtime.monitor_ready_timeout, self.s.cancel)
             except RuntimeFailure as exc:
                 logger.error("order_id=%d %s", self.order_id, exc)
         last = self.result.tasks[-1]
@@ -397,17 +452,62 @@ class OrderRun:
                 except RuntimeFailure as exc:
                     logger.error("order_id=%d could not start the stop-only producer: %s",
                                  self.order_id, exc)
-        grace = 10.0 if self.s.cancel.is_set() else MONITOR_EXIT_TIMEOUT
-        if self._terminated is not None and not self._terminated.wait(
-                grace if self.s.cancel.is_set() else SHARED_TERMINATE_TIMEOUT):
-            self._say("the shared monitor-consumer has not confirmed this order's samples (no "
-                      "TERMINATE yet); its topics are kept so that it can catch up")
-        self._await_monitors(grace)
+        if self._terminated is not None:
+            self._await_terminate()
+        self._await_monitors(MONITOR_EXIT_TIMEOUT)
         for handle in self._monitors.values():
             if handle.exit_code() is None:
-                logger.warning("order_id=%d %s still running after %gs; stopping it", self.order_id, handle.name, grace)
-            handle.stop(grace=5.0)
+                logger.warning("order_id=%d %s still running; stopping it", self.order_id, handle.name)
+            handle.stop(grace=0.0 if self._cancelled_past_grace() else TASK_STOP_GRACE)
         self.s.listener.unregister(self.order_id)
+
+    def _cancelled_past_grace(self) -> bool:
+        """Whether the run was cancelled at least :data:`CANCEL_GRACE` seconds ago (as seen
+        by the wind-down): from then on nothing is waited for."""
+        if not self.s.cancel.is_set():
+            return False
+        if self._cancel_deadline is None:
+            self._cancel_deadline = time.monotonic() + CANCEL_GRACE
+        return time.monotonic() >= self._cancel_deadline
+
+    def _await_terminate(self) -> None:
+        """Wait for the shared consumer's TERMINATE (every sample of the order stored). Says
+        within :data:`CONFIRM_NOTICE_SECONDS` when it does not come, with what to do; a cancel
+        ends the wait within :data:`CANCEL_GRACE` (the topics are kept then, and what is on
+        them is stored by the shared consumer or the next run)."""
+        began = time.monotonic()
+        noticed = False
+        while not self._terminated.wait(0.2):
+            if self._cancelled_past_grace():
+                self._say("cancelled before the shared monitor-consumer confirmed this order's samples; "
+                          "its topics are kept, and what is on them is stored by the shared consumer "
+                          "or the next run")
+                return
+            waited = time.monotonic() - began
+            if waited >= SHARED_TERMINATE_TIMEOUT:
+                self._say(f"the shared monitor-consumer has not confirmed this order's samples after "
+                          f"{SHARED_TERMINATE_TIMEOUT:g}s (no TERMINATE); its topics are kept so that it "
+                          "can catch up")
+                return
+            if not noticed and waited >= CONFIRM_NOTICE_SECONDS:
+                noticed = True
+                self._say(self._unconfirmed_notice(waited))
+
+    def _unconfirmed_notice(self, waited: float) -> str:
+        """What the console says of an order whose samples are not confirmed yet."""
+        try:
+            rows = self.s.store.count_measurements(self.order_id)
+        except DatabaseError:
+            rows = None
+        wait = (f"still waiting (up to {SHARED_TERMINATE_TIMEOUT:g}s; Ctrl-C or SIGTERM stops "
+                "waiting and keeps the topics for the next run)")
+        if rows:
+            return (f"the shared monitor-consumer has stored {rows} sample rows of this order but not "
+                    f"confirmed the rest after {waited:.0f}s: it is behind; {wait}")
+        return (f"the shared monitors have stored no sample of this order {waited:.0f}s after its tasks "
+                "ended: they may be down, stuck or serving another database; see `python -m pipeline "
+                f"infra status` and their logs, or restart them (`python -m pipeline infra down`, "
+                f"then run again); {wait}")
 
     def _await_monitors(self, grace: float) -> None:
         """Wait up to ``grace`` for the monitors to end their handshake. A monitor-consumer
@@ -416,7 +516,7 @@ class OrderRun:
         so the order's last samples are not lost to a failure after its last task."""
         deadline = time.monotonic() + grace
         restarts = 0
-        while True:
+        while not self._cancelled_past_grace():
             consumer = self._monitors.get("consumer")
             code = consumer.exit_code() if consumer is not None else None
             if code not in (None, 0) and restarts < WIND_DOWN_RESTARTS and not self.s.cancel.is_set():
@@ -433,7 +533,7 @@ class OrderRun:
                 continue
             if not any(h.exit_code() is None for h in self._monitors.values()) or time.monotonic() > deadline:
                 return
-            time.sleep(0.2)
+            self.s.cancel.wait(0.2)
 
     def _remove_topics(self) -> None:
         """Housekeeping once the order is over (its end is recorded before: this waits for

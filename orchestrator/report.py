@@ -37,6 +37,7 @@ class OrderResult:
     tasks: list[TaskResult] = field(default_factory=list)
     error: str | None = None
     anomalies: OrderAnomalies | None = None  # None: live scoring did not judge the order
+    warnings: list[str] = field(default_factory=list)  # what went wrong although it succeeded
 
 
 class Reporter:
@@ -70,5 +71,6 @@ def format_summary(results: list[OrderResult]) -> str:
             lines.append(f"  {task.position + 1}. {task.name:<12} {task.status:<9} {task.seconds:6.1f}s{retry}  {detail}")
         if result.error:
             lines.append(f"  error: {result.error}")
+        lines += [f"  warning: {warning}" for warning in result.warnings]
         lines += summary_lines(result.anomalies, result.order_id)
     return "\n".join(lines)

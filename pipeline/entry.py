@@ -17,10 +17,12 @@ from __future__ import annotations
 import importlib
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import NoReturn
 
 from pipeline.errors import PipelineError
+from pipeline.lifetime import exit_now
 from pipeline.settings import mask_url
 
 EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
@@ -30,7 +32,18 @@ def run_main(module: str, argv: list[str] | None = None) -> NoReturn:
     """Import ``module`` and exit with what its ``main(argv)`` returns, or with the status of
     the expected failure it raised. Imported here rather than by the caller so that a Ctrl-C
     during slow imports (torch, MLflow) is one line too."""
-    raise SystemExit(exit_status(lambda: importlib.import_module(module).main(argv)))
+    status = exit_status(lambda: importlib.import_module(module).main(argv))
+    if status == EXIT_INTERRUPTED and _threads_left():
+        # Forced: the finally blocks on the way out have stopped the children; the threads
+        # still waiting (an order's) are not joined, as the interpreter's exit would.
+        exit_now(status)
+    raise SystemExit(status)
+
+
+def _threads_left() -> bool:
+    """Whether threads the interpreter's exit would wait for are still running."""
+    return any(thread is not threading.main_thread() and not thread.daemon and thread.is_alive()
+               for thread in threading.enumerate())
 
 
 def exit_status(main: Callable[[], int | None]) -> int:
