@@ -12,8 +12,6 @@ import dataclasses
 import os
 import shutil
 import signal
-import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +25,7 @@ from pipeline.db.orders import OrderStore, RunStatus
 from ops.infra.kafka_broker import KafkaBroker
 from ops.infra.postgres import LocalPostgres
 from pipeline.errors import ProtocolError
-from pipeline.kafka import Consumer, Producer, TopicAdmin
+from pipeline.kafka import Producer, TopicAdmin
 from pipeline.protocol import (
     ANOMALIES_TOPIC, ORCHESTRATOR_TOPIC, Message, Sample, decode_resource_topic, order_topics, resource_topic,
     task_topic,
@@ -37,6 +35,7 @@ from devkit.orders import (
     all_stored_orders, pipeline_processes, run_orchestrator, start_orchestrator, write_order,
 )
 from devkit.servers import free_port, free_port_pair, fresh_database, settings_for
+from devkit.waiting import PATIENCE, Output, read_to_end, wait_for
 from tests.integration.test_order_flow import _wait_for_process
 
 # A first task that runs for about 14 s (a CPU hog from its second second on), then a quick one.
@@ -69,18 +68,22 @@ def own_settings(own_servers, tmp_path: Path) -> Iterator[Settings]:
         yield settings_for({"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap}, url, tmp_path)
 
 
-def _running_order_id(settings: Settings, timeout: float = 60.0) -> int:
+def _running_order_id(settings: Settings) -> int:
     """The id of the order this test's orchestrator is running (its first task started)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def running() -> int | None:
         try:
-            running = [o for o in all_stored_orders(settings) if o.status == "RUNNING" and o.runs]
+            found = [o for o in all_stored_orders(settings) if o.status == "RUNNING" and o.runs]
         except SQLAlchemyError:  # the orchestrator has not created the tables yet
-            running = []
-        if running:
-            return running[0].id
-        time.sleep(0.2)
-    raise AssertionError(f"no order started within {timeout:g}s")
+            return None
+        return found[0].id if found else None
+
+    return wait_for(running, "an order started", every=0.2)
+
+
+def _wait_for_samples_stored(settings: Settings, order_id: int) -> None:
+    """Until samples of the order are stored: its monitors sample, publish and store."""
+    store = OrderStore(connect(settings.database_url))
+    wait_for(lambda: store.count_measurements(order_id) > 0, f"samples of order {order_id} stored", every=0.2)
 
 
 def _keep_console(name: str, console: str) -> None:
@@ -91,8 +94,12 @@ def _keep_console(name: str, console: str) -> None:
         (Path(folder) / f"{name}.txt").write_text(console)
 
 
-def _wait_for_task(settings: Settings, name: str, timeout: float = 60.0) -> psutil.Process:
-    return _wait_for_process(settings, lambda cmd: cmd[2:3] == [f"services.{name}.main"], timeout)
+def _wait_for_task(settings: Settings, name: str) -> psutil.Process:
+    return _wait_for_process(settings, lambda cmd: cmd[2:3] == [f"services.{name}.main"])
+
+
+def _running(process: psutil.Process) -> bool:
+    return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
 
 
 def _assert_every_sample_stored(settings: Settings, order_id: int) -> None:
@@ -109,20 +116,13 @@ def _assert_every_sample_stored(settings: Settings, order_id: int) -> None:
 def _valid_samples_on_topic(settings: Settings, order_id: int) -> set[tuple[str, str, int, int]]:
     """Distinct well-formed samples on ``resource<ID>``: (task, resource, position, time)."""
     seen = set()
-    with Consumer(settings) as consumer:
-        consumer.assign([resource_topic(order_id)])
-        idle_since = time.monotonic()
-        while time.monotonic() - idle_since < 3:
-            message = consumer.poll(0.5)
-            if message is None:
-                continue
-            idle_since = time.monotonic()
-            try:
-                sample = decode_resource_topic(message, order_id)
-            except ProtocolError:
-                continue
-            if isinstance(sample, Sample):
-                seen.add((sample.task_name, sample.resource, sample.index, sample.timestamp_ms))
+    for message in read_to_end(settings, resource_topic(order_id)):
+        try:
+            sample = decode_resource_topic(message, order_id)
+        except ProtocolError:
+            continue
+        if isinstance(sample, Sample):
+            seen.add((sample.task_name, sample.resource, sample.index, sample.timestamp_ms))
     return seen
 
 
@@ -144,15 +144,17 @@ def test_malformed_messages_on_every_topic_mid_order_lose_nothing(settings, tmp_
     orchestrator = start_orchestrator(settings, "--keep-topics", str(path))
     try:
         order_id = _running_order_id(settings)
-        _wait_for_task(settings, "blur")
-        time.sleep(2.0)  # the monitors are sampling
+        blur = _wait_for_task(settings, "blur")
+        _wait_for_samples_stored(settings, order_id)  # the monitors are sampling and storing
         sent = 0
         with Producer(settings) as producer:
             for topic in (task_topic(order_id), resource_topic(order_id), ORCHESTRATOR_TOPIC, ANOMALIES_TOPIC):
                 for key, value, headers in MALFORMED:
                     producer.send(Message(topic, key, value, headers=headers))
                     sent += 1
-        out, err = orchestrator.communicate(timeout=240)
+        # (on the broker now: leaving the producer flushed them)
+        assert _running(blur), "the malformed messages came while the first task ran"
+        out, err = orchestrator.communicate(timeout=PATIENCE * 2)
     finally:
         if orchestrator.poll() is None:
             orchestrator.kill()
@@ -170,14 +172,16 @@ def test_a_broker_restart_mid_order_stores_every_sample_and_says_so_twice(own_se
     broker, _ = own_servers
     path = write_order(tmp_path, "broker-restart", LONG_THEN_SHORT)
     orchestrator = start_orchestrator(own_settings, "--keep-topics", str(path))
+    output = Output(orchestrator)
     try:
         order_id = _running_order_id(own_settings)
-        _wait_for_task(own_settings, "blur")
-        time.sleep(3.0)
+        blur = _wait_for_task(own_settings, "blur")
+        _wait_for_samples_stored(own_settings, order_id)  # samples flow from task to database
+        assert _running(blur), "the outage begins while the first task runs"
         broker.stop()
-        time.sleep(5.0)
+        output.wait_for_line("unreachable, retrying")  # the orchestrator has seen the outage
         broker.start()
-        out, err = orchestrator.communicate(timeout=300)
+        _, out, err = output.finish()
     finally:
         if orchestrator.poll() is None:
             orchestrator.kill()
@@ -197,18 +201,19 @@ def test_a_database_restart_across_a_task_boundary_lets_the_order_complete(own_s
     _, postgres = own_servers
     path = write_order(tmp_path, "database-restart", LONG_THEN_SHORT)
     orchestrator = start_orchestrator(own_settings, "--keep-topics", str(path))
+    output = Output(orchestrator)
     try:
         order_id = _running_order_id(own_settings)
         blur = _wait_for_task(own_settings, "blur")
-        time.sleep(max(0.0, blur.create_time() + 10.0 - time.time()))  # about 4 s before it ends
+        _wait_for_samples_stored(own_settings, order_id)
+        assert _running(blur), "the outage begins while the first task runs"
         postgres.stop()
-        blur_ended = threading.Event()
-        threading.Thread(target=lambda: (psutil.wait_procs([blur], timeout=60), blur_ended.set()),
-                         daemon=True).start()
-        assert blur_ended.wait(60), "the first task did not end"
-        time.sleep(6.0)  # the first task's end and the second's start fall in the outage
+        # The outage lasts until the orchestrator, at the first task's end, has met it: the
+        # second task starts only once that end is recorded, after the outage.
+        output.wait_for_line(f"order {order_id}: recording the end of task 1: database unreachable")
+        assert not _running(blur), "the first task ended in the outage"
         postgres.start()
-        out, err = orchestrator.communicate(timeout=300)
+        _, out, err = output.finish()
     finally:
         if orchestrator.poll() is None:
             orchestrator.kill()
@@ -230,11 +235,8 @@ def test_a_killed_orchestrators_order_is_marked_by_the_next_run(settings, tmp_pa
         dead_id = _running_order_id(settings)
         _wait_for_task(settings, "blur")
         orchestrator.send_signal(signal.SIGKILL)
-        orchestrator.wait(10)
-        deadline = time.monotonic() + 45
-        while pipeline_processes(settings) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert pipeline_processes(settings) == []
+        orchestrator.wait(PATIENCE)
+        wait_for(lambda: pipeline_processes(settings) == [], "every task and monitor gone", every=0.5)
         assert OrderStore(connect(settings.database_url)).get(dead_id).status is RunStatus.RUNNING
 
         next_path = write_order(tmp_path, "next", ["grayscale"])
@@ -264,9 +266,10 @@ def test_a_database_away_longer_than_the_retry_time_fails_the_order_and_the_next
     try:
         order_id = _running_order_id(impatient)
         blur = _wait_for_task(impatient, "blur")
-        time.sleep(max(0.0, blur.create_time() + 8.0 - time.time()))
+        _wait_for_samples_stored(impatient, order_id)
+        assert _running(blur), "the outage begins while the first task runs"
         postgres.stop()
-        out, err = orchestrator.communicate(timeout=180)
+        out, err = orchestrator.communicate(timeout=PATIENCE * 2)
         left_on_topic = _valid_samples_on_topic(impatient, order_id)
     finally:
         if orchestrator.poll() is None:
