@@ -199,9 +199,10 @@ class ProcessTreeSampler:
             own = max(p.cpu_ns - old.cpu_ns, 0) if old else p.cpu_ns
             reaped = max(p.reaped_cpu_ns - old.reaped_cpu_ns, 0) if old else p.reaped_cpu_ns
             if gone and old:
-                # The reaped counter comes in whole ticks: allow one per child for rounding.
+                # /proc/<pid>/stat shows the reaped user and system times in whole ticks, each
+                # truncated on its own: allow two ticks per child for rounding.
                 already = sum(c.cpu_ns + c.reaped_cpu_ns for c in gone)
-                if reaped + TICK_NS * len(gone) >= already:
+                if reaped + 2 * TICK_NS * len(gone) >= already:
                     reaped = max(reaped - already, 0)
             cpu += own + reaped
             if io_ok:

@@ -47,16 +47,6 @@ wait("parent-go")
 """
 GATES = {"spun": "child-go", "reaped": "parent-go"}  # what the tree says -> what lets it go on
 
-# A child seen live with all of its CPU is counted twice by monitor/sampler.py whenever the
-# kernel's truncation leaves the parent's reaped-children figure more than one tick short of
-# it: /proc/<pid>/stat truncates cutime and cstime to ticks separately (up to two ticks
-# short), the sampler allows one. The scenario above makes this happen every other run; the
-# sampler's old test hit it only when its last live sample fell in the child's last ticks.
-SAMPLER_DOUBLE_COUNT = pytest.mark.xfail(
-    reason="monitor/sampler.py _increase allows TICK_NS * len(gone) of rounding, needs 2 * TICK_NS * len(gone)",
-    strict=False)
-
-
 def _start(code: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code, *args])
 
@@ -91,7 +81,6 @@ def _cpu_seconds(samples: list[Usage]) -> float:
     return sum(s.values["cpu"] / 100 * s.seconds for s in samples)
 
 
-@SAMPLER_DOUBLE_COUNT
 def test_a_reaped_child_counts_once_live_or_reaped(tmp_path) -> None:
     process = _start(PARENT_WITH_A_REAPED_CHILD, str(tmp_path))
     sampler = ProcessTreeSampler(process.pid)
@@ -106,7 +95,6 @@ def test_a_reaped_child_counts_once_live_or_reaped(tmp_path) -> None:
     assert max(s.values["cpu"] for s in samples) <= 100 * 1.1  # one core at most, never 250 %
 
 
-@SAMPLER_DOUBLE_COUNT
 def test_the_closing_sample_makes_the_run_add_up_to_the_totals(tmp_path) -> None:
     process = _start(PARENT_WITH_A_REAPED_CHILD, str(tmp_path))
     sampler = ProcessTreeSampler(process.pid)
