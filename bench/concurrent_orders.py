@@ -19,7 +19,12 @@ and, measured from outside the pipeline:
   durations), as percent of one core per running task.
 
     ./dev python bench/concurrent_orders.py [--sizes 1,10,50,200] [--monitors shared|per-order]
-                                            [--replicas 2 --kill-one] [--json results.json]
+                                            [--heavy] [--replicas 2 --kill-one] [--json results.json]
+
+``--heavy`` runs an order whose first task is CPU-heavy instead (denoise, then blur and
+contrast, on a 733x517 image): 200 of them at once on two cores keep the broker short of CPU,
+which must cost no order (the tasks queue for ``--max-running`` slots, a slow broker is waited
+for).
 
 ``--replicas 2 --kill-one`` runs two consumer replicas and SIGKILLs one of them once samples
 are being stored: rows must still equal the samples sent.
@@ -50,6 +55,9 @@ ORDER = {
     "image": str(REPO / "orders/images/flower.jpg"),
     "tasks": [{"name": "resize", "params": {"scale": 0.75}}, "grayscale", {"name": "rotate", "params": {"degrees": 90}}],
 }
+# The CPU-heavy order of --heavy: 200 copies at once once lost 127 orders to a starved broker.
+HEAVY_ORDER = {"id": "bench-heavy", "tasks": ["denoise", "blur", "contrast"]}
+HEAVY_SIZE = (733, 517)
 RESOURCES = 6  # pipeline.protocol.RESOURCES: the task's five and the node's CPU pressure
 SENT = re.compile(r"order_id=(\d+) STOP sent on the resource topic after (\d+) samples")
 
@@ -122,12 +130,22 @@ def _stored(state: Path) -> int:
         return 0
 
 
+def heavy_order(folder: Path) -> dict:
+    """The --heavy order, over the 1024x768 sample scaled to HEAVY_SIZE in ``folder``."""
+    from PIL import Image
+
+    image = folder / f"scene-{HEAVY_SIZE[0]}x{HEAVY_SIZE[1]}.jpg"
+    with Image.open(REPO / "orders/images/scene-1024x768.jpg") as scene:
+        scene.resize(HEAVY_SIZE).save(image)
+    return {**HEAVY_ORDER, "image": str(image)}
+
+
 def run_size(n: int, args: argparse.Namespace, env_base: dict[str, str]) -> dict:
     state = Path(tempfile.mkdtemp(prefix=f"bench-orders-{n}-", dir="/tmp"))
     env = {**env_base, "PIPELINE_STATE_DIR": str(state), "MONITORS": args.monitors,
            "DATABASE_URL": f"sqlite:///{state / 'pipeline.db'}", "LOG_LEVEL": "INFO"}
     order_file = state / "order.json"
-    order_file.write_text(json.dumps(ORDER))
+    order_file.write_text(json.dumps(heavy_order(state) if args.heavy else ORDER))
     if args.monitors == "shared":  # started before the clock runs, as `infra up` does
         subprocess.run([sys.executable, "-c", "from pipeline.settings import Settings;"
                         "from ops.infra.shared_monitors import SharedMonitors;"
@@ -208,6 +226,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1,10,50,200")
     parser.add_argument("--monitors", choices=("shared", "per-order"), default="shared")
+    parser.add_argument("--heavy", action="store_true",
+                        help="orders with a CPU-heavy first task (denoise, blur, contrast on 733x517)")
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--keep", action="store_true", help="keep each run's state folder")
     parser.add_argument("--replicas", type=int, default=1, help="shared consumer replicas")
@@ -231,7 +251,7 @@ def main() -> None:
           f'{r["peak_memory_mb"]} MB', f'{r["monitor_rss_peak_mb"]} MB',
           f'{r["monitor_cpu_per_task_pct"]} % ({r["sampler_cpu_per_task_pct"]} %)']
          for r in rows]))
-    print(f"monitors: {args.monitors}; machine: {machine()}; load average after: {loadavg()}")
+    print(f"order: {'heavy' if args.heavy else 'light'}; monitors: {args.monitors}; machine: {machine()}; load average after: {loadavg()}")
     write_json(args.json, {"machine": machine(), "monitors": args.monitors, "rows": rows})
 
 

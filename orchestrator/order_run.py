@@ -177,7 +177,7 @@ class OrderRun:
         """A monitored order whose tasks ran but left no sample row was not measured: every
         task run yields at least its closing sample, so zero rows is never a quiet success."""
         ran = any(task.attempts for task in self.result.tasks)
-        if self.s.monitoring and ran and self.result.rows == 0:
+        if self.s.monitoring and ran and self.result.rows == 0 and self.result.status is not RunStatus.CANCELLED:
             warning = ("no sample of its tasks was stored: the monitors did not serve it (see "
                        "`python -m pipeline infra status` and the monitors' logs)")
             self.result.warnings.append(warning)
@@ -241,49 +241,51 @@ class OrderRun:
         """All attempts of one task; the outputs so far on success, None on failure."""
         result = self.result.tasks[position]
         retry = self.order.retry
+        name = f"task {position + 1}/{len(self.order.tasks)} {spec.name}"
         for attempt in range(1, retry.max_attempts + 1):
-            result.attempts = attempt
             launch = TaskLaunch(self.order_id, self.order.task_names, spec.name, progress,
                                 self._image, dict(spec.params), spec.fault, spec.fault_at, attempt)
-            self._say(f"task {position + 1}/{len(self.order.tasks)} {spec.name} started"
-                      + (f" (attempt {attempt}/{retry.max_attempts})" if attempt > 1 else ""))
-            began = time.monotonic()
+            if not self._take_slot():
+                return None  # cancelled while waiting for a slot
             try:
-                outputs = self._attempt(launch, spec)
-            except RuntimeFailure as exc:  # the order cannot go on (a monitor never came up)
-                result.status, result.error = RunStatus.FAILED, str(exc)
+                result.attempts = attempt
+                self._say(f"{name} started" + (f" (attempt {attempt}/{retry.max_attempts})" if attempt > 1 else ""))
+                began = time.monotonic()
+                try:
+                    outputs = self._attempt(launch, spec)
+                    failure = None
+                except (RuntimeFailure, _AttemptFailed) as exc:  # RuntimeFailure: the order cannot go on
+                    failure = exc
                 result.seconds = time.monotonic() - began
-                self.s.store.finish_task(self.order_id, position, attempt, RunStatus.FAILED, error=str(exc))
-                raise
-            except _AttemptFailed as exc:
-                result.status, result.error = RunStatus.FAILED, str(exc)
-                result.seconds = time.monotonic() - began
-                self.s.store.finish_task(self.order_id, position, attempt, RunStatus.FAILED, error=str(exc))
-                self._say(f"task {position + 1}/{len(self.order.tasks)} {spec.name} failed: {exc}")
-                if self.s.cancel.is_set() or attempt == retry.max_attempts:
-                    return None
-                backoff = retry.backoff_seconds * 2 ** (attempt - 1)
-                if self.s.cancel.wait(backoff):
-                    return None
-                continue
-            result.seconds = time.monotonic() - began
-            result.status, result.output, result.error = RunStatus.SUCCEEDED, outputs[-1], None
-            self.s.store.finish_task(self.order_id, position, attempt, RunStatus.SUCCEEDED, output=outputs[-1])
-            self._say(f"task {position + 1}/{len(self.order.tasks)} {spec.name} done in {result.seconds:.1f}s")
-            return outputs
+                status = RunStatus.SUCCEEDED if failure is None else RunStatus.FAILED
+                result.status, result.error = status, None if failure is None else str(failure)
+                self.s.store.finish_task(self.order_id, position, attempt, status,
+                                         output=outputs[-1] if failure is None else None,
+                                         error=result.error)
+            finally:
+                self._give_back_slot()
+            if failure is None:
+                result.output = outputs[-1]
+                self._say(f"{name} done in {result.seconds:.1f}s")
+                return outputs
+            if isinstance(failure, RuntimeFailure):
+                raise failure
+            self._say(f"{name} failed: {failure}")
+            if self.s.cancel.is_set() or attempt == retry.max_attempts:
+                return None
+            if self.s.cancel.wait(retry.backoff_seconds * 2 ** (attempt - 1)):
+                return None
         return None
 
-    def _attempt(self, launch: TaskLaunch, spec: TaskSpec) -> tuple[str, ...]:
-        slots = self.s.task_slots
-        if slots is not None and not slots.take():
-            raise _AttemptFailed("cancelled")
-        try:
-            return self._attempt_in_slot(launch, spec)
-        finally:
-            if slots is not None:
-                slots.give_back()
+    def _take_slot(self) -> bool:
+        """A running slot for the next attempt (see TaskSlots); False when cancelled first."""
+        return self.s.task_slots is None or self.s.task_slots.take()
 
-    def _attempt_in_slot(self, launch: TaskLaunch, spec: TaskSpec) -> tuple[str, ...]:
+    def _give_back_slot(self) -> None:
+        if self.s.task_slots is not None:
+            self.s.task_slots.give_back()
+
+    def _attempt(self, launch: TaskLaunch, spec: TaskSpec) -> tuple[str, ...]:
         handle = self.s.runtime.start_task(launch, spec.resources, self.order.retry.task_timeout_seconds)
         started = time.monotonic()
         deadline = started + self.order.retry.task_timeout_seconds

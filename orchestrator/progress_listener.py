@@ -96,15 +96,22 @@ class ProgressListener:
                 target.put(progress)
 
     def _apply_changes(self) -> None:
+        """Start and stop reading the task topics asked for since the last call, in one go."""
+        changes: dict[str, str] = {}
         while True:
             try:
                 change, topic = self._changes.get_nowait()
             except queue.Empty:
-                return
+                break
+            changes[topic] = change  # the last word on a topic counts
+        for change in ("add", "remove"):
+            topics = [topic for topic, said in changes.items() if said == change]
+            if not topics:
+                continue
             try:
                 if change == "add":
-                    self._consumer.add([topic])
+                    self._consumer.add_from_start(topics)
                 else:
-                    self._consumer.remove([topic])
+                    self._consumer.remove(topics)
             except KafkaClientError as exc:
-                logger.warning("cannot %s %s: %s", "read" if change == "add" else "leave", topic, exc)
+                logger.warning("cannot %s %s: %s", "read" if change == "add" else "leave", ", ".join(topics), exc)
