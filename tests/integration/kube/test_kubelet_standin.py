@@ -168,12 +168,16 @@ def test_native_sidecar_is_stopped_after_the_main_container(api, kube_namespace:
     # Paths reach the processes as args, where the mount path prefix is rewritten.
     init = python("import sys; open(sys.argv[1], 'w').close()", name="init", args=["/work/init-done"],
                   volumeMounts=[{"name": "work", "mountPath": "/work"}])
+    # The sidecar says when it handles SIGTERM; the main container ends only after that.
     sidecar = python(
         "import signal, sys, time\n"
         "signal.signal(signal.SIGTERM, lambda *_: (print('sidecar got SIGTERM'), sys.exit(0)))\n"
-        "print('sidecar up'); time.sleep(60)", name="sidecar", restartPolicy="Always")
-    main = python("import os, sys, time; time.sleep(0.3); raise SystemExit(0 if os.path.exists(sys.argv[1]) else 1)",
-                  args=["/work/init-done"], volumeMounts=[{"name": "work", "mountPath": "/work"}])
+        "print('sidecar up'); open(sys.argv[1], 'w').close(); time.sleep(60)", name="sidecar",
+        restartPolicy="Always", args=["/work/sidecar-up"], volumeMounts=[{"name": "work", "mountPath": "/work"}])
+    main = python("import os, sys, time\n"
+                  "while not os.path.exists(sys.argv[2]): time.sleep(0.05)\n"
+                  "raise SystemExit(0 if os.path.exists(sys.argv[1]) else 1)",
+                  args=["/work/init-done", "/work/sidecar-up"], volumeMounts=[{"name": "work", "mountPath": "/work"}])
     manifest = job("sidecar", main, initContainers=[init, sidecar], volumes=[{"name": "work", "emptyDir": {}}])
 
     status = run_job(api, kube_namespace, manifest)
@@ -189,13 +193,14 @@ def test_readiness_follows_the_ready_line(api, kube_namespace: str, kubelet: Kub
     signals.mkdir(parents=True)
     code = ("import os, sys, time\n"
             "def wait(f):\n    while not os.path.exists(f): time.sleep(0.05)\n"
-            "wait(sys.argv[1]); print('READY'); wait(sys.argv[2])")
+            "print('not ready yet', flush=True); wait(sys.argv[1]); print('READY'); wait(sys.argv[2])")
     container = python(code, args=["/s/ready-now", "/s/exit-now"], readinessProbe={"tcpSocket": {"port": 8080}},
                        volumeMounts=[{"name": "s", "mountPath": "/s"}])
     manifest = job("ready", container, volumes=[{"name": "s", "persistentVolumeClaim": {"claimName": "signals"}}])
     run_job(api, kube_namespace, manifest, until="active")
-    eventually(lambda: kubelet.pods("ready") and kubelet.pods("ready")[0].pids)
-    time.sleep(0.3)
+    [pod] = eventually(lambda: kubelet.pods("ready") and kubelet.pods("ready")[0].pids and kubelet.pods("ready"))
+    # Not ready once the stand-in has read the container's first line, which is not READY.
+    eventually(lambda: pod.containers["main"]._seen > 0, 30, "the stand-in reading the container's output")
     assert api[1].read_namespaced_job_status("ready", kube_namespace).status.ready == 0
 
     (signals / "ready-now").touch()

@@ -21,6 +21,7 @@ from pipeline.protocol import RESOURCES
 from devkit.kube.cluster import apply_rbac, prepare_namespace
 from devkit.kube.cluster import submit as submit_orders
 from devkit.orders import REPO, stored_orders, write_order
+from devkit.waiting import wait_for
 
 def granted_verbs() -> set[tuple[str, str]]:
     """(resource, verb) pairs the orchestrator Role grants, read from k8s/rbac/role.yaml."""
@@ -204,6 +205,16 @@ def stored_orders_for(cluster):
                                             "PIPELINE_STATE_DIR": str(cluster["tmp"] / "state")}))
 
 
+def _samples_stored_of(cluster, task: str) -> bool:
+    """Whether any sample of ``task`` is stored (of the test's one order)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return any(s["task"] == task for order in stored_orders_for(cluster).values() for s in order.samples)
+    except SQLAlchemyError:  # the tables are not there yet
+        return False
+
+
 def test_a_task_job_deleted_behind_the_orchestrators_back_is_a_failed_attempt_and_retried(cluster):
     import threading
     import time
@@ -251,8 +262,8 @@ def test_deleting_the_orchestrator_job_cancels_the_order_and_leaves_nothing_runn
             batch = k8s.BatchV1Api(client)
             while not stopped and time.monotonic() < deadline:
                 stalled = batch.list_namespaced_job(cluster["namespace"], label_selector=f"{TASK_LABEL}=sepia").items
-                if stalled and (stalled[0].status.active or 0) > 0:
-                    time.sleep(1.0)  # let its sampler take a sample or two
+                # Once its sampler's samples are stored (the order's samples must include them).
+                if stalled and (stalled[0].status.active or 0) > 0 and _samples_stored_of(cluster, "sepia"):
                     for job in batch.list_namespaced_job(
                             cluster["namespace"], label_selector=f"{COMPONENT}=orchestrator").items:
                         batch.delete_namespaced_job(job.metadata.name, cluster["namespace"],
@@ -269,13 +280,9 @@ def test_deleting_the_orchestrator_job_cancels_the_order_and_leaves_nothing_runn
 
     # The orchestrator got SIGTERM like a pod being deleted, and wound the order down within
     # its termination grace period: the task stopped, the monitors' handshake completed.
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        stored = stored_orders_for(cluster)["k8s-cancelled"]
-        if stored.status == "CANCELLED":
-            break
-        time.sleep(0.5)
-    assert stored.status == "CANCELLED", orchestrator_log(cluster, result)
+    wait_for(lambda: stored_orders_for(cluster)["k8s-cancelled"].status == "CANCELLED",
+             lambda: orchestrator_log(cluster, result), every=0.5)
+    stored = stored_orders_for(cluster)["k8s-cancelled"]
     assert [(r["task"], r["status"]) for r in stored.runs] == [("grayscale", "SUCCEEDED"), ("sepia", "FAILED")]
     assert {s["task"] for s in stored.samples} == {"grayscale", "sepia"}
     remaining = {j.metadata.labels[COMPONENT]: j for j in jobs(cluster)}
@@ -287,7 +294,5 @@ def test_deleting_the_orchestrator_job_cancels_the_order_and_leaves_nothing_runn
     kubelet = cluster["kubelet"]
     pods = [pod for job in jobs(cluster) for pod in kubelet.pods(job.metadata.name)]
     pods += [pod for name in stopped for pod in kubelet.pods(name)]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(None in pod.exit_codes().values() for pod in pods):
-        time.sleep(0.2)
-    assert [pod.name for pod in pods if None in pod.exit_codes().values()] == []
+    wait_for(lambda: not any(None in pod.exit_codes().values() for pod in pods),
+             lambda: f"still running: {[pod.name for pod in pods if None in pod.exit_codes().values()]}", every=0.2)
