@@ -8,7 +8,11 @@ broker and monitors. Every task and monitor process is started under
 rusage, so reaped children included, and /proc/<pid>/io): the ground truth, gathered
 without the sampler. The samples of a run are integrated as the protocol defines them (each
 a rate over the interval that ends at its timestamp; the first interval starts when the
-process did) and printed beside the truth.
+process did) and printed beside the truth, with the share of each run's CPU that its closing
+sample carries (the sample published on HALT, from the task's own totals less what the
+periodic samples counted) beside its interval's share of the run's time: the closing sample
+absorbs any undercount of the periodic samples, so a run adds up whatever they say, and only
+a closing share well over the time share shows one.
 
 ``overhead`` runs an order of eight light tasks with monitoring and with ``--no-monitors``,
 alternating, and compares their wall times; it also times the sampler itself on a running
@@ -44,6 +48,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
+from devkit.sample_series import closing_share  # noqa: E402
 from pipeline.db import connect  # noqa: E402
 from pipeline.db.schema import measurements, orders, resources, task_runs  # noqa: E402
 from pipeline.invocation import TaskInvocation  # noqa: E402
@@ -184,17 +189,38 @@ def _compare(truth: dict, series: dict) -> tuple[list[list[object]], list[dict]]
         }
         samples = len(got.get("cpu", []))
         wall = (true["ended_ms"] - start) / 1000
+        share = closing_share(got["cpu"], start) if got.get("cpu") else None
         rows.append([f"{key[1] + 1}. {true['task']} (order {key[0]})",
                      f"{wall:.2f}", samples,
                      f"{cpu:.3f}", f"{true['cpu_seconds']:.3f}",
                      f"{read:.0f}", f"{true_read:.0f}", f"{write:.0f}", f"{true_write:.0f}",
                      f"{peak:.1f}", f"{true_peak:.1f}", f"{wait:.3f}",
+                     f"{share.cpu_share:.3f}" if share else "-", f"{share.time_share:.3f}" if share else "-",
                      "yes" if all(ok.values()) else "NO: " + ",".join(k for k, v in ok.items() if not v)])
         records.append({"order_id": key[0], "position": key[1], "attempt": key[2], "task": true["task"],
                         "wall_s": wall, "samples": samples, "cpu_s": [cpu, true["cpu_seconds"]],
                         "read_kib": [read, true_read], "write_kib": [write, true_write],
-                        "peak_mib": [peak, true_peak], "cpu_wait_s": wait, "within_bounds": ok})
+                        "peak_mib": [peak, true_peak], "cpu_wait_s": wait, "within_bounds": ok,
+                        "closing": None if share is None else {
+                            "cpu_share": share.cpu_share, "time_share": share.time_share,
+                            "cpu_s": share.closing_cpu_s, "seconds": share.closing_s,
+                            "periodic_samples": share.periodic}})
     return rows, records
+
+
+def _closing_summary(records: list[dict]) -> str:
+    """The closing sample's share of CPU beside its share of time, over the runs it does not
+    make up alone (at least one periodic sample)."""
+    shared = [r["closing"] for r in records if r["closing"] and r["closing"]["periodic_samples"] > 0]
+    alone = sum(1 for r in records if r["closing"] and r["closing"]["periodic_samples"] == 0)
+    if not shared:
+        return f"closing sample: all {alone} runs are one closing sample alone"
+    excess = sorted(c["cpu_share"] - c["time_share"] for c in shared)
+    cpu = sorted(c["cpu_share"] for c in shared)
+    return (f"closing sample, {len(shared)} runs with periodic samples ({alone} more are one closing sample "
+            f"alone): share of CPU {cpu[0]:.3f} to {cpu[-1]:.3f} (median {statistics.median(cpu):.3f}); "
+            f"share of CPU less share of time {excess[0]:+.3f} to {excess[-1]:+.3f} "
+            f"(median {statistics.median(excess):+.3f})")
 
 
 def bench_accuracy(args) -> dict:
@@ -224,8 +250,10 @@ def bench_accuracy(args) -> dict:
     truth, monitors = _truth(record_dir)
     rows, records = _compare(truth, _stored(env["DATABASE_URL"]))
     header = ["task", "wall s", "samples", "CPU-s stored", "CPU-s true", "KiB read stored", "true",
-              "KiB written stored", "true", "peak MiB stored", "true", "CPU-wait s stored", "within bounds"]
+              "KiB written stored", "true", "peak MiB stored", "true", "CPU-wait s stored",
+              "closing share of CPU", "of time", "within bounds"]
     print(markdown_table(header, rows))
+    print("\n" + _closing_summary(records))
     producer_rows = []
     for m in monitors:
         if m["kind"] == "producer":
