@@ -5,9 +5,11 @@ an order run with monitors of its own, or one stored in another database (an ID 
 nothing outside its database), must be left alone, or its samples would be stored twice or
 in the wrong place and its monitors told to TERMINATE early. So a shared service takes an
 order only when its own database holds it as asking for the shared services
-(``orders.monitors``), which the orchestrator records before it creates the order's topics.
-A found order's answer is final for the service's lifetime (an order never changes its
-monitors).
+(``orders.monitors``, recorded once the orchestrator has created the order's topics, which
+it does exclusively) and either running or ended with its topics kept
+(``orders.topics_kept``: cancelled before its samples were confirmed). An order over without
+it has had its topics deleted, and a topic of its name now is another database's. A found
+order's answer is final for the service's lifetime.
 
 An order ID means something only in its database, and a database can be replaced under a
 running service (the SQLite file removed and made anew, a PostgreSQL database dropped and
@@ -24,7 +26,7 @@ import time
 from sqlalchemy import Engine
 
 from pipeline.db.identity import HeldDatabase
-from pipeline.db.orders import SHARED_MONITORS, OrderStore
+from pipeline.db.orders import SHARED_MONITORS, OrderStore, RunStatus
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +63,15 @@ class OrderClaims:
             self._unknown_since[order_id] = time.monotonic()
             return False
         self._unknown_since.pop(order_id, None)
-        # Whatever its status: an order cancelled (or given up) before the shared services
-        # confirmed its samples keeps its topics, and what is on them is still to be stored.
-        answer = found.monitors == SHARED_MONITORS
+        # A live order's topics are its own (the orchestrator creates them exclusively), and
+        # so are those of an order that ended with its topics kept (cancelled before its
+        # samples were confirmed): what is on them is still to be stored. An order over
+        # without has had its topics deleted: a topic of that name now is another database's.
+        answer = found.monitors == SHARED_MONITORS and (
+            found.status in (RunStatus.PENDING, RunStatus.RUNNING) or bool(found.topics_kept))
         if not answer:
-            logger.info("order_id=%d is not served by the shared monitors (it has its own); its "
-                        "messages are left alone", order_id)
+            logger.info("order_id=%d is not served by the shared monitors (its own monitors, or "
+                        "over); its messages are left alone", order_id)
         self._known[order_id] = answer
         return answer
 

@@ -158,12 +158,15 @@ class OrderRun:
             self._wind_down()
         self.result.status, self.result.error = status, error
         self.result.seconds = time.monotonic() - began
-        recorded = self.order_id is None or self._record_end(status, error)
+        # Unconfirmed by the shared consumer: its topics stay, and the order stays the shared
+        # services' to serve (orders.topics_kept, monitor/claims.py).
+        unconfirmed = self._terminated is not None and not self._terminated.is_set()
+        recorded = self.order_id is None or self._record_end(status, error, topics_kept=unconfirmed)
         if self.order_id is not None:
             if not recorded:
                 logger.warning("order_id=%d topics kept: the next orchestrator to start stores what "
                                "is left on them", self.order_id)
-            elif self._terminated is None or self._terminated.is_set():
+            elif not unconfirmed:
                 self._remove_topics()
             else:
                 logger.warning("order_id=%d topics kept: the shared consumer has not confirmed "
@@ -183,11 +186,11 @@ class OrderRun:
             self.result.warnings.append(warning)
             self._say(f"warning: {warning}")
 
-    def _record_end(self, status: RunStatus, error: str | None) -> bool:
+    def _record_end(self, status: RunStatus, error: str | None, topics_kept: bool) -> bool:
         """Store how the order ended; False (said in one line) when the database stayed away
         for longer than DB_RETRY_SECONDS: the next orchestrator to start marks it then."""
         try:
-            self.s.store.set_status(self.order_id, status, error)
+            self.s.store.set_status(self.order_id, status, error, topics_kept)
             self.result.rows = self.s.store.count_measurements(self.order_id)
         except DatabaseError as exc:
             self.result.status = RunStatus.FAILED

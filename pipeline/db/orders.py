@@ -52,6 +52,7 @@ class OrderRecord:
     monitors: str | None = None
     owner: str | None = None
     heartbeat_at: datetime | None = None
+    topics_kept: bool | None = None
 
 
 def utcnow() -> datetime:
@@ -101,14 +102,18 @@ class OrderStore:
                 return int(result.scalar_one())
         return self._retrying(f"recording order {name}", insert_order)
 
-    def set_status(self, order_id: int, status: RunStatus, error: str | None = None) -> None:
-        """Move an order to ``status``, stamping its start or end time."""
+    def set_status(self, order_id: int, status: RunStatus, error: str | None = None,
+                   topics_kept: bool = False) -> None:
+        """Move an order to ``status``, stamping its start or end time; an order that ends
+        with ``topics_kept`` stays the shared services' to serve (in the same write, so that
+        they never see it over without it)."""
         values: dict[str, object] = {"status": status.value}
         if status is RunStatus.RUNNING:
             values["started_at"] = utcnow()
         elif status in (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED):
             values["finished_at"] = utcnow()
             values["error"] = error
+            values["topics_kept"] = topics_kept
         self._update(f"order {order_id}: recording {status.value}",
                      update(orders).where(orders.c.id == order_id).values(**values))
 

@@ -58,6 +58,11 @@ orders = Table(
     # is alive: an order whose orchestrator died is found and marked FAILED (orders/owners.py).
     Column("owner", String(200)),
     Column("heartbeat_at", DateTime(timezone=True)),
+    # Ended with its topics kept (its samples not yet confirmed by the shared consumer): the
+    # topics are still this order's (names are taken exclusively), so the shared services go
+    # on serving it (monitor/claims.py). Over without it, its topics are gone, and a topic of
+    # the same name now is another database's.
+    Column("topics_kept", Boolean),
 )
 
 # One row per task attempt. Samples name their run by position and attempt (headers), so a
