@@ -92,6 +92,13 @@ def all_stored_orders(settings: Settings) -> list[StoredOrder]:
     ]
 
 
+def ran_orders(settings: Settings) -> list[StoredOrder]:
+    """The orders that ran, in id order. An id whose topics another database left on the
+    broker is skipped by the orchestrator (its row FAILED, without task runs): on a broker
+    shared by many tests' databases that happens, and such rows are not orders that ran."""
+    return [order for order in all_stored_orders(settings) if order.runs]
+
+
 def pipeline_processes(settings: Settings, order_id: int | None = None) -> list[psutil.Process]:
     """Live task and monitor processes working for ``settings``' database (and one order).
 

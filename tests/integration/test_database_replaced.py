@@ -13,7 +13,7 @@ import psycopg2
 import pytest
 from sqlalchemy.engine import make_url
 
-from devkit.orders import all_stored_orders, run_orchestrator, write_order
+from devkit.orders import ran_orders, run_orchestrator, write_order
 from ops.infra.shared_monitors import SharedMonitors
 from pipeline.protocol import RESOURCES
 from pipeline.settings import Monitors
@@ -26,9 +26,10 @@ def _run_one(settings, folder: Path, name: str):
     return result
 
 
+
 def _assert_measured(settings, name: str, stderr: str) -> None:
     """The order is the database's, succeeded, and every task run has every resource stored."""
-    [order] = [o for o in all_stored_orders(settings) if o.name == name]
+    [order] = [o for o in ran_orders(settings) if o.name == name]
     assert order.status == "SUCCEEDED"
     assert order.runs
     for run in order.runs:
@@ -61,7 +62,7 @@ def test_a_sqlite_file_removed_and_made_anew_is_followed(sqlite_settings, tmp_pa
         after = _run_one(sqlite_settings, tmp_path, "after")  # makes the file anew
 
         _assert_measured(sqlite_settings, "after", after.stderr)
-        assert [o.name for o in all_stored_orders(sqlite_settings)] == ["after"]
+        assert [o.name for o in ran_orders(sqlite_settings)] == ["after"]
         log = _log_text(services)
         assert log.count("starting over on the new one") == 2, log[-3000:]  # sampler and consumer
     finally:
@@ -93,7 +94,7 @@ def test_a_postgresql_database_dropped_and_created_again_is_followed(settings, t
         after = _run_one(settings, tmp_path, "after")
 
         _assert_measured(settings, "after", after.stderr)
-        assert [o.name for o in all_stored_orders(settings)] == ["after"]
+        assert [o.name for o in ran_orders(settings)] == ["after"]
         log = _log_text(services)
         assert "starting over on the new one" in log, log[-3000:]
     finally:

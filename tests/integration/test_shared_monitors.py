@@ -19,7 +19,8 @@ from ops.infra.shared_monitors import SharedMonitors
 from pipeline.kafka import TopicAdmin
 from pipeline.protocol import RESOURCES, order_topics
 from pipeline.settings import Monitors
-from devkit.orders import all_stored_orders, run_orchestrator, start_orchestrator, write_order
+from devkit.orders import ran_orders, run_orchestrator, start_orchestrator, write_order
+from devkit.waiting import wait_for
 
 SENT = re.compile(r"order_id=(\d+) STOP sent on the resource topic after (\d+) samples")
 
@@ -48,11 +49,6 @@ def _log(services: SharedMonitors, name: str):
     return next(s.log for s in services.status() if s.name == name)
 
 
-def _ran(settings):
-    """The orders that ran (an id whose topics were left on the broker by an earlier test's
-    database is skipped, its row FAILED without runs)."""
-    return [order for order in all_stored_orders(settings) if order.runs]
-
 
 def _assert_all_sampled(orders, sent: dict[int, int]) -> None:
     for order in orders:
@@ -77,7 +73,7 @@ def test_orders_are_sampled_and_stored_by_the_shared_services(settings, shared, 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(shared monitors)" in result.stderr
 
-    orders = _ran(settings)
+    orders = ran_orders(settings)
     assert len(orders) == 6
     _assert_all_sampled(orders, _sent_by(_log(shared, "sampler")))
     # No monitors of their own, and their topics are gone once TERMINATE confirmed them.
@@ -104,25 +100,28 @@ def test_a_killed_consumer_replica_loses_and_duplicates_nothing(settings, shared
     out, err = orchestrator.communicate(timeout=400)
     assert orchestrator.returncode == 0, err[-3000:]
 
-    orders = _ran(settings)
+    orders = ran_orders(settings)
     assert len(orders) == 4
     _assert_all_sampled(orders, _sent_by(_log(shared, "sampler")))
 
 
 def test_an_order_with_its_own_monitors_is_left_to_them(settings, shared, tmp_path):
     settings = dataclasses.replace(settings, monitors=Monitors.PER_ORDER)
-    # Several seconds long, so that the shared services find its topics while it runs.
     order = write_order(tmp_path, "own", [{"name": "median", "params": {"size": 5, "passes": 2}}, "blur"],
                         image="scene-1024x768.jpg")
-    result = run_orchestrator(settings, str(order))
+    # Its topics are kept, so that the shared services find them however late they look.
+    result = run_orchestrator(settings, str(order), "--keep-topics")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(shared monitors)" not in result.stderr
 
-    [stored] = _ran(settings)
+    [stored] = ran_orders(settings)
     own_producer_log = settings.state_dir / "logs" / f"order-{stored.id}" / "monitor-producer.log"
     _assert_all_sampled([stored], _sent_by(own_producer_log))
     # The shared services saw its topics and left them alone.
     assert stored.id not in _sent_by(_log(shared, "sampler"))
     left_alone = f"order_id={stored.id} is not served by the shared monitors"
-    assert left_alone in _log(shared, "sampler").read_text()
-    assert any(left_alone in _log(shared, name).read_text() for name in ("consumer-1", "consumer-2"))
+    wait_for(lambda: left_alone in _log(shared, "sampler").read_text(), "the sampler leaving it alone")
+    wait_for(lambda: any(left_alone in _log(shared, name).read_text() for name in ("consumer-1", "consumer-2")),
+             "a consumer leaving it alone")
+    assert stored.id not in _sent_by(_log(shared, "sampler"))
+    TopicAdmin(settings).delete(list(order_topics(stored.id)))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from devkit.orders import all_stored_orders, pipeline_processes, start_orchestrator, write_order
+from devkit.orders import all_stored_orders, ran_orders, pipeline_processes, start_orchestrator, write_order
 from devkit.servers import free_port_pair
 from devkit.waiting import Output, wait_for
 from ops.infra.kafka_broker import KafkaBroker
@@ -39,11 +39,6 @@ def _stall(folder: Path, name: str) -> Path:
                        retry={"max_attempts": 1, "task_timeout_seconds": 600})
 
 
-def _ran(settings: Settings):
-    """The orders that ran (an id whose topics another test's database left on the broker is
-    skipped: its row is FAILED, without task runs)."""
-    return [order for order in all_stored_orders(settings) if order.runs]
-
 
 def _assert_cancelled_once(run: Output) -> str:
     code, _, stderr = run.finish(ENDS)
@@ -62,7 +57,7 @@ def test_sigterm_while_a_task_runs_cancels_the_order(settings, tmp_path):
     run.process.send_signal(signal.SIGTERM)
 
     _assert_cancelled_once(run)
-    [order] = _ran(settings)
+    [order] = ran_orders(settings)
     assert order.status == "CANCELLED"
     wait_for(lambda: not pipeline_processes(settings), "every task and monitor of the run ended")
 
@@ -151,7 +146,7 @@ def test_orders_started_while_the_broker_does_not_answer_wait_for_it(settings, o
     code, _, stderr = run.finish()
     assert code == 0, stderr[-3000:]
     assert stderr.count("is slow to answer") == 1, stderr[-3000:]
-    stored = _ran(settings)
+    stored = ran_orders(settings)
     assert sorted(o.name for o in stored) == [f"held-{i}" for i in range(3)]
     assert all(o.status == "SUCCEEDED" for o in stored), stored
 
