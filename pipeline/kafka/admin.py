@@ -26,10 +26,11 @@ from pipeline.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# One request is given this long; one that got no answer is asked again until PATIENCE is
-# spent: librdkafka's default message.timeout.ms, how long every producer here waits out a
-# broker that does not answer.
-REQUEST_TIMEOUT = 10.0
+# One request is given this long (listing topics blocks that long, uninterruptibly: it bounds
+# how long a cancel waits); one that got no answer is asked again until PATIENCE is spent:
+# librdkafka's default message.timeout.ms, how long every producer here waits out a broker
+# that does not answer.
+REQUEST_TIMEOUT = 5.0
 PATIENCE = 300.0
 SLOW_SPELL_QUIET = 10.0
 # What a broker that is slow or away answers with (a refusal, such as a failed login or an
@@ -38,6 +39,14 @@ _NO_ANSWER = frozenset({
     confluent_kafka.KafkaError._TIMED_OUT, confluent_kafka.KafkaError._TRANSPORT,
     confluent_kafka.KafkaError._ALL_BROKERS_DOWN, confluent_kafka.KafkaError.REQUEST_TIMED_OUT,
     confluent_kafka.KafkaError.NOT_CONTROLLER,
+})
+
+
+# What the client hears when the broker refuses it (a wrong password): then a request left
+# unanswered is no slowness, and asking again is no use.
+_REFUSALS = frozenset({
+    confluent_kafka.KafkaError._AUTHENTICATION, confluent_kafka.KafkaError.SASL_AUTHENTICATION_FAILED,
+    confluent_kafka.KafkaError._SSL,
 })
 
 
@@ -57,6 +66,9 @@ class TopicAdmin:
     def __init__(self, settings: Settings, stop: threading.Event | None = None,
                  patience: float = PATIENCE) -> None:
         self._config = client_config(settings)
+        self._refusal: confluent_kafka.KafkaError | None = None
+        self._forward_error = self._config.get("error_cb")
+        self._config["error_cb"] = self._on_error
         self._bootstrap = settings.kafka_bootstrap_servers
         self._names = TopicNames.of(settings)
         self._admin: AdminClient | None = None
@@ -65,6 +77,12 @@ class TopicAdmin:
         self._lock = threading.Lock()
         self._slow_since: float | None = None  # the broker has left a request unanswered
         self._last_unanswered = 0.0
+
+    def _on_error(self, error: confluent_kafka.KafkaError) -> None:
+        if error.code() in _REFUSALS:
+            self._refusal = error
+        if self._forward_error is not None:
+            self._forward_error(error)
 
     def _client(self) -> AdminClient:
         with self._lock:
@@ -143,7 +161,7 @@ class TopicAdmin:
             for topic in pending:
                 physical = self._names.physical(topic)
                 try:
-                    futures[physical].result(timeout + 1.0)
+                    self._result(futures[physical], timeout + 1.0)
                 except confluent_kafka.KafkaException as exc:
                     if exc.args[0].code() == confluent_kafka.KafkaError.TOPIC_ALREADY_EXISTS:
                         if topic not in unanswered:
@@ -174,7 +192,7 @@ class TopicAdmin:
                                                    request_timeout=timeout)
             for topic, future in futures.items():
                 try:
-                    future.result(timeout + 1.0)
+                    self._result(future, timeout + 1.0)
                 except confluent_kafka.KafkaException as exc:
                     if _no_answer(exc):
                         raise _NoAnswer(f"no answer to deleting {topic}: {exc}") from exc
@@ -185,6 +203,16 @@ class TopicAdmin:
 
         self._patiently("deleting topics", ask)
         self._wait(lambda names: not set(topics) & names, f"topics {', '.join(topics)} to go")
+
+    def _result(self, future: concurrent.futures.Future, timeout: float):
+        """``future.result(timeout)``, given up early (TimeoutError) once stopped."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return future.result(min(0.2, max(deadline - time.monotonic(), 0.0)))
+            except concurrent.futures.TimeoutError:
+                if self._stop.is_set() or time.monotonic() >= deadline:
+                    raise
 
     def _wait(self, done, what: str) -> None:
         """Until ``done(existing topics)``; a broker that lists topics is answering, so this
@@ -205,6 +233,10 @@ class TopicAdmin:
             try:
                 result = call()
             except _NoAnswer as exc:
+                self._client().poll(0)  # serves error_cb: did the broker refuse this client?
+                if self._refusal is not None:
+                    raise KafkaClientError(f"{what}: {self._bootstrap} refused this client: "
+                                           f"{self._refusal.str()}") from exc
                 if time.monotonic() >= deadline or self._stop.is_set():
                     why = "stopped" if self._stop.is_set() else f"for {self._patience:g}s"
                     raise KafkaClientError(f"{what}: no answer from {self._bootstrap} ({why}): {exc}") from exc
