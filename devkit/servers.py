@@ -35,29 +35,30 @@ def free_port_pair() -> int:
     raise RuntimeError("no two consecutive free ports")
 
 
+def server_execute(server_url: str, statement: str) -> None:
+    """Run one statement (CREATE or DROP DATABASE) on the PostgreSQL server of ``server_url``,
+    outside any transaction, on a connection of its own (the server may have been restarted
+    since the last one)."""
+    server = make_url(server_url)
+    conn = psycopg2.connect(host=server.host, port=server.port, user=server.username,
+                            password=server.password, dbname="postgres")
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(statement)
+    finally:
+        conn.close()
+
+
 @contextlib.contextmanager
 def fresh_database(server_url: str) -> Iterator[str]:
     """A new, empty database on the server of ``server_url``, dropped afterwards."""
-    server = make_url(server_url)
     name = f"test_{uuid.uuid4().hex[:12]}"
-    admin = dict(host=server.host, port=server.port, user=server.username,
-                 password=server.password, dbname="postgres")
-
-    def execute(statement: str) -> None:
-        # A connection per statement: the server may have been restarted in between.
-        conn = psycopg2.connect(**admin)
-        conn.autocommit = True
-        try:
-            with conn.cursor() as cursor:
-                cursor.execute(statement)
-        finally:
-            conn.close()
-
-    execute(f"CREATE DATABASE {name}")
+    server_execute(server_url, f"CREATE DATABASE {name}")
     try:
-        yield server.set(database=name).render_as_string(hide_password=False)
+        yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
     finally:
-        execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        server_execute(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def settings_for(infra_env: dict[str, str], database_url: str, folder: Path) -> Settings:

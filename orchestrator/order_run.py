@@ -70,7 +70,6 @@ class TaskSlots:
     the CPU (where the broker and the monitors, which every order waits for, would starve)."""
 
     def __init__(self, slots: int, cancel: threading.Event) -> None:
-        self.slots = slots
         self._free = threading.BoundedSemaphore(slots)
         self._cancel = cancel
 

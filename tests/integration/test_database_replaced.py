@@ -9,11 +9,11 @@ import dataclasses
 from collections import Counter
 from pathlib import Path
 
-import psycopg2
 import pytest
 from sqlalchemy.engine import make_url
 
 from devkit.orders import ran_orders, run_orchestrator, write_order
+from devkit.servers import server_execute
 from ops.infra.shared_monitors import SharedMonitors
 from pipeline.protocol import RESOURCES
 from pipeline.settings import Monitors
@@ -69,18 +69,6 @@ def test_a_sqlite_file_removed_and_made_anew_is_followed(sqlite_settings, tmp_pa
         services.stop()
 
 
-def _admin_execute(database_url: str, statement: str) -> None:
-    url = make_url(database_url)
-    conn = psycopg2.connect(host=url.host, port=url.port, user=url.username, password=url.password,
-                            dbname="postgres")
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cursor:
-            cursor.execute(statement)
-    finally:
-        conn.close()
-
-
 def test_a_postgresql_database_dropped_and_created_again_is_followed(settings, tmp_path):
     settings = dataclasses.replace(settings, monitors=Monitors.SHARED)
     services = SharedMonitors(settings)
@@ -88,8 +76,8 @@ def test_a_postgresql_database_dropped_and_created_again_is_followed(settings, t
     try:
         _assert_measured(settings, "before", _run_one(settings, tmp_path, "before").stderr)
         name = make_url(settings.database_url).database
-        _admin_execute(settings.database_url, f"DROP DATABASE {name} WITH (FORCE)")
-        _admin_execute(settings.database_url, f"CREATE DATABASE {name}")
+        server_execute(settings.database_url, f"DROP DATABASE {name} WITH (FORCE)")
+        server_execute(settings.database_url, f"CREATE DATABASE {name}")
 
         after = _run_one(settings, tmp_path, "after")
 
