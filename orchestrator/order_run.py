@@ -495,23 +495,27 @@ class OrderRun:
                 return
             if not noticed and waited >= CONFIRM_NOTICE_SECONDS:
                 noticed = True
-                self._say(self._unconfirmed_notice(waited))
+                self._notice_unconfirmed(waited)
 
-    def _unconfirmed_notice(self, waited: float) -> str:
-        """What the console says of an order whose samples are not confirmed yet."""
+    def _notice_unconfirmed(self, waited: float) -> None:
+        """Say why this order's samples are not confirmed yet: a consumer that stores (this
+        order's rows, or other orders confirmed meanwhile) is behind, which is said once for
+        the run; one that has stored none of it and confirms nothing is not serving it."""
+        wait = (f"orders wait up to {SHARED_TERMINATE_TIMEOUT:g}s for it (Ctrl-C or SIGTERM stops "
+                "waiting and keeps their topics for the next run)")
         try:
             rows = self.s.store.count_measurements(self.order_id)
         except DatabaseError:
-            rows = None
-        wait = (f"still waiting (up to {SHARED_TERMINATE_TIMEOUT:g}s; Ctrl-C or SIGTERM stops "
-                "waiting and keeps the topics for the next run)")
-        if rows:
-            return (f"the shared monitor-consumer has stored {rows} sample rows of this order but not "
-                    f"confirmed the rest after {waited:.0f}s: it is behind; {wait}")
-        return (f"the shared monitors have stored no sample of this order {waited:.0f}s after its tasks "
-                "ended: they may be down, stuck or serving another database; see `python -m pipeline "
-                f"infra status` and their logs, or restart them (`python -m pipeline infra down`, "
-                f"then run again); {wait}")
+            rows = 0
+        if rows or self.s.listener.confirmed_within(waited):
+            self.s.reporter.once("consumer behind", f"the shared monitor-consumer is behind: it confirms "
+                                                    f"orders' samples more than {waited:.0f}s after their "
+                                                    f"tasks ended; {wait}")
+            return
+        self._say(f"the shared monitors have stored no sample of this order {waited:.0f}s after its tasks "
+                  "ended and confirm nothing: they may be down, stuck or serving another database; see "
+                  "`python -m pipeline infra status` and their logs, or restart them (`python -m pipeline "
+                  f"infra down`, then run again); {wait}")
 
     def _await_monitors(self, grace: float) -> None:
         """Wait up to ``grace`` for the monitors to end their handshake. A monitor-consumer

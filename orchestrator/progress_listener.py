@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 
 from pipeline.errors import KafkaClientError, ProtocolError
 from pipeline.kafka import Consumer
@@ -34,6 +35,7 @@ class ProgressListener:
         self._thread = threading.Thread(target=self._run, name="progress-listener", daemon=True)
         self.malformed = 0
         self._terminated: dict[str, threading.Event] = {}  # task<ID> -> TERMINATE seen
+        self._last_terminate: float | None = None  # monotonic time of the last TERMINATE read
         # Topics to start or stop reading; the reader thread alone touches the client.
         self._changes: queue.Queue[tuple[str, str]] = queue.Queue()
 
@@ -49,6 +51,12 @@ class ProgressListener:
             event = self._terminated.setdefault(topic, threading.Event())
         self._changes.put(("add", topic))
         return event
+
+    def confirmed_within(self, seconds: float) -> bool:
+        """Whether the shared consumer confirmed one of this process's orders (TERMINATE) in
+        the last ``seconds``: it is alive and serving, if maybe behind."""
+        with self._lock:
+            return self._last_terminate is not None and time.monotonic() - self._last_terminate <= seconds
 
     def register(self, order_id: int) -> "queue.Queue[Progress]":
         """The queue on which this order's PROGRESS messages will arrive."""
@@ -79,6 +87,8 @@ class ProgressListener:
             if message is not None and message.key == Key.TERMINATE.value:
                 with self._lock:
                     event = self._terminated.get(message.topic)
+                    if event is not None:
+                        self._last_terminate = time.monotonic()
                 if event is not None:
                     event.set()
                 continue

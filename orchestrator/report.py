@@ -47,11 +47,21 @@ class Reporter:
         self.stream = stream or sys.stderr
         self._lock = threading.Lock()
         self._began = time.monotonic()
+        self._said: set[str] = set()
 
     def line(self, text: str) -> None:
         with self._lock:
             elapsed = time.monotonic() - self._began
             print(f"[{elapsed:7.1f}s] {text}", file=self.stream, flush=True)
+
+    def once(self, key: str, text: str) -> None:
+        """``text`` as a line, the first time ``key`` is given only: what holds for the whole
+        run is said once, not once per order."""
+        with self._lock:
+            if key in self._said:
+                return
+            self._said.add(key)
+        self.line(text)
 
 
 def format_summary(results: list[OrderResult]) -> str:
