@@ -74,11 +74,14 @@ class TaskSlots:
         self._cancel = cancel
 
     def take(self) -> bool:
-        """Wait for a slot; False when cancelled first."""
-        while not self._free.acquire(timeout=0.2):
-            if self._cancel.is_set():
-                return False
-        return True
+        """Wait for a slot; False when cancelled first (a slot freed by the cancel's own
+        stopping of a task is not taken)."""
+        while not self._cancel.is_set():
+            if self._free.acquire(timeout=0.2):
+                if not self._cancel.is_set():
+                    return True
+                self._free.release()
+        return False
 
     def give_back(self) -> None:
         self._free.release()

@@ -29,8 +29,8 @@ from pipeline.settings import Monitors, Settings
 ENDS = 60.0
 
 
-def _orchestrator(settings: Settings, *orders: Path) -> Output:
-    return Output(start_orchestrator(settings, *map(str, orders)))
+def _orchestrator(settings: Settings, *args: Path | str) -> Output:
+    return Output(start_orchestrator(settings, *map(str, args)))
 
 
 def _stall(folder: Path, name: str) -> Path:
@@ -60,6 +60,20 @@ def test_sigterm_while_a_task_runs_cancels_the_order(settings, tmp_path):
     [order] = ran_orders(settings)
     assert order.status == "CANCELLED"
     wait_for(lambda: not pipeline_processes(settings), "every task and monitor of the run ended")
+
+
+def test_sigterm_while_a_task_waits_for_a_running_slot_cancels_both_orders(settings, tmp_path):
+    settings = dataclasses.replace(settings, monitors=Monitors.PER_ORDER)
+    run = _orchestrator(settings, _stall(tmp_path, "first"), _stall(tmp_path, "second"), "--max-running", "1")
+    run.wait_for_line("task 1/1 grayscale started")
+    run.wait_for_line("running 1 task(s)", count=2)  # the second order's task waits for the slot
+
+    run.process.send_signal(signal.SIGTERM)
+
+    _assert_cancelled_once(run)
+    stored = all_stored_orders(settings)
+    assert {o.name for o in stored if o.status == "CANCELLED"} == {"first", "second"}
+    assert sum(len(o.runs) for o in stored) == 1  # the waiting task never started
 
 
 def test_a_second_sigterm_forces_the_exit(settings, tmp_path):
