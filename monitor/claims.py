@@ -79,5 +79,9 @@ class OrderClaims:
         """Raise DatabaseReplaced when the URL leads to another database than the one held."""
         self._held.check()
 
+    def close(self) -> None:
+        """Let go of the database's connections (they may hold a replaced one)."""
+        self._store.engine.dispose()
+
     def forget(self, order_id: int) -> None:
         self._known.pop(order_id, None)

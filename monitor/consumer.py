@@ -103,6 +103,7 @@ class MonitorConsumer:
                 if self.scorer is not None:
                     self.scorer.close(timeout=10.0)
                     self.scorer = None
+                self._writer.engine.dispose()  # its connections hold the old database
 
     def _serve(self) -> bool:
         engine = connect(self.settings.database_url)

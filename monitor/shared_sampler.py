@@ -72,6 +72,7 @@ class SharedSampler:
                 logger.warning("shared sampler: %s; starting over on the new one", exc)
                 self.orders.clear()
                 self.finished.clear()
+                self._claims.close()
 
     def _serve(self) -> None:
         self._claims = OrderClaims(connect(self.settings.database_url), self.settings.database_url)
