@@ -32,6 +32,7 @@ from orchestrator.runtime.base import TaskLaunch  # noqa: E402
 from orchestrator.runtime import fork_client  # noqa: E402
 from orchestrator.runtime.fork_client import ForkServerClient  # noqa: E402
 from orchestrator.runtime.local import LocalRuntime  # noqa: E402
+from ops.infra.state import pid_alive  # noqa: E402
 from pipeline.lifetime import PARENT_PID_VARIABLE  # noqa: E402
 from pipeline.proctime import boottime_ns  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
@@ -64,13 +65,6 @@ def percentiles(values_ms: list[float]) -> tuple[str, str, str]:
     return f"{median(ordered):.1f}", f"{p90:.1f}", f"{ordered[-1]:.1f}"
 
 
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            return handle.read().rsplit(b")", 1)[1].split()[0] == b"Z"
-    except OSError:
-        return True
-
 
 def measure_fork(folder: Path, runs: int) -> dict[str, list[float]]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(folder)]), PYTHONUNBUFFERED="1")
@@ -93,7 +87,7 @@ def measure_fork(folder: Path, runs: int) -> dict[str, list[float]]:
             child = int(family.read_text())
             began = time.perf_counter()
             handle.stop(grace=60.0)
-            wait_for(lambda: _gone(child), "the child's end", every=0.001)
+            wait_for(lambda: not pid_alive(child), "the child's end", every=0.001)
             stop_ms.append((time.perf_counter() - began) * 1000)
     finally:
         client.close()

@@ -26,6 +26,7 @@ from orchestrator.runtime import fork_client
 from orchestrator.runtime.base import TaskLaunch
 from orchestrator.runtime.fork_client import ForkedTaskHandle, ForkServerClient, ForkServerUnavailable
 from orchestrator.runtime.local import LocalRuntime, ProcessHandle
+from ops.infra.state import pid_alive
 from pipeline.lifetime import PARENT_PID_VARIABLE
 from pipeline.proctime import TICK_NS, boottime_ns, read_start_ticks, start_ns
 from pipeline.settings import Settings
@@ -101,17 +102,9 @@ def _wait_for_file(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _gone(pid: int) -> bool:
-    """No such process, or only its zombie (an orphan's zombie waits for whoever reaps it)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            return handle.read().rsplit(b")", 1)[1].split()[0] == b"Z"
-    except OSError:
-        return True
-
 
 def _wait_gone(pid: int) -> bool:
-    return wait_for(lambda: _gone(pid), f"the end of pid {pid}", every=0.02)
+    return wait_for(lambda: not pid_alive(pid), f"the end of pid {pid}", every=0.02)
 
 
 def _cpu_ticks(pid: int) -> int:
@@ -248,7 +241,7 @@ def test_the_server_outlives_the_thread_that_started_it(modules: Path, tmp_path:
         wait_for(lambda: not os.path.exists(f"/proc/self/task/{thread.native_id}"), "the thread's end")
         assert _start(client, "fs_exit", ["4"], tmp_path / "b.log").wait(PATIENCE) == 4
         assert _start(client, "fs_exit", ["5"], tmp_path / "c.log").wait(PATIENCE) == 5
-        assert client.pid == server and not _gone(server)
+        assert client.pid == server and pid_alive(server)
         assert "stopped" not in (tmp_path / "fork-server.log").read_text()
     finally:
         client.close()
@@ -274,7 +267,7 @@ def test_the_server_and_its_tasks_end_when_its_parent_dies(modules: Path, tmp_pa
         server, task, folder = parent.stdout.readline().split()
         server, task = int(server), int(task)
         _wait_for_file(tmp_path / "info.json")
-        assert not _gone(server) and not _gone(task)
+        assert pid_alive(server) and pid_alive(task)
 
         parent.kill()  # no clean-up of its own: only the kernel's PR_SET_PDEATHSIG is left
         parent.wait()
