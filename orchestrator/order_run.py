@@ -249,7 +249,8 @@ class OrderRun:
         name = f"task {position + 1}/{len(self.order.tasks)} {spec.name}"
         for attempt in range(1, retry.max_attempts + 1):
             launch = TaskLaunch(self.order_id, self.order.task_names, spec.name, progress,
-                                self._image, dict(spec.params), spec.fault, spec.fault_at, attempt)
+                                self._image, dict(spec.params), spec.fault, spec.fault_at, attempt,
+                                fault_factor=spec.fault_factor)
             if not self._take_slot():
                 return None  # cancelled while waiting for a slot
             try:

@@ -97,6 +97,10 @@ def _describe(error: ValidationError) -> str:
         sign = ">=" if keyword == "minimum" else ">"
         noun = "an integer" if error.schema.get("type") == "integer" else "a number"
         return f"expected {noun} {sign} {expected}, got {value!r}"
+    if keyword in ("maximum", "exclusiveMaximum"):
+        sign = "<=" if keyword == "maximum" else "<"
+        noun = "an integer" if error.schema.get("type") == "integer" else "a number"
+        return f"expected {noun} {sign} {expected}, got {value!r}"
     if keyword == "dependentRequired":
         field = next(name for name in expected if name in value)
         return f"{field!r} needs {', '.join(repr(name) for name in expected[field])} as well"

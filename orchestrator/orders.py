@@ -27,10 +27,12 @@ from PIL import Image
 
 from orchestrator.order_schema import schema_problem
 from pipeline.errors import PipelineError
+from pipeline.invocation import DEFAULT_FAULT_FACTOR, REGRESSION_FAULTS
 from services import catalog
 from services.runtime.spec import TaskParameterError
 
-FAULT_TYPES = ("raise", "stall", "cpu_hog", "memory_leak", "io_storm")
+FAULT_TYPES = ("raise", "stall", "cpu_hog", "memory_leak", "io_storm", *REGRESSION_FAULTS)
+_FAULT_FIELDS = ("fault", "fault_at", "fault_factor")
 
 # The original system's field names, accepted in place of the current ones.
 _ORIGINAL_NAMES = {"id": "orderID", "tasks": "required_tasks"}
@@ -57,13 +59,16 @@ class TaskSpec:
     """One step of an order: a task name, its full (resolved) parameters and an optional fault.
 
     ``fault`` is one of :data:`FAULT_TYPES`, injected by the task runtime ``fault_at``
-    seconds after the task starts; ``None`` runs the task normally.
+    seconds after the task starts; ``None`` runs the task normally. A regression fault
+    (:data:`~pipeline.invocation.REGRESSION_FAULTS`) starts with the work and scales it by
+    ``fault_factor`` instead.
     """
 
     name: str
     params: Mapping[str, Any] = field(default_factory=dict)
     fault: str | None = None
     fault_at: float = 0.0
+    fault_factor: float = DEFAULT_FAULT_FACTOR
     # Kubernetes requests/limits over the task's defaults: {"requests": {"cpu": "500m"}, ...}.
     resources: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
@@ -109,7 +114,9 @@ class Order:
         tasks = []
         for task in self.tasks:
             item: dict[str, Any] = {"name": task.name, "params": dict(task.params)}
-            if task.fault is not None:
+            if task.fault in REGRESSION_FAULTS:
+                item.update(fault=task.fault, fault_factor=task.fault_factor)
+            elif task.fault is not None:
                 item.update(fault=task.fault, fault_at=task.fault_at)
             if task.resources:
                 item["resources"] = {kind: dict(values) for kind, values in task.resources.items()}
@@ -242,13 +249,20 @@ def _task_spec(path: Path, number: int, item: str | dict[str, Any]) -> TaskSpec:
     fault_fields = {}
     # The runtime reserves these names among a task's parameters, so they are accepted
     # inside "params" too; the documented place is the task object.
-    for key in ("fault", "fault_at"):
+    for key in _FAULT_FIELDS:
         if key in params and key in item:
             _fail(path, f"{where}: {key!r} given both in the task and in its params; give it once")
         if key in params or key in item:
             fault_fields[key] = params.pop(key) if key in params else item[key]
     fault = fault_fields.get("fault")
+    if fault in REGRESSION_FAULTS and "fault_at" in fault_fields:
+        _fail(path, f"{where}: 'fault_at' does not apply to fault {fault!r}, a regression that starts "
+                    f"with the work; remove it (the regression is scaled by 'fault_factor')")
+    if fault not in REGRESSION_FAULTS and "fault_factor" in fault_fields:
+        _fail(path, f"{where}: 'fault_factor' applies only to the regression faults "
+                    f"{', '.join(REGRESSION_FAULTS)}, not to {fault!r}")
     fault_at = float(fault_fields.get("fault_at", 0.0))
+    fault_factor = float(fault_fields.get("fault_factor", DEFAULT_FAULT_FACTOR))
 
     try:
         task = catalog.get_task(name)
@@ -261,7 +275,7 @@ def _task_spec(path: Path, number: int, item: str | dict[str, Any]) -> TaskSpec:
         # The catalog's message starts with "task 'blur': "; the prefix here says that.
         message = str(exc).removeprefix(f"task {name!r}: ")
         _fail(path, f"{where}: {message}", exc)
-    return TaskSpec(name=name, params=resolved, fault=fault, fault_at=fault_at,
+    return TaskSpec(name=name, params=resolved, fault=fault, fault_at=fault_at, fault_factor=fault_factor,
                     resources=item.get("resources", {}))
 
 

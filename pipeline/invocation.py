@@ -16,6 +16,11 @@ from pathlib import Path
 from pipeline.errors import ProtocolError
 from pipeline.protocol import decode_output, decode_required_tasks, encode_output, encode_required_tasks
 
+# Faults that model a worse release rather than a breakdown: they start with the work (no
+# ``fault_at``) and scale what the task does by ``fault_factor`` (services/runtime/faults.py).
+REGRESSION_FAULTS = ("extra_work", "extra_memory", "double_write")
+DEFAULT_FAULT_FACTOR = 1.5
+
 
 @dataclass(frozen=True)
 class TaskInvocation:
@@ -30,6 +35,7 @@ class TaskInvocation:
     fault: str | None = None
     fault_at: float = 0.0
     attempt: int = 1
+    fault_factor: float = DEFAULT_FAULT_FACTOR
 
     @property
     def position(self) -> int:
@@ -56,7 +62,9 @@ class TaskInvocation:
             "--params", json.dumps(self.params, sort_keys=True),
             "--attempt", str(self.attempt),
         ]
-        if self.fault:
+        if self.fault in REGRESSION_FAULTS:
+            args += ["--fault", self.fault, "--fault-factor", str(self.fault_factor)]
+        elif self.fault:
             args += ["--fault", self.fault, "--fault-at", str(self.fault_at)]
         return args
 
@@ -78,6 +86,7 @@ class TaskInvocation:
             fault=args.fault,
             fault_at=args.fault_at,
             attempt=args.attempt,
+            fault_factor=args.fault_factor,
         )
 
 
@@ -91,5 +100,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", default="{}", help="the task's parameters as JSON")
     parser.add_argument("--fault", default=None)
     parser.add_argument("--fault-at", type=float, default=0.0)
+    parser.add_argument("--fault-factor", type=float, default=DEFAULT_FAULT_FACTOR)
     parser.add_argument("--attempt", type=int, default=1)
     return parser

@@ -109,13 +109,13 @@ def _work(task: ImageTask, inv: TaskInvocation, settings: Settings, stop: thread
     # Before anything is opened: the earlier outputs came in a message anyone who can write to
     # the broker could have forged (services/runtime/confinement.py).
     check_paths(inv, (target, partial), settings.artifact_dir)
-    fault = Fault(inv.fault, inv.fault_at, stop)
+    fault = Fault(inv.fault, inv.fault_at, stop, inv.fault_factor)
     fault.before_work()
     with Image.open(inv.input_path) as source:
         source.load()
-        result = task.run(source, inv.params)
+        result = fault.work(task.run, source, inv.params)  # task.run(source, inv.params) unless faulted
     target.parent.mkdir(parents=True, exist_ok=True)
-    result.save(partial, format=task.output_format)
+    fault.save(result, partial, task.output_format)  # result.save(partial, format=...) unless faulted
     partial.replace(target)  # a reader never sees half an image
     fault.after_work()
     return target

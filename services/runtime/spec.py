@@ -20,7 +20,7 @@ from pipeline.errors import PipelineError
 TASK_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]*")
 
 # Names the task runtime uses for fault injection; a task may never define them.
-RESERVED_PARAMS = frozenset({"fault", "fault_at"})
+RESERVED_PARAMS = frozenset({"fault", "fault_at", "fault_factor"})
 
 _KINDS = (int, float, str, bool)
 
@@ -164,8 +164,9 @@ class ImageTask:
         """Return every parameter's value: the given ones validated, defaults for the rest.
 
         Unknown names raise :class:`TaskParameterError` listing the known ones. The names
-        ``fault`` and ``fault_at`` are reserved for the runtime's fault injection and are
-        rejected here like any unknown name: the runtime strips them before calling this.
+        ``fault``, ``fault_at`` and ``fault_factor`` are reserved for the runtime's fault
+        injection and are rejected here like any unknown name: the runtime strips them before
+        calling this.
         """
         given = dict(given or {})
         for name in given:
