@@ -11,7 +11,7 @@ from sqlalchemy import Engine, select
 
 import pandas as pd
 
-from models.rows import RAW_COLUMNS, model_rows, previous_task
+from models.rows import NO_PARAMS, RAW_COLUMNS, model_rows, previous_task
 from pipeline.db.deviations import to_ms
 from pipeline.db.schema import orders, task_runs, tasks
 from analysis.scoring import SampleContext, contexts
@@ -25,6 +25,7 @@ class _Run:
     started_ms: int
     finished_ms: int | None
     input_pixels: int | None
+    params: str
 
 
 class OrderContext:
@@ -44,7 +45,7 @@ class OrderContext:
             order = conn.execute(select(orders).where(orders.c.id == self.order_id)).mappings().first()
             runs = conn.execute(
                 select(task_runs.c.position, task_runs.c.attempt, tasks.c.name, task_runs.c.started_at,
-                       task_runs.c.finished_at, task_runs.c.input_pixels)
+                       task_runs.c.finished_at, task_runs.c.input_pixels, task_runs.c.params)
                 .join(tasks, tasks.c.id == task_runs.c.task_id)
                 .where(task_runs.c.order_id == self.order_id)
                 .order_by(task_runs.c.started_at)
@@ -53,7 +54,8 @@ class OrderContext:
             self.task_list = order["task_list"]
             if order["image_width"] and order["image_height"]:
                 self.image_pixels = float(order["image_width"] * order["image_height"])
-        self._runs = [_Run(p, a, name, to_ms(s), to_ms(f) if f else None, px) for p, a, name, s, f, px in runs]
+        self._runs = [_Run(p, a, name, to_ms(s), to_ms(f) if f else None, px, params or NO_PARAMS)
+                      for p, a, name, s, f, px, params in runs]
 
     def started_ms(self, position: int) -> int | None:
         """When the last attempt of the task run at ``position`` started (None: unknown)."""
@@ -74,6 +76,7 @@ class OrderContext:
         pixels = run.input_pixels or self.image_pixels
         return {"order_id": self.order_id, "position": run.position, "attempt": run.attempt, "task": task,
                 "prev_task": previous_task(self.task_list, run.position), "image_pixels": float(pixels),
+                "params": run.params,
                 "started_ms": run.started_ms, "ts_ms": timestamp_ms, "resource": resource, "value": value}
 
     def _match(self, task: str, timestamp_ms: int, position: int | None, attempt: int | None) -> _Run | None:

@@ -48,7 +48,7 @@ def rescore(settings: Settings, order_id: int, version: str | None = None) -> Re
     samples = retrying(lambda: order_samples(engine, order_id), f"order {order_id}: reading its samples", patience)
     if not samples:
         raise RescoreError(f"order {order_id} has no stored samples in {settings.database_url.split('@')[-1]}")
-    results = model_detector(model, settings, model_version).process(samples)
+    results = model_detector(model, settings, model_version).replay(samples)
     retrying(lambda: DeviationStore(engine).replace(order_id, results, model_version),
              f"order {order_id}: storing its deviations", patience)
     anomalies = Counter((r.task, r.index, r.resource) for r in results if r.anomaly)

@@ -1,24 +1,22 @@
-"""Deviation scoring: how far a sample lies from what was expected, and when that is an anomaly.
+"""Deviation scoring: how far a sample or a run lies from what was expected, and when that is an anomaly.
 
 As in river's anomaly module, the parts are small and separate: a *scorer* turns a sample into
-a score (higher is more anomalous, signed: above or below expectation), an :data:`ALARMS`
-policy says which side of which resource can be an anomaly, and a :class:`ConsecutiveFilter`
-decides when a run of high scores is one. Four scorers share one contract:
-:class:`ModelBandScorer` (the expected-usage model's band), and three simple detectors to
-compare it with, :class:`FixedThresholdScorer`, :class:`RollingZScorer` and
-:class:`NSigmaScorer`. :class:`OverrunCheck` raises ``duration`` anomalies: a run that has
-used far more CPU time than its task ever needs (models.work).
+a score (higher is more anomalous, signed: above or below expectation), the alarm policy
+(:mod:`models.alarms`) says which side of which resource can be an anomaly, and a
+:class:`ConsecutiveFilter` decides when a run of high scores is one. Four scorers share one
+contract: :class:`ModelBandScorer` (the expected-usage model's band), and three simple
+detectors to compare it with, :class:`FixedThresholdScorer`, :class:`RollingZScorer` and
+:class:`NSigmaScorer`. :class:`RunCheck` gives every run a verdict on its totals (CPU time,
+peak memory, bytes read and written) at its end, against the work model (models/work.py), and
+calls a run whose CPU time already lies beyond its threshold an overrun while it runs.
 
-Why the policy: on a shared node a task gets a share of the cores, so its ``cpu`` falls and
-its ``cpu_wait`` rises with the load, while its ``cpu_demand`` (their sum) stays what the task
-asks for. Anomalies are raised on demand (both sides: a hog above, a stall below), and on
-memory and storage I/O above their band only (a slower task writes and grows more slowly);
-cpu and cpu_wait are scored and stored for the plots but raise nothing.
+The model detector's thresholds are those its calibration sets for the configured false-alarm
+rate (``FALSE_ALARM_RATE``, models/alarms.py); the simple detectors use ``ANOMALY_THRESHOLD``.
 """
 
 from __future__ import annotations
 
-import enum
+import logging
 import math
 from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence
@@ -27,34 +25,19 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
-from models.rows import DEMAND
+from models.alarms import (  # noqa: F401 - the policy is part of this module's face
+    ALARMS, BAND_EDGE_Z, DEFAULT_CONSECUTIVE, MIN_HALF_WIDTH, AlarmCalibration, Side, alarm_score, band_score,
+    run_score,
+)
+from models.rows import NO_PARAMS
+from models.runs import TOTALS, run_totals
+from models.work import param_features
 from pipeline.protocol import Deviation
 from pipeline.settings import Settings
 
-# The P10-P90 band of a normal distribution is +-1.2816 standard deviations.
-BAND_EDGE_Z = 1.2816
-# Smallest half-width a band may have, per resource: a task that reads nothing from disk has
-# P10 = P50 = P90 = 0, and a single page read must not count as infinitely surprising.
-MIN_HALF_WIDTH = {"cpu": 5.0, "memory": 24.0, "disk_read": 1024.0, "disk_write": 1024.0, "cpu_wait": 10.0,
-                  DEMAND: 25.0}
-# ... and at least this share of the expected median: a task that holds 2 GiB moves by more
-# than one that holds 50 MiB.
-MIN_RELATIVE_HALF_WIDTH = {"memory": 0.1, DEMAND: 0.15}
-DEFAULT_THRESHOLD = 2.5
-DEFAULT_CONSECUTIVE = 3
-DURATION = "duration"  # the resource name of an overrun anomaly (value and band in seconds)
+logger = logging.getLogger(__name__)
 
-
-class Side(str, enum.Enum):
-    """Which deviations of a resource can be anomalies."""
-
-    BOTH = "both"
-    ABOVE = "above"
-    NONE = "none"
-
-
-ALARMS = {DEMAND: Side.BOTH, "memory": Side.ABOVE, "disk_read": Side.ABOVE, "disk_write": Side.ABOVE}
-"""Resources that raise anomalies, and on which side; every other resource is only scored."""
+DEFAULT_THRESHOLD = 2.5  # the simple detectors' (ANOMALY_THRESHOLD)
 
 
 @dataclass(frozen=True)
@@ -76,6 +59,7 @@ class SampleContext:
     cpu_seconds: float = 0.0  # the run's CPU time up to this tick
     interval_s: float = 1.0  # the length of the interval the sample covers
     cpu_before: float = 0.0  # the run's CPU time before this tick
+    params: str = NO_PARAMS  # the run's task parameters, JSON
 
     @property
     def series(self) -> tuple[int, int, int, str]:
@@ -89,13 +73,28 @@ class SampleContext:
 
 def contexts(rows: pd.DataFrame) -> list[SampleContext]:
     """The samples of model rows (models.features.ROW_COLUMNS), in their order."""
+    params = rows["params"] if "params" in rows else [NO_PARAMS] * len(rows)
     return [SampleContext(int(o), str(t), int(p), str(r), int(ts), float(v), float(sec), str(prev),
-                          float(px), float(pr), int(a), float(cs), float(i), float(cb))
-            for o, t, p, r, ts, v, sec, prev, px, pr, a, cs, i, cb in zip(
+                          float(px), float(pr), int(a), float(cs), float(i), float(cb), str(pa))
+            for o, t, p, r, ts, v, sec, prev, px, pr, a, cs, i, cb, pa in zip(
                 rows["order_id"], rows["task"], rows["position"], rows["resource"], rows["ts_ms"],
                 rows["value"], rows["seconds"], rows["prev_task"], rows["image_pixels"],
                 rows["node_cpu_pressure"], rows["attempt"], rows["cpu_seconds"], rows["interval_s"],
-                rows["cpu_before"])]
+                rows["cpu_before"], params)]
+
+
+def sample_rows(samples: Sequence[SampleContext]) -> pd.DataFrame:
+    """``samples`` back as model rows (models.rows.ROW_COLUMNS): what models.runs reads."""
+    return pd.DataFrame({
+        "order_id": [s.order_id for s in samples], "position": [s.position for s in samples],
+        "attempt": [s.attempt for s in samples], "task": [s.task for s in samples],
+        "resource": [s.resource for s in samples], "seconds": [s.seconds for s in samples],
+        "prev_task": [s.prev_task for s in samples], "image_pixels": [s.image_pixels for s in samples],
+        "params": [s.params for s in samples], "node_cpu_pressure": [s.node_cpu_pressure for s in samples],
+        "value": [s.value for s in samples], "ts_ms": [s.timestamp_ms for s in samples],
+        "interval_s": [s.interval_s for s in samples], "cpu_seconds": [s.cpu_seconds for s in samples],
+        "cpu_before": [s.cpu_before for s in samples],
+    })
 
 
 def feature_frame(samples: Sequence[SampleContext]) -> pd.DataFrame:
@@ -107,6 +106,7 @@ def feature_frame(samples: Sequence[SampleContext]) -> pd.DataFrame:
         "position": [s.position for s in samples],
         "prev_task": [s.prev_task for s in samples],
         "image_pixels": [s.image_pixels for s in samples],
+        "params": [s.params for s in samples],
         "node_cpu_pressure": [s.node_cpu_pressure for s in samples],
         "interval_s": [s.interval_s for s in samples],
         "cpu_before": [s.cpu_before for s in samples],
@@ -118,14 +118,6 @@ def scored(sample: SampleContext, expected: float, lower: float, upper: float, s
     """``sample`` with its expectation, band, score and verdict."""
     return Deviation(sample.order_id, sample.task, sample.position, sample.resource, sample.timestamp_ms,
                      sample.value, expected, lower, upper, score, model_version, anomaly, raised)
-
-
-def band_score(value: float, p10: float, p50: float, p90: float, resource: str) -> float:
-    """Signed deviation from the median in standard-deviation equivalents: the band's edges
-    are at +-1.28, each side scaled by its own half of the band."""
-    floor = max(MIN_HALF_WIDTH.get(resource, 1.0), MIN_RELATIVE_HALF_WIDTH.get(resource, 0.0) * p50)
-    half = max(p90 - p50, floor) if value >= p50 else max(p50 - p10, floor)
-    return BAND_EDGE_Z * (value - p50) / half
 
 
 class ModelBandScorer:
@@ -197,16 +189,24 @@ class ConsecutiveFilter:
     """An anomaly is ``consecutive`` samples in a row of one series with ``|score| >
     threshold``; every sample of the run from then on is flagged, and the first one raises it."""
 
-    def __init__(self, threshold: float = DEFAULT_THRESHOLD, consecutive: int = DEFAULT_CONSECUTIVE) -> None:
-        if consecutive < 1 or threshold <= 0:
-            raise ValueError("consecutive must be >= 1 and threshold > 0")
+    def __init__(self, threshold: float | Mapping[str, float] = DEFAULT_THRESHOLD,
+                 consecutive: int = DEFAULT_CONSECUTIVE) -> None:
+        values = list(threshold.values()) if isinstance(threshold, Mapping) else [threshold]
+        if consecutive < 1 or any(v <= 0 for v in values):
+            raise ValueError("consecutive must be >= 1 and every threshold > 0")
         self.threshold = threshold
         self.consecutive = consecutive
         self._streaks: dict[tuple, int] = defaultdict(int)
 
+    def threshold_of(self, resource: str) -> float:
+        """The threshold of ``resource``'s samples (none: they never alarm)."""
+        if isinstance(self.threshold, Mapping):
+            return self.threshold.get(resource, math.inf)
+        return self.threshold
+
     def update(self, series: tuple, score: float) -> tuple[bool, bool]:
         """(anomalous, first sample of the episode) for the next score of ``series``."""
-        if abs(score) > self.threshold:
+        if abs(score) > self.threshold_of(series[-1]):
             self._streaks[series] += 1
         else:
             self._streaks[series] = 0
@@ -242,75 +242,129 @@ class NSigmaScorer:
         return out
 
 
-class OverrunCheck:
-    """A run whose CPU time so far exceeds ``slack`` times the P90 its task needs (plus
-    ``floor_s``) overran: one ``duration`` anomaly per run, raised at that tick.
+class RunCheck:
+    """Every run's verdict on its totals (models/runs.py) against the work model, at its end;
+    and, while it runs, an **overrun**: CPU time so far already beyond the run's threshold.
 
-    Its value is the seconds the task has run; its band the expected duration at the share of
-    a core the run has been getting (expected CPU time / CPU time per second so far)."""
+    ``thresholds`` map ``run:<total>`` (models/alarms.py KINDS) to the score above which a
+    total is an anomaly. One result per run and total at the run's end (its resource is the
+    total's name, its value the total, its band the expected P10-P90); an overrun raises the
+    ``cpu_seconds`` anomaly early, and the end does not raise it again."""
 
-    def __init__(self, work, slack: float = 1.5, floor_s: float = 1.0) -> None:
+    def __init__(self, work, thresholds: Mapping[str, float]) -> None:
         self.work = work  # models.work.ExpectedWork
-        self.slack = slack
-        self.floor_s = floor_s
-        self._raised: set[tuple[int, int, int]] = set()
+        self.thresholds = dict(thresholds)
+        self._samples: dict[tuple[int, int, int], list[SampleContext]] = defaultdict(list)
+        self._raised: set[tuple[tuple[int, int, int], str]] = set()
+        self._unsized: set[str] = set()
 
-    def check(self, samples: Sequence[SampleContext], model_version: str = "") -> list[Deviation]:
+    def observe(self, samples: Sequence[SampleContext], model_version: str = "") -> list[Deviation]:
+        """Keep ``samples`` for their runs' ends; the overruns they show."""
         found = []
         for s in samples:
-            if s.resource != "cpu" or s.run in self._raised:
+            self._samples[s.run].append(s)
+            if s.resource != "cpu" or (s.run, "cpu_seconds") in self._raised:
                 continue
-            band = self.work.band(s.task, s.image_pixels)
-            if band is None or s.cpu_seconds <= self.slack * band[2] + self.floor_s:
+            fit = self.work.fit_of(s.task, "cpu_seconds")
+            if fit is None or not s.image_pixels > 0:
                 continue
-            self._raised.add(s.run)
-            rate = s.cpu_seconds / s.seconds if s.seconds > 0 else 1.0  # CPU seconds per second
-            p10, p50, p90 = (b / rate for b in band)
-            found.append(scored(replace(s, resource=DURATION, value=s.seconds), p50, p10, p90,
-                                s.cpu_seconds / band[2], True, True, model_version))
+            params = param_features(s.params)
+            score = run_score("cpu_seconds", s.cpu_seconds, fit.log_median(s.image_pixels, params), fit.spread)
+            if score > self.thresholds.get("run:cpu_seconds", math.inf):
+                self._raised.add((s.run, "cpu_seconds"))
+                p10, p50, p90 = fit.band(s.image_pixels, params)
+                found.append(scored(replace(s, resource="cpu_seconds", value=s.cpu_seconds), p50, p10, p90,
+                                    score, True, True, model_version))
+        return found
+
+    def end(self, runs, model_version: str = "") -> list[Deviation]:
+        """The verdicts of ``runs`` (run keys), which have ended; forgets them."""
+        found = []
+        for run in runs:
+            samples = self._samples.pop(run, None)
+            if not samples:
+                continue
+            totals = run_totals(sample_rows(samples)).iloc[0]
+            last = max(samples, key=lambda s: s.timestamp_ms)
+            pixels, params = float(totals["image_pixels"]), param_features(totals["params"])
+            if not pixels > 0:
+                if last.task not in self._unsized:
+                    self._unsized.add(last.task)
+                    logger.warning("task %s ran on an image of unknown size (order %d): its totals are "
+                                   "not judged", last.task, run[0])
+                continue
+            pressure = float(totals["pressure"])
+            for total in TOTALS:
+                fit, value = self.work.fit_of(last.task, total), float(totals[total])
+                if fit is None or not math.isfinite(value):
+                    continue
+                score = run_score(total, value, fit.log_median(pixels, params, pressure), fit.spread)
+                p10, p50, p90 = fit.band(pixels, params, pressure)
+                anomaly = score > self.thresholds.get(f"run:{total}", math.inf)
+                first = anomaly and (run, total) not in self._raised
+                found.append(scored(replace(last, resource=total, value=value), p50, p10, p90, score,
+                                    anomaly, first, model_version))
+            self._raised = {key for key in self._raised if key[0] != run}
         return found
 
     def forget(self, order_id: int) -> None:
-        self._raised = {run for run in self._raised if run[0] != order_id}
+        for run in self.open_runs(order_id):
+            del self._samples[run]
+        self._raised = {key for key in self._raised if key[0][0] != order_id}
 
-
-def alarm_score(resource: str, score: float) -> float:
-    """The part of ``score`` that can raise an anomaly under :data:`ALARMS`."""
-    side = ALARMS.get(resource, Side.NONE)
-    if side is Side.BOTH:
-        return score
-    if side is Side.ABOVE:
-        return max(score, 0.0)
-    return 0.0
+    def open_runs(self, order_id: int | None = None) -> list[tuple[int, int, int]]:
+        """Runs with samples and no verdict yet (of ``order_id``, or all)."""
+        return [run for run in self._samples if order_id is None or run[0] == order_id]
 
 
 class Detector:
-    """A scorer, the alarm policy and a filter, and optionally the overrun check: what the
+    """A scorer, the alarm policy and a filter, and optionally the run check: what the
     monitor-consumer, re-scoring and the benchmark run. Its results carry ``model_version``
     (empty for the simple detectors)."""
 
-    def __init__(self, scorer, filter_: ConsecutiveFilter, overrun: OverrunCheck | None = None,
+    def __init__(self, scorer, filter_: ConsecutiveFilter, runs: RunCheck | None = None,
                  model_version: str = "") -> None:
         self.scorer = scorer
         self.filter = filter_
-        self.overrun = overrun
+        self.runs = runs
         self.model_version = model_version
 
     def process(self, samples: Sequence[SampleContext]) -> list[Deviation]:
         """Score a batch (in time order within each series) and classify every sample; an
-        overrun adds a ``duration`` result after the batch's samples."""
+        overrun adds a ``cpu_seconds`` result after the batch's samples."""
         results = []
         for sample, (expected, lower, upper, score) in zip(samples, self.scorer.score_many(samples)):
             anomaly, first = self.filter.update(sample.series, alarm_score(sample.resource, score))
             results.append(scored(sample, expected, lower, upper, score, anomaly, first, self.model_version))
-        if self.overrun is not None:
-            results.extend(self.overrun.check(samples, self.model_version))
+        if self.runs is not None:
+            results.extend(self.runs.observe(samples, self.model_version))
         return results
+
+    def end_runs(self, runs) -> list[Deviation]:
+        """The run-level verdicts of ``runs`` (run keys) that have ended (none without a run check)."""
+        return [] if self.runs is None else self.runs.end(runs, self.model_version)
+
+    def replay(self, samples: Sequence[SampleContext]) -> list[Deviation]:
+        """Every result of whole runs: their samples, then their verdicts."""
+        results = self.process(samples)
+        return results + self.end_runs(list(dict.fromkeys(s.run for s in samples)))
+
+
+def model_thresholds(model, settings: Settings) -> dict[str, float]:
+    """Per kind (models/alarms.py), the model's calibrated threshold at ``settings``'
+    false-alarm rate; a model without calibration keeps ``ANOMALY_THRESHOLD`` for its samples."""
+    calibration = getattr(model, "alarms", None) or AlarmCalibration({})
+    thresholds = calibration.thresholds(settings.false_alarm_rate)
+    if not calibration.tails:
+        thresholds.update({kind: settings.anomaly_threshold for kind in thresholds if kind.startswith("sample:")})
+    return thresholds
 
 
 def model_detector(model, settings: Settings, model_version: str = "") -> Detector:
-    """The model-band detector with the anomaly rule of ``settings``: what live scoring and
-    re-scoring both run. ``model_version`` is the registered version of ``model``."""
-    return Detector(ModelBandScorer(model),
-                    ConsecutiveFilter(settings.anomaly_threshold, settings.anomaly_consecutive),
-                    OverrunCheck(model.work), model_version)
+    """The model-band detector with the model's calibrated thresholds at ``settings``'
+    false-alarm rate: what live scoring and re-scoring both run. ``model_version`` is the
+    registered version of ``model``."""
+    thresholds = model_thresholds(model, settings)
+    per_sample = {kind.removeprefix("sample:"): t for kind, t in thresholds.items() if kind.startswith("sample:")}
+    return Detector(ModelBandScorer(model), ConsecutiveFilter(per_sample, settings.anomaly_consecutive),
+                    RunCheck(model.work, thresholds), model_version)

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.features import FEATURE_COLUMNS, NUMERIC, OPTIONAL, EncodedBatch, Preprocessor
+from models.alarms import AlarmCalibration
+from models.features import FEATURE_COLUMNS, NUMERIC, OPTIONAL, EncodedBatch, Preprocessor, usage_scale
 from models.work import ExpectedWork, with_progress
 
 logger = logging.getLogger(__name__)
@@ -28,15 +29,12 @@ QUANTILES = (0.1, 0.5, 0.9)
 PREDICTION_COLUMNS = ["p10", "p50", "p90"]
 NOMINAL_COVERAGE = QUANTILES[2] - QUANTILES[0]
 MIN_CALIBRATION_ROWS = 20
-SCALE_WITH_PIXELS = ("memory", "disk_read", "disk_write")
-"""Resources that grow with the image: beyond the largest input a task's history had, their
-expectation is extrapolated in proportion to the pixels, not by what the network does outside
-its data (an image's buffers and its encoded bytes are linear in its pixels)."""
 _PREPROCESSING_FILE = "preprocessing.json"
 _CONFIG_FILE = "config.json"
 _WEIGHTS_FILE = "weights.pt"
 _WORK_FILE = "work.json"
 _CALIBRATION_FILE = "calibration.json"
+_ALARMS_FILE = "alarms.json"
 
 _PREDICT_CHUNK = 65_536
 
@@ -91,12 +89,15 @@ def pinball_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 class ExpectedUsageModel:
     """Preprocessing and network together: ``predict(frame)`` gives p10/p50/p90 in units;
-    ``work`` the expected CPU time (and so duration) of each task's runs."""
+    ``work`` the expected totals of each task's runs (models/work.py), which the network's
+    output is scaled by; ``alarms`` the calibration of its alarm thresholds (models/alarms.py),
+    None until ``fit`` sets it."""
 
     def __init__(self, preprocessor: Preprocessor, net: QuantileNet, config: NetConfig,
                  device: torch.device | str = "cpu", work: ExpectedWork | None = None,
-                 widening: tuple[float, ...] | None = None) -> None:
+                 widening: tuple[float, ...] | None = None, alarms: AlarmCalibration | None = None) -> None:
         self.preprocessor = preprocessor
+        self.alarms = alarms
         self.config = config
         self.work = work or ExpectedWork({})
         # Per resource index, how far each edge of the P10-P90 band moves out (standardised
@@ -123,18 +124,20 @@ class ExpectedUsageModel:
         if missing:
             raise ValueError(f"missing feature columns: {', '.join(missing)}")
         self.net.eval()
-        encoded = self.preprocessor.encode(with_progress(frame, self.work))
+        frame = with_progress(frame, self.work)
+        encoded = self.preprocessor.encode(frame)
         parts = []
         for start in range(0, len(encoded), _PREDICT_CHUNK):
             chunk = encoded.take(slice(start, start + _PREDICT_CHUNK)).to(self.device)
             parts.append(self.preprocessor.decode_target(self._banded(chunk), chunk.resource).cpu())
         values = torch.cat(parts).numpy() if parts else np.empty((0, 3), dtype=np.float32)
-        values = values.astype(np.float64)
-        if len(values):
-            grows = frame["resource"].isin(SCALE_WITH_PIXELS).to_numpy()
-            ratio = self.work.size_ratio(frame["task"], pd.to_numeric(frame["image_pixels"], errors="coerce"))
-            values *= np.where(grows, ratio, 1.0)[:, None]
+        values = values.astype(np.float64) * self.scale(frame)[:, None]
         return pd.DataFrame(values, columns=PREDICTION_COLUMNS, index=frame.index)
+
+    def scale(self, frame: pd.DataFrame) -> np.ndarray:
+        """Per row, what the network's output is multiplied by: the run's expected total for
+        the resources that grow with the work (models.features.usage_scale)."""
+        return usage_scale(frame, self.work, self.preprocessor.typical_scale())
 
     def _banded(self, batch: EncodedBatch) -> torch.Tensor:
         """The network's standardised quantiles with the calibrated band edges."""
@@ -175,6 +178,8 @@ class ExpectedUsageModel:
         (directory / _CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=1))
         (directory / _WORK_FILE).write_text(json.dumps(self.work.to_dict(), indent=1))
         (directory / _CALIBRATION_FILE).write_text(json.dumps(list(self.widening)))
+        if self.alarms is not None:
+            (directory / _ALARMS_FILE).write_text(json.dumps(self.alarms.to_dict()))
         state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
         torch.save(state, directory / _WEIGHTS_FILE)
         return directory
@@ -191,7 +196,9 @@ class ExpectedUsageModel:
         work = ExpectedWork.from_dict(json.loads(work_file.read_text())) if work_file.is_file() else None
         calibration = directory / _CALIBRATION_FILE
         widening = tuple(json.loads(calibration.read_text())) if calibration.is_file() else None
-        return cls(preprocessor, net, config, device, work, widening)
+        alarms_file = directory / _ALARMS_FILE
+        alarms = AlarmCalibration.from_dict(json.loads(alarms_file.read_text())) if alarms_file.is_file() else None
+        return cls(preprocessor, net, config, device, work, widening, alarms)
 
     @staticmethod
     def is_saved_in(directory: str | Path) -> bool:

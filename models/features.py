@@ -3,23 +3,33 @@
 Model rows come from :func:`models.rows.model_rows`, the one path from samples to rows that
 training and live scoring share.
 
-A model row is one target resource of one tick: the task, the resource, seconds since the
-task started, the task's position in its order, the task before it, the pixels of the image
-it reads, the node's pressure, the length of the interval the sample covers (a closing
-sample covers the end of the task, where its output is written) and the run's **progress**:
-its CPU time so far over the CPU time its task needs (models.work.with_progress), the clock a
-busy node does not stretch. Categories become indices into learned embeddings (index 0
-is ``<unk>``, so a task the model never saw still scores); numbers are log-scaled where they
-span orders of magnitude and standardised with training statistics.
+A model row is one target resource of one tick: the task, the resource, the task's position
+in its order, the task before it, the pixels of the image it reads, the node's pressure, the
+length of the interval the sample covers (a closing sample covers the end of the task, where
+its output is written) and the run's **progress**: its CPU time so far over the CPU time its
+work needs (models.work.with_progress), the clock a busy node does not stretch. Time since the
+start is not an input: beyond the history's durations a network extrapolates it freely.
+Categories become indices into learned embeddings (index 0 is ``<unk>``, so a task the model
+never saw still scores); numbers are log-scaled where they span orders of magnitude and
+standardised with training statistics; the pixels are clamped to the history's range.
 
-The target is ``log1p(value)``, standardised per resource: usage spans orders of magnitude
-(a few KiB/s to hundreds of MiB) and quantiles survive a monotone transform, so predicted
-quantiles map back to original units with ``expm1`` (clipped at 0).
+**The network learns the residual on top of the work model** (models/work.py). What grows with
+the work is divided by what the run's work is expected to need before the network sees it
+(:func:`usage_scale`): a memory sample by the run's expected peak, a storage rate by the run's
+expected bytes over the sample's interval (the share of the run's writes in this tick). So a
+2x larger image or a heavier setting moves the band where the work model puts it, once; the
+network only says how the usage is spread over the run. CPU percentages are not divided: a
+single-threaded task uses one core whatever the image.
+
+The target is ``log1p(value / scale)``, standardised per resource: quantiles survive a
+monotone transform, so predicted quantiles map back to original units with ``expm1`` (clipped
+at 0) times the scale.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -27,15 +37,18 @@ import pandas as pd
 import torch
 
 from models.rows import CONTEXT_RESOURCE, NO_PREVIOUS, previous_task  # noqa: F401 - part of this module's face
+from models.runs import NOISE_FLOOR
 
-FEATURE_COLUMNS = ["task", "resource", "seconds", "position", "prev_task", "image_pixels",
+FEATURE_COLUMNS = ["task", "resource", "seconds", "position", "prev_task", "image_pixels", "params",
                    "node_cpu_pressure", "interval_s", "cpu_before"]
 CATEGORICAL = ("task", "resource", "prev_task")
-NUMERIC = ("log_seconds", "position", "log_pixels", "node_cpu_pressure", "interval_s", "progress")
-OPTIONAL = (CONTEXT_RESOURCE, "interval_s", "cpu_before")
+NUMERIC = ("position", "log_pixels", "node_cpu_pressure", "interval_s", "progress")
+OPTIONAL = (CONTEXT_RESOURCE, "interval_s", "cpu_before", "params")
 """Features a frame may lack: the node's pressure (a kernel without PSI: the training median
-stands in), the sample's interval (a whole tick is assumed) and the run's CPU time so far
-(progress is then taken as mid-way)."""
+stands in), the sample's interval (a whole tick is assumed), the run's CPU time so far
+(progress is then taken as mid-way) and the task's parameters (the history's typical ones)."""
+SCALED = {"memory": "peak_memory", "disk_read": "bytes_read", "disk_write": "bytes_written"}
+"""Resources divided by the run's expected total before the network sees them (:func:`usage_scale`)."""
 UNKNOWN = "<unk>"
 _MIN_STD = 1e-6
 
@@ -72,20 +85,28 @@ class Preprocessor:
     numeric_mean: tuple[float, ...]
     numeric_std: tuple[float, ...]
     log_pixels_fill: float
+    log_pixels_range: tuple[float, float]  # the history's smallest and largest: beyond, clamped
     pressure_fill: float  # a node without PSI reports none: taken as the training median
+    scale_fill: tuple[float, ...]  # per resource index: the usage scale of a run without expectation
     target_mean: tuple[float, ...]  # per resource index, log1p scale
     target_std: tuple[float, ...]
 
     @classmethod
-    def fit(cls, frame: pd.DataFrame) -> "Preprocessor":
-        """Learn vocabularies and statistics from ``frame`` (FEATURE_COLUMNS and ``value``)."""
+    def fit(cls, frame: pd.DataFrame, scale: np.ndarray | None = None) -> "Preprocessor":
+        """Learn vocabularies and statistics from ``frame`` (FEATURE_COLUMNS and ``value``),
+        whose values :func:`usage_scale` divides by ``scale`` (1 when not given)."""
+        scale = np.ones(len(frame)) if scale is None else scale
         resources = (UNKNOWN, *sorted(frame["resource"].astype(str).unique()))
         pixels = _log_pixels(frame["image_pixels"])
-        fill = float(np.nanmedian(pixels)) if np.isfinite(pixels).any() else 0.0
+        known = np.isfinite(pixels)
+        fill = float(np.nanmedian(pixels)) if known.any() else 0.0
+        span = (float(pixels[known].min()), float(pixels[known].max())) if known.any() else (fill, fill)
         pressure = _pressure(frame)
         pressure_fill = float(np.nanmedian(pressure)) if np.isfinite(pressure).any() else 0.0
-        numeric = _numeric(frame, fill, pressure_fill)
-        target = np.log1p(frame["value"].to_numpy(dtype=np.float64).clip(min=0))
+        numeric = _numeric(frame, fill, pressure_fill, span)
+        target = np.log1p((frame["value"].to_numpy(dtype=np.float64) / scale).clip(min=0))
+        named = frame["resource"].astype(str).to_numpy()
+        scale_fill = [1.0] + [float(np.median(scale[named == r])) for r in resources[1:]]
         by_resource = pd.Series(target).groupby(frame["resource"].astype(str).to_numpy())
         overall = (float(target.mean()), _std(target))
         means = [overall[0]] + [float(by_resource.get_group(r).mean()) for r in resources[1:]]
@@ -97,14 +118,17 @@ class Preprocessor:
             numeric_mean=tuple(float(v) for v in numeric.mean(axis=0)),
             numeric_std=tuple(_std(column) for column in numeric.T),
             log_pixels_fill=fill,
+            log_pixels_range=span,
             pressure_fill=pressure_fill,
+            scale_fill=tuple(scale_fill),
             target_mean=tuple(means),
             target_std=tuple(stds),
         )
 
     def encode(self, frame: pd.DataFrame) -> EncodedBatch:
         """The model inputs for ``frame``; unknown categories map to ``<unk>``."""
-        numeric = (_numeric(frame, self.log_pixels_fill, self.pressure_fill) - np.asarray(self.numeric_mean)) \
+        numeric = (_numeric(frame, self.log_pixels_fill, self.pressure_fill, self.log_pixels_range)
+                   - np.asarray(self.numeric_mean)) \
             / np.asarray(self.numeric_std)
         return EncodedBatch(
             task=_indices(frame["task"], self.tasks),
@@ -113,8 +137,13 @@ class Preprocessor:
             numeric=torch.as_tensor(numeric, dtype=torch.float32),
         )
 
+    def typical_scale(self) -> dict[str, float]:
+        """Per resource, the usage scale of a run the work model has no expectation for."""
+        return dict(zip(self.resources, self.scale_fill))
+
     def encode_target(self, values: np.ndarray, resource: torch.Tensor) -> torch.Tensor:
-        """``log1p(value)``, standardised with the statistics of each row's resource."""
+        """``log1p(value)`` (values already divided by their :func:`usage_scale`),
+        standardised with the statistics of each row's resource."""
         mean, std = self._target_stats(resource)
         logged = torch.as_tensor(np.log1p(np.clip(values, 0, None)), dtype=torch.float32)
         return (logged - mean) / std
@@ -138,7 +167,7 @@ class Preprocessor:
     def from_dict(cls, data: dict) -> "Preprocessor":
         missing = {f for f in cls.__dataclass_fields__} - set(data)
         if not missing and len(data["numeric_mean"]) != len(NUMERIC):
-            missing = {f"{len(NUMERIC) - len(data['numeric_mean'])} numeric feature(s)"}
+            missing = {f"the {len(NUMERIC)} numeric features of this version"}
         if missing:
             raise ValueError(f"preprocessing saved by an older version (no {', '.join(sorted(missing))}); "
                              "train a new model with `python -m training fit`")
@@ -164,11 +193,11 @@ def _pressure(frame: pd.DataFrame) -> np.ndarray:
     return pd.to_numeric(frame[CONTEXT_RESOURCE], errors="coerce").to_numpy(dtype=np.float64) / 100.0
 
 
-def _numeric(frame: pd.DataFrame, log_pixels_fill: float, pressure_fill: float) -> np.ndarray:
-    seconds = pd.to_numeric(frame["seconds"], errors="coerce").fillna(0).to_numpy(dtype=np.float64)
+def _numeric(frame: pd.DataFrame, log_pixels_fill: float, pressure_fill: float,
+             log_pixels_range: tuple[float, float]) -> np.ndarray:
     position = pd.to_numeric(frame["position"], errors="coerce").fillna(0).to_numpy(dtype=np.float64)
     pixels = _log_pixels(frame["image_pixels"])
-    pixels = np.where(np.isfinite(pixels), pixels, log_pixels_fill)
+    pixels = np.clip(np.where(np.isfinite(pixels), pixels, log_pixels_fill), *log_pixels_range)
     pressure = _pressure(frame)
     pressure = np.where(np.isfinite(pressure), pressure, pressure_fill)
     interval = np.ones(len(frame))
@@ -177,8 +206,29 @@ def _numeric(frame: pd.DataFrame, log_pixels_fill: float, pressure_fill: float) 
     progress = np.full(len(frame), 0.5)
     if "progress" in frame:
         progress = pd.to_numeric(frame["progress"], errors="coerce").fillna(0.5).to_numpy(dtype=np.float64)
-    return np.column_stack([np.log1p(seconds.clip(min=0)), position, pixels, pressure, interval.clip(0.0, 2.0),
-                            progress])
+    return np.column_stack([position, pixels, pressure, interval.clip(0.0, 2.0), progress])
+
+
+def usage_scale(frame: pd.DataFrame, work, fill: Mapping[str, float] | None = None) -> np.ndarray:
+    """Per row, what its value is divided by before the network sees it: for :data:`SCALED`
+    resources the run's expected total (models.work.ExpectedWork ``work``, at its median; a
+    storage rate's total over the row's interval), else 1. A run the work model has no
+    expectation for (a task it never saw, an unknown input size) takes ``fill[resource]``,
+    the history's typical scale."""
+    scale = np.ones(len(frame))
+    resource = frame["resource"].astype(str).to_numpy()
+    for name, total in SCALED.items():
+        rows = resource == name
+        if not rows.any():
+            continue
+        expected = work.medians(frame[rows], total) + NOISE_FLOOR[total]
+        if name != "memory":
+            interval = pd.to_numeric(frame["interval_s"], errors="coerce").to_numpy(dtype=np.float64)[rows] \
+                if "interval_s" in frame else np.ones(rows.sum())
+            expected = expected / np.clip(np.nan_to_num(interval, nan=1.0), 0.001, None)
+        typical = (fill or {}).get(name, 1.0)
+        scale[rows] = np.where(np.isfinite(expected) & (expected > 0), expected, typical)
+    return scale
 
 
 def _std(values: np.ndarray) -> float:

@@ -27,13 +27,15 @@ import pandas as pd
 
 NO_PREVIOUS = "<none>"
 RUN_KEY = ["order_id", "position", "attempt"]
-RAW_COLUMNS = [*RUN_KEY, "task", "prev_task", "image_pixels", "started_ms", "ts_ms", "resource", "value"]
+RAW_COLUMNS = [*RUN_KEY, "task", "prev_task", "image_pixels", "params", "started_ms", "ts_ms", "resource", "value"]
 """What :func:`model_rows` reads: one sample with its run's facts (image_pixels: of the image
-the run reads; started_ms: when the run's process started)."""
+the run reads; params: the run's task parameters as JSON (:data:`NO_PARAMS` when not
+recorded); started_ms: when the run's process started)."""
+NO_PARAMS = "{}"
 CONTEXT_RESOURCE = "node_cpu_pressure"
 DEMAND = "cpu_demand"
 TARGET_RESOURCES = ("cpu", "memory", "disk_read", "disk_write", "cpu_wait", DEMAND)
-ROW_COLUMNS = [*RUN_KEY, "task", "resource", "seconds", "prev_task", "image_pixels", CONTEXT_RESOURCE,
+ROW_COLUMNS = [*RUN_KEY, "task", "resource", "seconds", "prev_task", "image_pixels", "params", CONTEXT_RESOURCE,
                "value", "ts_ms", "interval_s", "cpu_seconds", "cpu_before"]
 
 
@@ -53,7 +55,9 @@ def model_rows(raw: pd.DataFrame, state: dict[tuple, RunState] | None = None) ->
     if raw.empty:
         return pd.DataFrame(columns=ROW_COLUMNS)
     state = {} if state is None else state
-    facts = raw.groupby(RUN_KEY, sort=False)[["task", "prev_task", "image_pixels", "started_ms"]].first()
+    if "params" not in raw:
+        raw = raw.assign(params=NO_PARAMS)
+    facts = raw.groupby(RUN_KEY, sort=False)[["task", "prev_task", "image_pixels", "params", "started_ms"]].first()
     wide = (raw.pivot_table(index=[*RUN_KEY, "ts_ms"], columns="resource", values="value", aggfunc="last")
             .reset_index().sort_values([*RUN_KEY, "ts_ms"], kind="stable"))
     wide.columns.name = None

@@ -1,119 +1,249 @@
-"""Expected work of a task run: the CPU time it needs, and from it the expected duration.
+"""Expected work of a task run: its totals given the pixels it reads and its parameters.
 
-A task's wall-clock duration stretches with the load it runs under (on a busy node it gets a
-share of a core), but the CPU time a CPU-bound task needs does not: it depends on the task and
-the size of its input. So the expected duration band of a running task is its expected CPU
-time divided by the share of a core it has been getting so far, and a run that has already
-used far more CPU time than the task ever needs is an **overrun**: a task kept alive past its
-work (a hog, a busy loop), caught while it runs and whatever the load.
+Image work is a per-pixel operation done on an image of some size with some settings, so a
+run's CPU time, peak memory and bytes written (:mod:`models.runs`) follow from the pixels and
+the parameters. Per task and total, with ``x = log(pixels)`` and ``z`` the parameters as
+numbers (:func:`param_features`)::
 
-Per task, ``log(cpu seconds)`` is fitted as a straight line in ``log(input pixels)`` (a
-constant when the history has one image size), and the band is the line plus the P10 and P90
-of the residuals. A task with fewer than :data:`MIN_RUNS` runs in the history has no
-expectation: it is never called overrun.
+    total = base + exp(b0 + b1 * x + c . z + d * pressure)
+
+a fixed part (the interpreter, the libraries, the encoder's headers) and a part that grows
+with the work: a power of the pixels (``b1`` is held near 1, what a per-pixel operation does,
+unless the history's sizes say otherwise, and never below 0) times a power of each parameter
+that varied in the history (``median``'s ``passes``, ``upscale``'s ``iterations``). The
+node's CPU pressure over the run (``d``) takes up what a busy machine adds to the CPU time of
+the same work (cache and scheduling). It is fitted on ``log(total + floor)`` (the floors of
+:data:`models.runs.NOISE_FLOOR`), with the residuals' P10/P50/P90 and their spread: a 2x
+larger image or a heavier setting moves the whole band, through one formula applied once,
+with no clamping to the history's range.
+
+What this module does not guess: a task with fewer than :data:`MIN_RUNS` runs, or a run whose
+input size is unknown, has no expectation (None): it is said, never turned into an overrun.
+The expected CPU time also gives a running task its **progress** (:func:`with_progress`):
+its CPU time so far over what its work needs, the clock a busy node does not stretch.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
+from scipy.optimize import least_squares
 
-from models.rows import RUN_KEY
+from models.runs import NOISE_FLOOR, TOTALS, run_totals
+
+logger = logging.getLogger(__name__)
 
 MIN_RUNS = 5
 MAX_PROGRESS = 1.5  # beyond what healthy runs reach: a run past its work looks like its end
 PROGRESS_FILL = 0.5  # a task with no expectation: mid-way, as good a guess as any
+PRESSURE = "@pressure"  # the covariate name of the node's CPU pressure (a fraction of 1)
+# How strongly the fit holds b1 near 1 and the other coefficients near 0, as residuals in the
+# units of log(total): a slope of 1.25 costs as much as one run 0.05 off its fit.
+SLOPE_PRIOR = 0.2
+COEF_PRIOR = 0.05
+PARAM_OFFSET = 0.01
+MIN_SPREAD = 0.02  # log units: no total is known to better than 2 % from run to run
+
+
+def param_features(params: str | dict | None) -> dict[str, float]:
+    """A run's task parameters as numbers: a number ``v >= 0`` as ``log(v + 0.01)`` (work grows
+    as a power of a count or a size: 6 passes are 3 times 2, whatever 2 and 6 are; the 0.01
+    only keeps 0 finite), a negative one as ``-log(|v| + 0.01)``, a boolean as 0 or 1; strings
+    and nulls are left out (a choice among names has no magnitude to extrapolate)."""
+    if isinstance(params, str):
+        try:
+            params = json.loads(params or "{}")
+        except ValueError:
+            return {}
+    found = {}
+    for name, value in (params or {}).items():
+        if isinstance(value, bool):
+            found[name] = float(value)
+        elif isinstance(value, (int, float)) and math.isfinite(value):
+            found[name] = math.log(value + PARAM_OFFSET) if value >= 0 else -math.log(PARAM_OFFSET - value)
+    return found
 
 
 @dataclass(frozen=True)
-class TaskWork:
-    """``log(cpu_s) = intercept + slope * log(pixels)``, residual P10/P50/P90."""
+class TotalFit:
+    """One task's one total: ``log(total + floor) ~ log(base + exp(b0 + b1 x + c.z) + floor)``
+    plus residual quantiles. ``covariates`` name the entries of ``coef`` after b0 and b1."""
 
-    intercept: float
-    slope: float
-    residuals: tuple[float, float, float]
+    total: str
+    base: float
+    coef: tuple[float, ...]
+    covariates: tuple[str, ...]
+    fill: tuple[float, ...]  # a covariate's value when a run does not say (training median)
+    residuals: tuple[float, float, float]  # P10, P50, P90 in log units
+    spread: float  # (P90 - P10) / 2.563: the residuals' standard deviation if normal
     runs: int
-    max_pixels: float = float("inf")  # the largest input the history had
+    pixels: tuple[float, float]  # the smallest and largest input the history had
 
-    def cpu_seconds(self, pixels: float) -> tuple[float, float, float]:
-        """P10, P50 and P90 of the CPU seconds a run on ``pixels`` needs. Beyond the largest
-        input the history had, in proportion to the pixels (a per-pixel operation's work is
-        at least linear in them; a slope fitted on a narrow range may say less)."""
-        known = bool(pixels and pixels > 0)
-        beyond = max(1.0, pixels / self.max_pixels) if known else 1.0
-        at = min(pixels, self.max_pixels) if known else 0.0
-        base = self.intercept + (self.slope * np.log(at) if known and self.slope else 0.0)
-        return tuple(float(np.exp(base + r) * beyond) for r in self.residuals)  # type: ignore[return-value]
+    @property
+    def floor(self) -> float:
+        return NOISE_FLOOR[self.total]
+
+    def log_median(self, pixels: float, features: dict[str, float], pressure: float = math.nan) -> float:
+        """``log(total + floor)`` at the residuals' median."""
+        values = dict(features)
+        if math.isfinite(pressure):
+            values[PRESSURE] = pressure / 100.0
+        z = np.array([values.get(name, fill) for name, fill in zip(self.covariates, self.fill)])
+        grown = math.exp(min(self.coef[0] + self.coef[1] * math.log(pixels) + float(z @ np.asarray(self.coef[2:])),
+                             700.0))
+        return math.log(self.base + grown + self.floor) + self.residuals[1]
+
+    def band(self, pixels: float, features: dict[str, float], pressure: float = math.nan) -> tuple[float, float, float]:
+        """P10, P50 and P90 of the total, in its units."""
+        centre = self.log_median(pixels, features, pressure) - self.residuals[1]
+        return tuple(max(math.exp(centre + r) - self.floor, 0.0) for r in self.residuals)  # type: ignore[return-value]
+
+    @classmethod
+    def fit(cls, total: str, runs: pd.DataFrame) -> "TotalFit | None":
+        """Fit on ``runs`` (:func:`models.runs.run_totals` rows of one task); None with too few."""
+        values = pd.to_numeric(runs[total], errors="coerce").to_numpy(dtype=np.float64)
+        pixels = pd.to_numeric(runs["image_pixels"], errors="coerce").to_numpy(dtype=np.float64)
+        usable = np.isfinite(values) & (values >= 0) & np.isfinite(pixels) & (pixels > 0)
+        if usable.sum() < MIN_RUNS:
+            return None
+        runs, values, x = runs[usable], values[usable], np.log(pixels[usable])
+        floor = NOISE_FLOOR[total]
+        y = np.log(values + floor)
+        features = [param_features(p) for p in runs["params"]]
+        names = sorted({name for f in features for name in f})
+        columns, kept, fills = [], [], []
+        for name in names:
+            column = np.array([f.get(name, np.nan) for f in features])
+            fill = float(np.nanmedian(column)) if np.isfinite(column).any() else 0.0
+            column = np.where(np.isfinite(column), column, fill)
+            if np.ptp(column) > 1e-9:  # a parameter the history never varied teaches nothing
+                columns.append(column)
+                kept.append(name)
+                fills.append(fill)
+        pressure = pd.to_numeric(runs["pressure"], errors="coerce").to_numpy(dtype=np.float64) / 100.0
+        if np.isfinite(pressure).sum() >= MIN_RUNS and np.nanstd(pressure) > 0.02:
+            fill = float(np.nanmedian(pressure))
+            columns.append(np.where(np.isfinite(pressure), pressure, fill))
+            kept.append(PRESSURE)
+            fills.append(fill)
+        z = np.column_stack(columns) if columns else np.empty((len(y), 0))
+        theta = _fit(y, x, z, floor, float(values.max()))
+        base, coef = math.exp(theta[0]), tuple(float(v) for v in theta[1:])
+        grown = np.exp(np.minimum(coef[0] + coef[1] * x + z @ np.asarray(coef[2:]), 700.0))
+        residuals = y - np.log(base + grown + floor)
+        p10, p50, p90 = (float(v) for v in np.quantile(residuals, [0.1, 0.5, 0.9]))
+        spread = max((p90 - p10) / 2.563, MIN_SPREAD)
+        return cls(total, base, coef, tuple(kept), tuple(fills), (p10, p50, p90), spread, int(len(y)),
+                   (float(np.exp(x.min())), float(np.exp(x.max()))))
+
+
+def _fit(y: np.ndarray, x: np.ndarray, z: np.ndarray, floor: float, largest: float) -> np.ndarray:
+    """theta = (log base, b0, b1, c...) by robust least squares on the log scale, with the
+    priors of the module docstring; the better of two starts (mostly fixed, mostly grown)."""
+    k = z.shape[1]
+
+    def residuals(theta: np.ndarray) -> np.ndarray:
+        grown = np.exp(np.minimum(theta[1] + theta[2] * x + z @ theta[3:], 700.0))
+        fit = np.log(math.exp(theta[0]) + grown + floor)
+        return np.concatenate([y - fit, [SLOPE_PRIOR * (theta[2] - 1.0)], COEF_PRIOR * theta[3:]])
+
+    low = [math.log(1e-9), -60.0, 0.0, *[-4.0] * k]
+    high = [math.log(largest + 1.0) + 1.0, 60.0, 2.0, *[4.0] * k]
+    best = None
+    for fixed_share in (0.5, 0.01):
+        typical = float(np.exp(np.median(y)))
+        start = np.array([math.log(max(typical * fixed_share, 1e-9)),
+                          math.log(max(typical * (1 - fixed_share), 1e-9)) - float(np.median(x)), 1.0, *[0.0] * k])
+        start = np.clip(start, np.array(low) + 1e-9, np.array(high) - 1e-9)
+        result = least_squares(residuals, start, bounds=(low, high), loss="soft_l1", f_scale=0.1)
+        if best is None or result.cost < best.cost:
+            best = result
+    return best.x
 
 
 @dataclass(frozen=True)
 class ExpectedWork:
-    """The expected CPU time of every task seen in the history."""
+    """Every task's :class:`TotalFit` per total (:data:`models.runs.TOTALS`)."""
 
-    tasks: dict[str, TaskWork]
+    tasks: dict[str, dict[str, TotalFit]] = field(default_factory=dict)
 
     @classmethod
     def fit(cls, rows: pd.DataFrame) -> "ExpectedWork":
-        """Learn from model rows (:func:`models.features.model_rows`) of whole, successful runs:
-        a run's CPU time is its last ``cpu_seconds``."""
+        """Learn from model rows (:func:`models.rows.model_rows`) of whole, successful runs."""
         if rows.empty or not {"cpu_seconds", "ts_ms"} <= set(rows.columns):
             return cls({})  # rows without the runs' CPU time (generated data): no expectation
-        runs = (rows.sort_values("ts_ms").groupby(RUN_KEY, sort=False)
-                .agg(task=("task", "first"), pixels=("image_pixels", "first"), cpu_s=("cpu_seconds", "last")))
-        runs = runs[runs["cpu_s"] > 0]
-        found = {}
+        return cls.fit_runs(run_totals(rows))
+
+    @classmethod
+    def fit_runs(cls, runs: pd.DataFrame) -> "ExpectedWork":
+        """Learn from :func:`models.runs.run_totals` rows."""
+        found: dict[str, dict[str, TotalFit]] = {}
         for task, group in runs.groupby("task"):
-            if len(group) < MIN_RUNS:
-                continue
-            y = np.log(group["cpu_s"].to_numpy(dtype=np.float64))
-            x = np.log(pd.to_numeric(group["pixels"], errors="coerce").to_numpy(dtype=np.float64))
-            known = np.isfinite(x)
-            slope, intercept = 0.0, float(np.median(y))
-            if known.sum() >= MIN_RUNS and np.ptp(x[known]) > 0.1:
-                slope, intercept = (float(v) for v in np.polyfit(x[known], y[known], 1))
-            fitted = intercept + slope * np.where(known, x, 0.0)
-            residuals = np.quantile(y - fitted, [0.1, 0.5, 0.9])
-            largest = float(np.nanmax(np.exp(x))) if known.any() else float("inf")
-            found[str(task)] = TaskWork(intercept, slope, tuple(float(r) for r in residuals), len(group), largest)
+            fits = {total: fit for total in TOTALS if (fit := TotalFit.fit(total, group)) is not None}
+            if fits:
+                found[str(task)] = fits
         return cls(found)
 
-    def band(self, task: str, pixels: float) -> tuple[float, float, float] | None:
-        """P10, P50, P90 CPU seconds of a run of ``task`` on ``pixels``; None when unknown."""
-        work = self.tasks.get(task)
-        return None if work is None else work.cpu_seconds(pixels)
+    def fit_of(self, task: str, total: str) -> TotalFit | None:
+        return self.tasks.get(task, {}).get(total)
 
-    def size_ratio(self, tasks, pixels) -> np.ndarray:
-        """Per row, how many times larger the input is than the largest the task's history
-        had (1 within the history's range or for a task without one)."""
-        ratios = [max(1.0, float(px) / self.tasks[t].max_pixels) if t in self.tasks and px == px and px > 0 else 1.0
-                  for t, px in zip(tasks, pixels)]
-        return np.asarray(ratios, dtype=np.float64)
+    def band(self, task: str, pixels: float, params: str | dict | None = None, total: str = "cpu_seconds",
+             pressure: float = math.nan) -> tuple[float, float, float] | None:
+        """P10, P50, P90 of ``total`` for a run of ``task`` on ``pixels`` with ``params``; None
+        when the task has no expectation of it or the input's size is unknown."""
+        fit = self.fit_of(task, total)
+        if fit is None or not _known(pixels):
+            return None
+        return fit.band(float(pixels), param_features(params), pressure)
+
+    def medians(self, frame: pd.DataFrame, total: str) -> np.ndarray:
+        """Per row of ``frame`` (task, image_pixels, params), the median ``total`` of its run
+        at the history's typical pressure; NaN where there is no expectation."""
+        params = frame["params"] if "params" in frame else pd.Series("{}", index=frame.index)
+        keys = list(zip(frame["task"].astype(str), pd.to_numeric(frame["image_pixels"], errors="coerce"),
+                        params.astype(str)))
+        cache: dict[tuple, float] = {}
+        out = np.empty(len(keys))
+        for i, key in enumerate(keys):
+            if key not in cache:
+                band = self.band(key[0], key[1], key[2], total)
+                cache[key] = band[1] if band else np.nan
+            out[i] = cache[key]
+        return out
 
     def to_dict(self) -> dict:
-        return {task: asdict(work) for task, work in self.tasks.items()}
+        return {task: {total: asdict(fit) for total, fit in fits.items()} for task, fits in self.tasks.items()}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ExpectedWork":
-        return cls({task: TaskWork(w["intercept"], w["slope"], tuple(w["residuals"]), w["runs"],
-                                   w.get("max_pixels", float("inf")))
-                    for task, w in data.items()})
+        return cls({task: {total: TotalFit(**{**fit, "coef": tuple(fit["coef"]), "covariates": tuple(fit["covariates"]),
+                                              "fill": tuple(fit["fill"]), "residuals": tuple(fit["residuals"]),
+                                              "pixels": tuple(fit["pixels"])})
+                           for total, fit in fits.items()}
+                    for task, fits in data.items()})
+
+
+def _known(pixels) -> bool:
+    try:
+        return math.isfinite(float(pixels)) and float(pixels) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 def with_progress(frame: pd.DataFrame, work: ExpectedWork) -> pd.DataFrame:
     """``frame`` with ``progress``: the run's CPU time before the sample over the median CPU
-    time its task needs on an image of its size, clipped to [0, MAX_PROGRESS]. How far through
-    its work a task is, whatever the load: on a busy node the seconds stretch, this does not."""
+    time its task needs on its input with its parameters, clipped to [0, MAX_PROGRESS]. How
+    far through its work a task is, whatever the load: on a busy node the seconds stretch,
+    this does not."""
     if "cpu_before" not in frame or frame.empty:
         return frame.assign(progress=PROGRESS_FILL)
-    expected = np.array([_median(work, task, pixels) for task, pixels in zip(frame["task"], frame["image_pixels"])])
+    expected = work.medians(frame, "cpu_seconds")
     before = pd.to_numeric(frame["cpu_before"], errors="coerce").to_numpy(dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         progress = np.clip(before / expected, 0.0, MAX_PROGRESS)
     return frame.assign(progress=np.where(np.isfinite(progress), progress, PROGRESS_FILL))
-
-
-def _median(work: ExpectedWork, task: str, pixels: float) -> float:
-    band = work.band(str(task), float(pixels) if pixels == pixels else 0.0)
-    return band[1] if band else np.nan

@@ -112,8 +112,10 @@ class Settings:
     local_postgres_port: int = 5433
     # Live deviation scoring in the monitor-consumer (see analysis/scoring.py).
     live_scoring: bool = True
-    anomaly_threshold: float = 2.5
+    anomaly_threshold: float = 2.5  # the simple detectors', and a model fitted without calibration
     anomaly_consecutive: int = 3
+    # False alarms per healthy task run the model's calibrated thresholds allow (models/alarms.py).
+    false_alarm_rate: float = 0.001
     # RUNTIME=kubernetes: where Jobs go and which images they run (see docs/kubernetes.md).
     k8s_namespace: str = "image-pipeline"
     image_registry: str = ""
@@ -174,6 +176,7 @@ class Settings:
             live_scoring=_flag(env, "LIVE_SCORING", True),
             anomaly_threshold=_number(env, "ANOMALY_THRESHOLD", 2.5, minimum=0.1),
             anomaly_consecutive=int(_number(env, "ANOMALY_CONSECUTIVE", 3, minimum=1, integer=True)),
+            false_alarm_rate=_rate(env, "FALSE_ALARM_RATE", 0.001),
             k8s_namespace=_namespace(env),
             image_registry=_image_registry(env),
             image_tag=_image_tag(env),
@@ -215,6 +218,7 @@ class Settings:
             "LIVE_SCORING": "on" if self.live_scoring else "off",
             "ANOMALY_THRESHOLD": repr(self.anomaly_threshold),
             "ANOMALY_CONSECUTIVE": str(self.anomaly_consecutive),
+            "FALSE_ALARM_RATE": repr(self.false_alarm_rate),
             "K8S_NAMESPACE": self.k8s_namespace,
             "IMAGE_REGISTRY": self.image_registry,
             "IMAGE_TAG": self.image_tag,
@@ -242,6 +246,7 @@ class Settings:
             "LIVE_SCORING": "on" if self.live_scoring else "off",
             "ANOMALY_THRESHOLD": repr(self.anomaly_threshold),
             "ANOMALY_CONSECUTIVE": str(self.anomaly_consecutive),
+            "FALSE_ALARM_RATE": repr(self.false_alarm_rate),
             "K8S_NAMESPACE": self.k8s_namespace,
             "IMAGE_REGISTRY": self.image_registry or "(none: images by name only)",
             "IMAGE_TAG": self.image_tag,
@@ -294,6 +299,14 @@ def _number(env: Mapping[str, str], name: str, default: float, minimum: float,
     if value is None or not math.isfinite(value) or value < minimum:
         kind = "an integer" if integer else "a number"
         raise SettingsError(f"{name}={text!r}: expected {kind} >= {minimum:g}")
+    return value
+
+
+def _rate(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _number(env, name, default, minimum=0.0)
+    if not 0.0 < value < 1.0:
+        raise SettingsError(f"{name}={value!r}: expected a rate between 0 and 1, e.g. 0.001 (one false alarm "
+                            f"per 1,000 healthy task runs)")
     return value
 
 

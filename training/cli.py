@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table)
     print(report.verdict)
     print(report.champion)
+    print(report.alarms)
     print(f"comparison over the folds took {report.evaluation_seconds:.1f}s, training the registered model "
           f"{report.training_seconds:.1f}s; batched inference "
           f"{report.predictions_per_second:,.0f} predictions/s on the CPU; MLflow run {report.run_id} "

@@ -1,9 +1,17 @@
-"""The network, the GBM and the quantile table, each trained and scored on the same K folds.
+"""The network, the GBM and the quantile table, each trained and scored on the same folds.
 
 In each fold the network trains on the fold's training orders and stops early on their
 validation share; the two baselines, which have nothing to stop early, learn from all of the
 fold's training orders. All of them (and the current champion, when there is one) are scored on
-the fold's held-out orders. No MLflow here: each finished fold is handed to ``on_fold``.
+the fold's held-out orders. The GBM is given what the network is given: the work model's
+progress and its scale (models/features.py), so the comparison is between the two learners of
+the residual, not between a model that extrapolates and one that cannot. Beside the K folds,
+two that ask what the K folds cannot (training/folds.py): an **extrapolation** fold (images up
+to twice the pixels of any it trained on) and an **unseen-parameter** fold.
+
+Each regular fold's network also gives the alarm statistics of its held-out runs
+(models/alarms.py): what ``fit`` calibrates the thresholds on, runs no model trained on.
+No MLflow here: each finished fold is handed to ``on_fold``.
 """
 
 from __future__ import annotations
@@ -11,12 +19,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
 
+from models.alarms import alarm_statistics
 from models.expected_usage import ExpectedUsageModel
+from models.features import usage_scale
+from models.work import ExpectedWork, with_progress
 from training import trainer
 from training.baseline import QuantileTableBaseline
 from training.folds import Fold
@@ -39,6 +50,7 @@ class FoldRun:
     epochs_run: int
     network_seconds: float
     gbm_seconds: float
+    kind: str = "k-fold"  # or "extrapolation", "unseen-parameter" (training/folds.py)
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,7 @@ class CrossValidation:
     folds: tuple[FoldRun, ...]
     metrics: pd.DataFrame
     seconds: float
+    alarm_statistics: pd.DataFrame = field(default_factory=pd.DataFrame)  # regular folds' held-out runs
 
     def orders(self) -> int:
         return sum(run.orders["test"] for run in self.folds)
@@ -66,25 +79,31 @@ def cross_validate(folds: Sequence[Fold], config: trainer.TrainConfig, device: t
     began = time.monotonic()
     runs: list[FoldRun] = []
     parts: list[pd.DataFrame] = []
+    statistics: list[pd.DataFrame] = []
     gbm = gbm or GbmConfig(random_state=config.seed)
     for fold in folds:
-        logger.info("fold %d/%d: %s orders (train/validation/test)", fold.number, len(folds), fold.orders())
-        run, rows = _one_fold(fold, config, device, champion, gbm, progress)
+        logger.info("fold %d/%d (%s): %s orders (train/validation/test)", fold.number, len(folds), fold.kind,
+                    fold.orders())
+        run, rows, stats = _one_fold(fold, config, device, champion, gbm, progress)
         runs.append(run)
         parts.append(rows)
+        if fold.kind == "k-fold":
+            statistics.append(stats)
         if on_fold is not None:
             on_fold(run, rows)
     metrics = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-    return CrossValidation(tuple(runs), metrics, time.monotonic() - began)
+    stats = pd.concat(statistics, ignore_index=True) if statistics else pd.DataFrame()
+    return CrossValidation(tuple(runs), metrics, time.monotonic() - began, stats)
 
 
 def _one_fold(fold: Fold, config: trainer.TrainConfig, device: torch.device | str,
-              champion: ExpectedUsageModel | None, gbm: GbmConfig, progress: bool) -> tuple[FoldRun, pd.DataFrame]:
+              champion: ExpectedUsageModel | None, gbm: GbmConfig,
+              progress: bool) -> tuple[FoldRun, pd.DataFrame, pd.DataFrame]:
     outcome = trainer.fit(fold.train, fold.validation, config, device, progress=progress)
     network = outcome.model.to("cpu")
     learning = fold.learning()
     began = time.monotonic()
-    boosted = GradientBoostingBaseline(gbm).fit(learning)
+    boosted = OnWork(GradientBoostingBaseline(gbm, features=GBM_FEATURES)).fit(learning)
     gbm_seconds = time.monotonic() - began
     predictions = {
         NETWORK: network.predict(fold.test),
@@ -94,7 +113,36 @@ def _one_fold(fold: Fold, config: trainer.TrainConfig, device: torch.device | st
     if champion is not None:
         predictions[CHAMPION] = champion.predict(fold.test)
     rows = pd.concat([score(fold.test, predicted).rows(fold.number, name)
-                      for name, predicted in predictions.items()], ignore_index=True)
+                      for name, predicted in predictions.items()], ignore_index=True).assign(kind=fold.kind)
     run = FoldRun(fold.number, fold.orders(), len(fold.test), outcome.best_epoch, len(outcome.history),
-                  outcome.seconds, gbm_seconds)
-    return run, rows
+                  outcome.seconds, gbm_seconds, fold.kind)
+    stats = alarm_statistics(fold.test, predictions[NETWORK], network.work) if fold.kind == "k-fold" else None
+    return run, rows, stats
+
+
+GBM_FEATURES = ("task", "resource", "position", "prev_task", "image_pixels", "node_cpu_pressure", "interval_s",
+                "progress")
+"""The GBM's inputs: the network's (models/features.py), progress included."""
+
+
+class OnWork:
+    """A baseline given what the network is given: the work model fitted on its training
+    rows, each row's progress, and values divided by their usage scale (models/features.py)."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+        self.work = ExpectedWork()
+        self.fill: dict[str, float] = {}
+
+    def fit(self, frame: pd.DataFrame) -> "OnWork":
+        self.work = ExpectedWork.fit(frame)
+        frame = with_progress(frame, self.work)
+        scale = usage_scale(frame, self.work)
+        resources = frame["resource"].astype(str).to_numpy()
+        self.fill = {r: float(pd.Series(scale[resources == r]).median()) for r in set(resources)}
+        self.base.fit(frame.assign(value=frame["value"].to_numpy(dtype="float64") / scale))
+        return self
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        frame = with_progress(frame, self.work)
+        return self.base.predict(frame).mul(usage_scale(frame, self.work, self.fill), axis=0)

@@ -16,6 +16,7 @@ the model with its signature, registered as a new version of ``expected-usage``.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -27,6 +28,7 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from models import registry
+from models.alarms import DEFAULT_RATE, AlarmCalibration
 from models.expected_usage import ExpectedUsageModel
 from models.features import FEATURE_COLUMNS
 from models.registry import RegistryError, load_expected_usage
@@ -68,6 +70,7 @@ class FitReport:
     training_seconds: float  # the final model's training
     evaluation_seconds: float  # the K folds, every model
     predictions_per_second: float
+    alarms: str = ""  # the calibrated thresholds, in a sentence
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ def run_fit(settings: Settings, options: FitOptions, progress: bool = True) -> F
     frame = retrying(lambda: data.load_measurements(engine, options.since, options.until),
                      "reading the measurements", settings.db_retry_seconds)
     data.require_enough(frame, options.min_orders)
-    parts = folds.k_folds(frame, options.folds, options.seed)
+    parts = folds.all_folds(frame, options.folds, options.seed)
     final_train, final_validation = folds.hold_out(frame, options.seed)
     device = trainer.resolve_device(options.device)
     config = trainer.TrainConfig(epochs=options.epochs, seed=options.seed)
@@ -108,12 +111,14 @@ def run_fit(settings: Settings, options: FitOptions, progress: bool = True) -> F
 
         outcome = trainer.fit(final_train, final_validation, config, device, _log_epoch, progress)
         model = outcome.model.to("cpu")
+        model.alarms = AlarmCalibration.fit(cv.alarm_statistics) if len(cv.alarm_statistics) else None
+        alarms = _log_alarms(model.alarms)
         rate = predictions_per_second(model, frame)
         mlflow.log_metrics({"training_seconds": outcome.seconds, "best_epoch": outcome.best_epoch,
                             "epochs_run": len(outcome.history), "predictions_per_second": rate})
         version, decision = _register(client, model, frame, judged, current)
     return FitReport(judged.table, judged.text, decision.line, run.info.run_id, version,
-                     judged.against_gbm.wins, decision.promote, outcome.seconds, cv.seconds, rate)
+                     judged.against_gbm.wins, decision.promote, outcome.seconds, cv.seconds, rate, alarms)
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,22 @@ def _register(client: MlflowClient, model: ExpectedUsageModel, frame: pd.DataFra
         registry.promote(client, version)
     mlflow.set_tags({"beats_gbm": str(wins), "champion": str(decision.promote), "model_version": version})
     return version, decision
+
+
+def _log_alarms(calibration: AlarmCalibration | None) -> str:
+    """Log the thresholds at the default rate; the sentence that says them."""
+    if calibration is None:
+        return "alarm thresholds: not calibrated (no held-out run); ANOMALY_THRESHOLD applies to samples"
+    thresholds = calibration.thresholds(DEFAULT_RATE)
+    mlflow.log_metrics({f"alarm_threshold_{verdict.metric_name(kind)}": t for kind, t in thresholds.items()
+                        if math.isfinite(t)})
+    mlflow.log_text(json.dumps(calibration.to_dict(), indent=1), "alarm_calibration.json")
+    runs = max((tail.runs for tail in calibration.tails.values()), default=0)
+    missing = [kind for kind in thresholds if kind not in calibration.tails]
+    said = ", ".join(f"{kind} {t:.1f}" for kind, t in thresholds.items())
+    note = f" ({', '.join(missing)}: too few held-out runs, fallback)" if missing else ""
+    return (f"alarm thresholds for {DEFAULT_RATE * 1000:g} false alarm per 1,000 healthy runs, calibrated on "
+            f"{runs} held-out runs: {said}{note}")
 
 
 def _log_fold(run: crossval.FoldRun, rows: pd.DataFrame) -> None:

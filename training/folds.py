@@ -31,6 +31,7 @@ class Fold:
     train: pd.DataFrame
     validation: pd.DataFrame
     test: pd.DataFrame
+    kind: str = "k-fold"  # or "extrapolation", "unseen-parameter"
 
     def learning(self) -> pd.DataFrame:
         """Every training order of the fold (train and validation)."""
@@ -73,4 +74,63 @@ def k_folds(frame: pd.DataFrame, k: int, seed: int) -> list[Fold]:
         in_test = frame["order_id"].isin(test_ids)
         train, validation = hold_out(frame[~in_test], seed + number)
         folds.append(Fold(number, train, validation, frame[in_test].reset_index(drop=True)))
+    return folds
+
+
+MIN_SPECIAL_ORDERS = 3  # on each side of an extrapolation or unseen-parameter split
+
+
+def extrapolation_fold(frame: pd.DataFrame, number: int, seed: int) -> Fold | None:
+    """Train on the orders whose image has at most X pixels, test on those with X to 2X, X half
+    the largest: does the expectation hold on images larger than any it learnt from? None when
+    the history's sizes do not allow it (said in the log)."""
+    pixels = frame[frame["position"] == 0].groupby("order_id")["image_pixels"].first()
+    pixels = pd.to_numeric(pixels, errors="coerce").dropna()
+    if pixels.empty:
+        return None
+    limit = float(pixels.max()) / 2
+    small, large = pixels.index[pixels <= limit], pixels.index[(pixels > limit) & (pixels <= 2 * limit)]
+    return _special(frame, small, large, number, seed, "extrapolation",
+                    f"images of at most {limit:,.0f} pixels, tested on up to {2 * limit:,.0f}")
+
+
+def unseen_parameter_fold(frame: pd.DataFrame, number: int, seed: int) -> Fold | None:
+    """Test on the orders with a run whose task parameter takes the largest value its task's
+    history has for it (a parameter that varied), train on the others: does the expectation
+    follow a setting it never saw? None when no parameter varied."""
+    from models.work import param_features
+
+    runs = frame.drop_duplicates(["order_id", "position", "attempt"])[["order_id", "task", "params"]]
+    features = [param_features(p) for p in runs["params"]]
+    largest: dict[tuple[str, str], float] = {}
+    seen: dict[tuple[str, str], set] = {}
+    for task, values in zip(runs["task"], features):
+        for name, value in values.items():
+            largest[(task, name)] = max(largest.get((task, name), -np.inf), value)
+            seen.setdefault((task, name), set()).add(value)
+    varied = {key for key, values in seen.items() if len(values) > 1}
+    held = {order for order, task, values in zip(runs["order_id"], runs["task"], features)
+            if any((task, name) in varied and value >= largest[(task, name)] for name, value in values.items())}
+    orders = pd.Index(np.sort(frame["order_id"].unique()))
+    return _special(frame, orders.difference(list(held)), orders.intersection(list(held)), number, seed,
+                    "unseen-parameter", "each varied parameter's largest value held out")
+
+
+def _special(frame: pd.DataFrame, learn_ids, test_ids, number: int, seed: int, kind: str,
+             what: str) -> Fold | None:
+    if len(learn_ids) < MIN_SPECIAL_ORDERS or len(test_ids) < MIN_SPECIAL_ORDERS:
+        logger.info("no %s fold: %d order(s) to learn from and %d to test on (%s); at least %d each needed",
+                    kind, len(learn_ids), len(test_ids), what, MIN_SPECIAL_ORDERS)
+        return None
+    train, validation = hold_out(frame[frame["order_id"].isin(learn_ids)], seed + number)
+    return Fold(number, train, validation, frame[frame["order_id"].isin(test_ids)].reset_index(drop=True), kind)
+
+
+def all_folds(frame: pd.DataFrame, k: int, seed: int) -> list[Fold]:
+    """The ``k`` folds and, where the history allows, the extrapolation and unseen-parameter ones."""
+    folds = k_folds(frame, k, seed)
+    for make in (extrapolation_fold, unseen_parameter_fold):
+        fold = make(frame, len(folds) + 1, seed)
+        if fold is not None:
+            folds.append(fold)
     return folds

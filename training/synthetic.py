@@ -3,7 +3,9 @@
 Usage depends on the task, the image size, the time since the task started and (a little) on
 the position and the previous task, times log-normal noise of known spread, so the true P10,
 P50 and P90 of every sample are known: ``true_p50`` is returned alongside, and the true band is
-``true_p50 * exp(+-1.2816 * sigma)``. The model's feature columns, the value and its time (``ts``).
+``true_p50 * exp(+-1.2816 * sigma)``. The model's feature columns, the value, its time (``ts``,
+``ts_ms``) and the run's CPU time (``cpu_before``, ``cpu_seconds``: a run's CPU is its nominal
+percentage of a core), so the work model has the runs' totals to learn from.
 """
 
 from __future__ import annotations
@@ -47,13 +49,15 @@ def generate(n_orders: int = 240, seed: int = 0) -> pd.DataFrame:
                 for resource in SIGMA:
                     median = expected_median(task, resource, second, megapixels, position, prev)
                     value = median * np.exp(rng.normal(0.0, SIGMA[resource]))
-                    rows.append((order_id, task, resource, float(second), position, prev, pixels,
-                                 pressure, 1.0, float(second) * TASKS[task][1] / 100, float(value),
-                                 clock + timedelta(seconds=float(second)), median))
+                    at = clock + timedelta(seconds=float(second))
+                    cpu_before = max(float(second) - 1.0, 0.0) * TASKS[task][1] / 100
+                    rows.append((order_id, 1, task, resource, float(second), position, prev, pixels, "{}",
+                                 pressure, 1.0, cpu_before, cpu_before + TASKS[task][1] / 100, float(value), at,
+                                 int(at.timestamp() * 1000), median))
             clock += timedelta(seconds=duration + 0.5)
-    return pd.DataFrame(rows, columns=["order_id", "task", "resource", "seconds", "position",
-                                       "prev_task", "image_pixels", "node_cpu_pressure", "interval_s", "cpu_before", "value", "ts",
-                                       "true_p50"])
+    return pd.DataFrame(rows, columns=["order_id", "attempt", "task", "resource", "seconds", "position",
+                                       "prev_task", "image_pixels", "params", "node_cpu_pressure", "interval_s",
+                                       "cpu_before", "cpu_seconds", "value", "ts", "ts_ms", "true_p50"])
 
 
 def expected_median(task: str, resource: str, seconds: float, megapixels: float,

@@ -21,6 +21,7 @@ from mlflow.types.schema import ColSpec, Schema
 import models
 from models.expected_usage import ExpectedUsageModel
 from models.features import CATEGORICAL, FEATURE_COLUMNS, OPTIONAL
+from models.rows import NO_PARAMS
 from models.pyfunc import ARTIFACT_KEY
 from models.registry_probe import MODEL_NAME
 
@@ -48,11 +49,15 @@ def log_model(model: ExpectedUsageModel, example: pd.DataFrame) -> ModelInfo:
 
 
 def input_example(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame``'s feature columns with the types of the signature: categories as strings,
-    every other feature a float (a feature the frame lacks, such as a pressure a node does not
-    report, is missing: NaN)."""
+    """``frame``'s feature columns with the types of the signature: categories and the task
+    parameters (JSON) as strings, every other feature a float (a feature the frame lacks, such
+    as a pressure a node does not report, is missing: NaN; parameters not given are ``{}``)."""
     example = frame.reindex(columns=FEATURE_COLUMNS).reset_index(drop=True)
-    return example.astype({c: object if c in CATEGORICAL else "float64" for c in FEATURE_COLUMNS})
+    example["params"] = example["params"].fillna(NO_PARAMS)
+    return example.astype({c: object if c in TEXT else "float64" for c in FEATURE_COLUMNS})
+
+
+TEXT = (*CATEGORICAL, "params")
 
 
 def model_signature(example: pd.DataFrame, predicted: pd.DataFrame) -> ModelSignature:

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from models.expected_usage import ExpectedUsageModel, pinball_loss
-from models.features import EncodedBatch, Preprocessor
+from models.features import EncodedBatch, Preprocessor, usage_scale
 from models.work import ExpectedWork, with_progress
 from training.errors import TrainingError
 
@@ -115,11 +115,11 @@ def fit(train: pd.DataFrame, validation: pd.DataFrame, config: TrainConfig,
     device = torch.device(device)
     work = ExpectedWork.fit(train)
     train, validation = with_progress(train, work), with_progress(validation, work)
-    preprocessor = Preprocessor.fit(train)
+    preprocessor = Preprocessor.fit(train, usage_scale(train, work))
     model = ExpectedUsageModel.create(preprocessor, device, hidden=config.hidden, layers=config.layers)
     model.work = work
-    train_x, train_y = _tensors(preprocessor, train, device)
-    val_x, val_y = _tensors(preprocessor, validation, device)
+    train_x, train_y = _tensors(model, train, device)
+    val_x, val_y = _tensors(model, validation, device)
     optimizer = torch.optim.AdamW(model.net.parameters(), lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5,
@@ -160,9 +160,13 @@ def fit(train: pd.DataFrame, validation: pd.DataFrame, config: TrainConfig,
     return outcome
 
 
-def _tensors(preprocessor: Preprocessor, frame: pd.DataFrame, device: torch.device):
+def _tensors(model: ExpectedUsageModel, frame: pd.DataFrame, device: torch.device):
+    """The encoded inputs and target of ``frame`` (with progress), its values divided by
+    their usage scale."""
+    preprocessor = model.preprocessor
     inputs = preprocessor.encode(frame)
-    target = preprocessor.encode_target(frame["value"].to_numpy(dtype="float64"), inputs.resource)
+    values = frame["value"].to_numpy(dtype="float64") / model.scale(frame)
+    target = preprocessor.encode_target(values, inputs.resource)
     return inputs.to(device), target.to(device)
 
 

@@ -153,7 +153,29 @@ def _against(other: Judgement, name: str) -> str:
 
 
 def table(metrics: pd.DataFrame, orders: int, seed: int) -> str:
-    """The printable comparison: per resource, each model's mean ± std over the folds."""
+    """The printable comparison: per resource, each model's mean ± std over the K folds; then
+    a line per special fold (extrapolation, unseen parameters) with the network's pinball
+    loss relative to the GBM's per resource."""
+    special = metrics[metrics["kind"] != "k-fold"] if "kind" in metrics else metrics.iloc[:0]
+    metrics = metrics[metrics["kind"] == "k-fold"] if "kind" in metrics else metrics
+    return "\n".join([_kfold_table(metrics, orders, seed), *_special_lines(special)])
+
+
+def _special_lines(special: pd.DataFrame) -> list[str]:
+    lines = []
+    for (fold, kind), part in special.groupby(["fold", "kind"], sort=True):
+        wide = part.pivot_table(index="resource", columns="model", values=["pinball", "coverage"], aggfunc="first")
+        if NETWORK not in wide["pinball"] or GBM not in wide["pinball"]:
+            continue
+        ratios = [f"{r} {_ratio(wide['pinball'][NETWORK][r] / wide['pinball'][GBM][r])}x"
+                  for r in wide.index if wide["pinball"][GBM][r] > 0]
+        coverage = ", ".join(f"{r} {wide['coverage'][NETWORK][r]:.0%}" for r in wide.index)
+        lines.append(f"{kind} fold (fold {fold}, {int(part['n'].max())} samples): network pinball / GBM's: "
+                     f"{', '.join(ratios)}; network P10-P90 coverage: {coverage}")
+    return lines
+
+
+def _kfold_table(metrics: pd.DataFrame, orders: int, seed: int) -> str:
     folds = int(metrics["fold"].nunique()) if len(metrics) else 0
     models = [m for m in (NETWORK, GBM, TABLE, CHAMPION) if m in set(metrics["model"])]
     stats = metrics.groupby(["resource", "model"]).agg(

@@ -114,32 +114,3 @@ def test_training_and_live_scoring_derive_the_same_features_from_the_same_sample
     assert len(want) == 10 * 6  # 10 ticks, 5 resources and demand each
     pd.testing.assert_frame_equal(got, want, check_dtype=False)
     assert set(want["image_pixels"]) == {480_000, 120_000}  # the image each run read
-
-
-def test_progress_is_cpu_time_over_the_work_the_task_needs_whatever_the_wall_clock():
-    from models.work import MAX_PROGRESS, PROGRESS_FILL, ExpectedWork, TaskWork, with_progress
-
-    work = ExpectedWork({"blur": TaskWork(intercept=0.0, slope=0.0, residuals=(-0.1, 0.0, 0.1), runs=9)})  # 1 s
-    frame = pd.DataFrame({"task": ["blur", "blur", "blur", "sharpen"], "image_pixels": [1e6] * 4,
-                          "cpu_before": [0.25, 0.5, 9.0, 0.5], "seconds": [0.5, 4.0, 30.0, 1.0]})
-    progress = with_progress(frame, work)["progress"].tolist()
-    # half-way after 0.5 s on a quiet node or after 4 s on a busy one; a run far past its
-    # work is held at MAX_PROGRESS; a task without an expectation gets the fill
-    assert progress == pytest.approx([0.25, 0.5, MAX_PROGRESS, PROGRESS_FILL])
-
-
-def test_memory_and_io_beyond_the_largest_input_seen_grow_with_the_pixels():
-    from models.work import ExpectedWork, TaskWork
-
-    work = ExpectedWork({"sepia": TaskWork(0.0, 0.0, (-0.1, 0.0, 0.1), 9, max_pixels=2e6)})
-    ratios = work.size_ratio(["sepia", "sepia", "sepia", "blur"], [1e6, 2e6, 8e6, 8e6])
-    assert ratios.tolist() == [1.0, 1.0, 4.0, 1.0]  # within the history, 4x beyond it, unknown task
-
-
-def test_expected_work_beyond_the_largest_input_grows_in_proportion():
-    from models.work import TaskWork
-
-    work = TaskWork(intercept=0.0, slope=0.5, residuals=(0.0, 0.0, 0.0), runs=9, max_pixels=1e6)
-    at_max = work.cpu_seconds(1e6)[1]
-    assert work.cpu_seconds(4e6)[1] == pytest.approx(4 * at_max)  # not 4 ** 0.5
-    assert work.cpu_seconds(2.5e5)[1] == pytest.approx(at_max * 0.25 ** 0.5)  # the fit within range

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -114,31 +115,81 @@ def test_contention_is_no_anomaly_but_a_stall_and_a_hog_are():
     assert flagged("memory", [400] * 6)
 
 
-class _Work:
-    """Every task needs 2-3 CPU seconds (P10-P90), 2.5 typically."""
+def _work(cpu_seconds=2.5, memory=100.0, written=1000.0):
+    """A work model whose blur needs ``cpu_seconds`` (spread 5 %), holds ``memory`` MiB and
+    writes ``written`` KiB whatever the input: fitted on 20 generated runs."""
+    import json
 
-    def band(self, task, pixels):
-        return (2.0, 2.5, 3.0)
+    from models.work import ExpectedWork
+
+    rng = np.random.default_rng(3)
+    runs = pd.DataFrame([{"order_id": i, "position": 0, "attempt": 1, "task": "blur", "prev_task": "<none>",
+                          "image_pixels": 1e6, "params": json.dumps({"radius": 2.0}), "pressure": np.nan,
+                          "samples": 3, "seconds": 3.0, "ended_ms": 0,
+                          "cpu_seconds": cpu_seconds * np.exp(rng.normal(0, 0.05)),
+                          "peak_memory": memory * np.exp(rng.normal(0, 0.01)), "bytes_read": 0.0,
+                          "bytes_written": written * np.exp(rng.normal(0, 0.02))} for i in range(20)])
+    return ExpectedWork.fit_runs(runs)
 
 
-def test_a_run_that_used_far_more_cpu_time_than_its_task_needs_overran_once():
+def _run(cpu_per_tick, memory=100.0, written=1000.0, order_id=7, position=0):
+    """One run's samples, tick by tick: cpu (as cpu_seconds so far), memory, disk_write at the end."""
+    samples, total = [], 0.0
+    for i, cpu in enumerate(cpu_per_tick):
+        total += cpu / 100
+        last = i == len(cpu_per_tick) - 1
+        for resource, value in (("cpu", cpu), ("memory", memory), ("disk_write", written if last else 0.0)):
+            samples.append(SampleContext(order_id, "blur", position, resource, 1_000 * (i + 1), value, float(i + 1),
+                                         "<none>", 1e6, cpu_seconds=total, cpu_before=total - cpu / 100))
+    return samples
+
+
+THRESHOLDS = {"run:cpu_seconds": 4.0, "run:peak_memory": 4.0, "run:bytes_read": 4.0, "run:bytes_written": 4.0}
+
+
+def test_a_run_gets_a_verdict_on_each_total_at_its_end_and_a_regression_stands_out():
+    from analysis.scoring import RunCheck
+
+    check = RunCheck(_work(), THRESHOLDS)
+    healthy, regressed = _run([100, 100, 50]), _run([100, 100, 100, 75], memory=150.0, written=2000.0, position=1)
+    assert check.observe(healthy) == []
+    # the extra work shows while the task runs: at its last tick its CPU time is already beyond
+    assert [(d.resource, d.raised) for d in check.observe(regressed)] == [("cpu_seconds", True)]
+    verdicts = {(d.index, d.resource): d for d in check.end([(7, 0, 1), (7, 1, 1)])}
+    assert {r for _, r in verdicts} == {"cpu_seconds", "peak_memory", "bytes_written"}  # bytes_read: no samples
+    assert not any(d.anomaly for (index, _), d in verdicts.items() if index == 0)
+    for total in ("cpu_seconds", "peak_memory", "bytes_written"):  # 1.5 x the work, the memory; twice the writes
+        assert verdicts[(1, total)].anomaly, total
+    assert [total for (index, total), d in verdicts.items() if d.raised] == ["peak_memory", "bytes_written"]
+    cpu = verdicts[(1, "cpu_seconds")]
+    assert cpu.value == pytest.approx(3.75) and cpu.lower < 2.5 < cpu.upper  # the band is the expected total's
+    assert check.end([(7, 0, 1)]) == []  # judged once
+
+
+def test_a_run_past_its_threshold_while_it_runs_overran_and_is_not_raised_again_at_its_end():
+    from analysis.scoring import RunCheck
+
+    check = RunCheck(_work(), THRESHOLDS)
+    ticks = _run([100] * 8)  # 8 CPU seconds where 2.5 are expected
+    raised = [d for d in check.observe(ticks[:9]) if d.anomaly]  # 3 ticks: 3 s, not yet beyond
+    assert raised == []
+    raised = check.observe(ticks[9:])
+    assert [d.resource for d in raised] == ["cpu_seconds"] and raised[0].raised
+    assert raised[0].timestamp_ms == 4_000  # caught at the fourth tick, while the task runs
+    at_end = {d.resource: d for d in check.end([(7, 0, 1)])}
+    assert at_end["cpu_seconds"].anomaly and not at_end["cpu_seconds"].raised
+
+
+def test_a_run_on_an_image_of_unknown_size_is_not_judged_on_its_totals(caplog):
     from dataclasses import replace
 
-    from analysis.scoring import DURATION, OverrunCheck
+    from analysis.scoring import RunCheck
 
-    check = OverrunCheck(_Work(), slack=1.5, floor_s=1.0)  # overrun past 1.5 * 3 + 1 = 5.5 s
-    # Half a core (a busy node): 0.5 CPU seconds a second.
-    ticks = [replace(s, cpu_seconds=0.5 * (i + 1)) for i, s in enumerate(_ticks("cpu", [50] * 14))]
-    raised = check.check(ticks[:10])
-    assert raised == []  # 5 CPU seconds after 10 s: slow, but within its work
-    raised = check.check(ticks[10:])
-    assert len(raised) == 1
-    overrun = raised[0]
-    assert overrun.resource == DURATION and overrun.anomaly and overrun.raised
-    assert overrun.value == 12.0  # seconds the task has run
-    # the expected duration at half a core: 4-6 s
-    assert (overrun.lower, overrun.expected, overrun.upper) == pytest.approx((4.0, 5.0, 6.0))
-    assert check.check(ticks[12:]) == []  # once per run
+    check = RunCheck(_work(), THRESHOLDS)
+    unsized = [replace(s, image_pixels=float("nan")) for s in _run([100] * 8)]
+    assert check.observe(unsized) == []  # no invented overrun
+    assert check.end([(7, 0, 1)]) == []
+    assert "unknown size" in caplog.text
 
 
 def test_every_detector_of_the_benchmark_keeps_the_contract():

@@ -1,0 +1,233 @@
+"""When a deviation is an alarm: the policy, the scores and thresholds set to a false-alarm budget.
+
+Two kinds of verdict, each per resource (a **kind** below is one verdict on one resource):
+
+- **per sample**, while a task runs: a sample's score is its signed distance from the band's
+  median in standard-deviation equivalents (:func:`band_score`); :data:`ALARMS` says which side
+  of which resource may alarm, and ``consecutive`` samples in a row beyond the kind's threshold
+  are an anomaly. A run's statistic for the kind is the largest score its run of
+  ``consecutive`` samples all reach (:func:`streak_statistic`): it alarms exactly when that
+  exceeds the threshold. A run with fewer samples cannot alarm this way.
+- **per run**, on its totals (:mod:`models.runs`): ``(log(total + floor) - expected) / spread``
+  against the work model (:mod:`models.work`), above only: a regression is more work, memory
+  or bytes; less is a stall, which the samples show. Decided at the run's end; the CPU time is
+  also checked while the task runs, so a runaway is caught before it ends (an overrun).
+
+**Thresholds are calibrated, not hand-set.** At ``fit`` every kind's statistic is computed on
+runs the model did not train on (each fold's network on its held-out orders) and its upper
+tail is summarised (:class:`TailFit`). A budget of ``rate`` false alarms per healthy run is
+split evenly over the kinds, and each kind's threshold is where its tail leaves that share.
+With n held-out runs an empirical (conformal) quantile only reaches a level of 1/(n+1), far
+from 1/8,000; beyond it the tail is extrapolated: run totals (log-normal by nature) with a
+normal tail on a robust scale, the per-sample streak statistics (heavier, a maximum over a
+run) with an exponential tail fitted to the excesses over their upper quartile; both with the
+estimate's own uncertainty added (a Student-t prediction bound; the mean excess at the upper
+edge of its standard error). A threshold is never below the conformal quantile the data do
+support. ``docs/benchmarks.md`` measures what
+this gives on runs the calibration never saw.
+
+The floors left (:data:`MIN_HALF_WIDTH`) are physical noise limits, not tuning: below them two
+samples of the same work differ anyway (reasons beside each).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy.stats import t as student_t
+
+from models.rows import DEMAND, RUN_KEY
+from models.runs import NOISE_FLOOR, TOTALS, run_totals
+from models.work import param_features
+
+BAND_EDGE_Z = 1.2816  # the P10-P90 band of a normal distribution is +-1.2816 standard deviations
+DEFAULT_RATE = 0.001  # false alarms per healthy run
+DEFAULT_CONSECUTIVE = 3
+FALLBACK_THRESHOLD = 4.0  # a kind without calibration (a model fitted before it, too few runs)
+MIN_CALIBRATION_RUNS = 20
+
+MIN_HALF_WIDTH = {
+    # A sample covers ~1 s; CPU is read in ns but the reaped children's share comes in 10 ms
+    # clock ticks, up to two per child: a few points of a core either way.
+    "cpu": 5.0, "cpu_wait": 5.0, DEMAND: 5.0,
+    # Resident memory moves by the allocator's arenas and page tables, a few MiB per run.
+    "memory": 2.0,
+    # A run that writes nothing still dirties metadata pages: ~64 KiB over a 1 s sample.
+    "disk_read": 64.0, "disk_write": 64.0,
+}
+"""Smallest half-width of a band, per resource, in its units: the physical resolution of the
+measurement (a task that reads nothing has P10 = P50 = P90 = 0, and one page read must not be
+infinitely surprising)."""
+
+
+class Side(str, enum.Enum):
+    """Which deviations of a resource can be anomalies."""
+
+    BOTH = "both"
+    ABOVE = "above"
+    NONE = "none"
+
+
+ALARMS = {DEMAND: Side.BOTH, "memory": Side.ABOVE, "disk_read": Side.ABOVE, "disk_write": Side.ABOVE}
+"""Resources whose samples raise anomalies, and on which side; the others are only scored. On a
+shared node a task's ``cpu`` falls and its ``cpu_wait`` rises with the load while its demand
+(their sum) stays what the task asks for: demand alarms both ways (a hog above, a stall
+below); memory and storage I/O above only (a slower task grows and writes more slowly)."""
+RUN_KINDS = tuple(f"run:{total}" for total in TOTALS)
+SAMPLE_KINDS = tuple(f"sample:{resource}" for resource in ALARMS)
+KINDS = SAMPLE_KINDS + RUN_KINDS
+
+
+def band_score(value: float, p10: float, p50: float, p90: float, resource: str) -> float:
+    """Signed deviation from the median in standard-deviation equivalents: the band's edges
+    are at +-1.28, each side scaled by its own half of the band (at least the resource's
+    physical floor)."""
+    floor = MIN_HALF_WIDTH.get(resource, 1.0)
+    half = max(p90 - p50, floor) if value >= p50 else max(p50 - p10, floor)
+    return BAND_EDGE_Z * (value - p50) / half
+
+
+def band_scores(values: np.ndarray, bands: np.ndarray, resources: np.ndarray) -> np.ndarray:
+    """:func:`band_score` of many rows; ``bands`` is (rows, 3)."""
+    floor = np.array([MIN_HALF_WIDTH.get(r, 1.0) for r in resources])
+    p10, p50, p90 = bands[:, 0], bands[:, 1], bands[:, 2]
+    half = np.where(values >= p50, np.maximum(p90 - p50, floor), np.maximum(p50 - p10, floor))
+    return BAND_EDGE_Z * (values - p50) / half
+
+
+def alarm_score(resource: str, score: float) -> float:
+    """The part of ``score`` that can raise an anomaly under :data:`ALARMS`."""
+    side = ALARMS.get(resource, Side.NONE)
+    if side is Side.BOTH:
+        return abs(score)
+    if side is Side.ABOVE:
+        return max(score, 0.0)
+    return 0.0
+
+
+def run_score(total: str, value: float, expected_log: float, spread: float) -> float:
+    """How far a run's total lies above what its work needs, in spreads (negative: below)."""
+    return (math.log(max(value, 0.0) + NOISE_FLOOR[total]) - expected_log) / spread
+
+
+def streak_statistic(scores: np.ndarray, consecutive: int) -> float:
+    """The largest ``s`` such that ``consecutive`` scores in a row are all above ``s`` (0 for
+    a series shorter than that): the series alarms at threshold ``t`` exactly when this > t."""
+    if len(scores) < consecutive:
+        return 0.0
+    windows = np.lib.stride_tricks.sliding_window_view(np.asarray(scores, dtype=np.float64), consecutive)
+    return float(max(windows.min(axis=1).max(), 0.0))
+
+
+@dataclass(frozen=True)
+class TailFit:
+    """A kind's statistic on held-out healthy runs, summarised to set a threshold at any rate."""
+
+    runs: int
+    tail: str  # "normal" or "exponential"
+    centre: float  # normal: the mean; exponential: the upper quartile u0
+    scale: float  # normal: the prediction spread; exponential: the (upper) mean excess over u0
+    exceed: float  # exponential: the share of runs above u0
+    largest: float  # the largest statistic seen
+    ordered: tuple[float, ...] = field(default=(), repr=False)  # the statistics, sorted
+
+    def threshold(self, rate: float) -> float:
+        """Where the tail leaves ``rate`` of healthy runs: the extrapolated tail, never below
+        the conformal quantile the runs support (the ceil((n+1)(1-rate))-th smallest)."""
+        if self.tail == "normal":
+            fitted = self.centre + student_t.isf(rate, self.runs - 1) * self.scale
+        else:
+            fitted = self.centre + self.scale * math.log(max(self.exceed / rate, 1.0))
+        rank = math.ceil((self.runs + 1) * (1 - rate))
+        conformal = self.ordered[rank - 1] if 0 < rank <= len(self.ordered) else -math.inf
+        return float(max(fitted, conformal))
+
+    @classmethod
+    def fit(cls, statistics: np.ndarray, tail: str) -> "TailFit | None":
+        values = np.sort(np.asarray(statistics, dtype=np.float64)[np.isfinite(statistics)])
+        if len(values) < MIN_CALIBRATION_RUNS:
+            return None
+        n = len(values)
+        if tail == "normal":
+            # A prediction bound for one more run: the mean, and the spread widened for having
+            # been estimated from n runs (the quantile itself is Student's t with n - 1 degrees).
+            centre = float(values.mean())
+            scale = max(float(values.std(ddof=1)), 0.25) * math.sqrt(1 + 1 / n)
+            exceed = 0.5
+        else:
+            centre = float(np.quantile(values, 0.75))
+            above = values[values > centre]
+            # the mean excess at the upper edge of its one-standard-error interval: an estimate
+            # from k excesses is off by 1/sqrt(k), and the tail multiplies that error
+            mean_excess = float((above - centre).mean()) if len(above) else 0.0
+            scale = max(mean_excess * (1 + 1 / math.sqrt(max(len(above), 1))), 0.25)
+            exceed = max(len(above) / n, 1.0 / n)
+        return cls(len(values), tail, centre, scale, exceed, float(values[-1]), tuple(float(v) for v in values))
+
+
+@dataclass(frozen=True)
+class AlarmCalibration:
+    """Every kind's :class:`TailFit`; saved with the model, turned into thresholds at the
+    configured false-alarm rate (``FALSE_ALARM_RATE``) when the model is loaded."""
+
+    tails: dict[str, TailFit]
+    consecutive: int = DEFAULT_CONSECUTIVE
+
+    def thresholds(self, rate: float = DEFAULT_RATE) -> dict[str, float]:
+        """Per kind (:data:`KINDS`), the threshold that leaves ``rate`` false alarms per
+        healthy run over all kinds together; a kind without calibration gets the fallback."""
+        share = rate / len(KINDS)
+        return {kind: (self.tails[kind].threshold(share) if kind in self.tails else FALLBACK_THRESHOLD)
+                for kind in KINDS}
+
+    def to_dict(self) -> dict:
+        return {"consecutive": self.consecutive,
+                "tails": {kind: asdict(tail) for kind, tail in self.tails.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AlarmCalibration":
+        return cls({kind: TailFit(**{**tail, "ordered": tuple(tail.get("ordered", ()))})
+                    for kind, tail in data.get("tails", {}).items()},
+                   int(data.get("consecutive", DEFAULT_CONSECUTIVE)))
+
+    @classmethod
+    def fit(cls, statistics: pd.DataFrame, consecutive: int = DEFAULT_CONSECUTIVE) -> "AlarmCalibration":
+        """From :func:`alarm_statistics` rows of held-out healthy runs."""
+        tails = {}
+        for kind, part in statistics.groupby("kind"):
+            tail = TailFit.fit(part["statistic"].to_numpy(), "normal" if str(kind).startswith("run:") else "exponential")
+            if tail is not None:
+                tails[str(kind)] = tail
+        return cls(tails, consecutive)
+
+
+def alarm_statistics(rows: pd.DataFrame, bands: pd.DataFrame, work, consecutive: int = DEFAULT_CONSECUTIVE) -> pd.DataFrame:
+    """Per healthy run of ``rows`` (model rows) and kind, the statistic that decides whether it
+    alarms: ``bands`` holds each row's p10/p50/p90 (same index), ``work`` the expected totals
+    (models.work.ExpectedWork). Columns: the run key, ``kind``, ``statistic``, ``samples``."""
+    out = []
+    alarmed = rows["resource"].isin(list(ALARMS)).to_numpy()
+    if alarmed.any():
+        part = rows[alarmed]
+        scores = band_scores(part["value"].to_numpy(dtype=np.float64),
+                             bands.loc[part.index, ["p10", "p50", "p90"]].to_numpy(dtype=np.float64),
+                             part["resource"].astype(str).to_numpy())
+        sides = part["resource"].map(lambda r: ALARMS[r].value).to_numpy()
+        part = part.assign(_alarm=np.where(sides == Side.BOTH.value, np.abs(scores), np.maximum(scores, 0.0)))
+        for key, series in part.sort_values("ts_ms").groupby([*RUN_KEY, "resource"], sort=False):
+            out.append((*key[:3], f"sample:{key[3]}", streak_statistic(series["_alarm"].to_numpy(), consecutive),
+                        len(series)))
+    for run in run_totals(rows).itertuples(index=False):
+        for total in TOTALS:
+            value = getattr(run, total)
+            fit = work.fit_of(run.task, total)
+            if fit is None or not np.isfinite(value) or not (run.image_pixels > 0):
+                continue
+            expected = fit.log_median(float(run.image_pixels), param_features(run.params), float(run.pressure))
+            out.append((run.order_id, run.position, run.attempt, f"run:{total}",
+                        run_score(total, float(value), expected, fit.spread), int(run.samples)))
+    return pd.DataFrame(out, columns=[*RUN_KEY, "kind", "statistic", "samples"])
