@@ -300,7 +300,7 @@ class OrderRun:
         try:
             self.s.store.start_task(self.order_id, launch.position, launch.attempt, spec.name, spec.fault,
                                     started=handle.started_at(),
-                                    input_pixels=self._input_pixels(launch))
+                                    input_pixels=self._input_pixels(launch), params=spec.params)
             while True:
                 if self.s.cancel.is_set():
                     raise _AttemptFailed("cancelled")

@@ -355,6 +355,9 @@ class Sample:
     # samples of producers that predate these headers.
     index: int | None = None
     attempt: int | None = None
+    # On each message of a run's closing sample (header ``closing``): how many resources that
+    # sample has, so a consumer knows when the run's last tick is complete and the run is over.
+    closing: int | None = None
 
     def encode(self) -> Message:
         if not RESOURCE_NAME_PATTERN.fullmatch(self.resource):
@@ -364,7 +367,8 @@ class Sample:
         key = ":".join((encode_required_tasks(self.required_tasks), check_task_name(self.task_name),
                         str(_check_order_id(self.order_id)), self.resource))
         return Message(resource_topic(self.order_id), key, _format_usage(self.value),
-                       _headers(index=self.index, attempt=self.attempt), timestamp_ms=self.timestamp_ms)
+                       _headers(index=self.index, attempt=self.attempt, closing=self.closing),
+                       timestamp_ms=self.timestamp_ms)
 
     @classmethod
     def decode(cls, message: Message) -> "Sample":
@@ -386,7 +390,8 @@ class Sample:
             raise ProtocolError(f"sample {message.key!r} has no timestamp")
         sample = cls(decode_required_tasks(required), check_task_name(task_name),
                      _parse_order_id(order_id), resource, value, message.timestamp_ms,
-                     _optional_int_header(message, "index"), _optional_int_header(message, "attempt"))
+                     _optional_int_header(message, "index"), _optional_int_header(message, "attempt"),
+                     _optional_int_header(message, "closing"))
         _expect_topic(message, resource_topic(sample.order_id))
         return sample
 

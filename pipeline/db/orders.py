@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
+import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TypeVar
@@ -138,9 +139,10 @@ class OrderStore:
 
     def start_task(self, order_id: int, position: int, attempt: int, task: str,
                    fault: str | None = None, started: datetime | None = None,
-                   input_pixels: int | None = None) -> datetime:
+                   input_pixels: int | None = None, params: Mapping[str, object] | None = None) -> datetime:
         """Record that attempt ``attempt`` of the task at ``position`` started (now, unless
-        ``started`` says when), with the size of the image it reads when known."""
+        ``started`` says when), with the size of the image it reads when known and its
+        resolved task parameters."""
         started = started or utcnow()
         what = f"order {order_id}: recording the start of task {position + 1}"
         # One store serves many threads: the name's id is committed before it is used.
@@ -148,7 +150,7 @@ class OrderStore:
         self._update(what, insert(task_runs).values(
             order_id=order_id, position=position, attempt=attempt,
             task_id=task_id, status=RunStatus.RUNNING.value, started_at=started, fault=fault,
-            input_pixels=input_pixels,
+            input_pixels=input_pixels, params=None if params is None else params_text(params),
         ))
         return started
 
@@ -221,3 +223,8 @@ def _record(row) -> OrderRecord:
 
 def _fresh(record: OrderRecord, now: datetime, patience: float) -> bool:
     return heartbeat_fresh(record.heartbeat_at or record.started_at or record.created_at, now, patience)
+
+
+def params_text(params: Mapping[str, object]) -> str:
+    """A run's task parameters as ``task_runs.params`` holds them: canonical JSON (sorted keys)."""
+    return json.dumps(dict(params), sort_keys=True, separators=(",", ":"), default=str)

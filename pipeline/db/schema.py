@@ -84,6 +84,9 @@ task_runs = Table(
     # Pixels of the image this run read (the order's image, or the previous task's output):
     # what a task's work scales with, known when it starts.
     Column("input_pixels", BigInteger),
+    # The run's task parameters, every one resolved (defaults included), as canonical JSON:
+    # with the pixels, what the run's work depends on (models/work.py).
+    Column("params", Text),
     UniqueConstraint("order_id", "position", "attempt", name="uq_task_runs_attempt"),
 )
 
