@@ -14,8 +14,9 @@ instruction to the last (no ``fault_at``), by ``factor`` (> 1):
 
 * ``extra_work``: the task's operation is done ``factor`` times over: once on the whole image
   (the output), again on the whole image as often as the factor's whole part less one, and
-  on a full-width crop of the top rows holding the factor's fraction of the pixels, so its
-  CPU time grows ~``factor`` times;
+  on a full-width crop of the top rows holding the factor's fraction of the pixels; its output
+  is encoded as many times over (into memory), so the CPU time of the work grows ~``factor``
+  times;
 * ``extra_memory``: a block of ``factor - 1`` times the process's own resident memory is held
   (filled, so resident) from the start, grown while the operation and the save run to
   ``factor - 1`` times the largest own resident size seen (a look every 10 ms, then the
@@ -29,6 +30,7 @@ instruction to the last (no ``fault_at``), by ``factor`` (> 1):
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import signal
@@ -125,6 +127,13 @@ class Fault:
             result.save(path, format=image_format)
         if self.kind == "double_write":
             _write_again(path)
+        if self.kind == "extra_work":  # encoding is the task's work too: done factor times over
+            extra = self.factor - 1
+            while extra > 0:
+                rows = round(result.height * min(extra, 1.0))
+                if rows >= 1:
+                    result.crop((0, 0, result.width, rows)).save(io.BytesIO(), format=image_format)
+                extra -= 1
 
     @contextlib.contextmanager
     def _memory_follows(self) -> Iterator[None]:
