@@ -18,7 +18,7 @@ import logging
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import cycle
 from pathlib import Path
 
@@ -32,6 +32,16 @@ logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SIZES = ((640, 480), (1024, 768), (1600, 1200))
 DEFAULT_CONCURRENCY = (1, 4, 8)
+DEFAULT_VARIANTS = {
+    "median": ({"passes": 1, "size": 3}, {"passes": 2, "size": 5}, {"passes": 3, "size": 3}, {"passes": 1, "size": 5}),
+    "denoise": ({"search": 2}, {"search": 3}, {"search": 2, "patch": 2}),
+    "upscale": ({"iterations": 5}, {"iterations": 10}, {"iterations": 15}),
+    "blur": ({"radius": 1.0}, {"radius": 2.0}, {"radius": 4.0}),
+    "sharpen": ({"radius": 1.0}, {"radius": 2.0}, {"radius": 3.0, "percent": 200}),
+    "jpeg": ({"quality": 60}, {"quality": 75}, {"quality": 90}),
+}
+"""Parameter settings each task cycles through: the work model learns how a task's work grows
+with a parameter only from a history in which it varied (models/work.py)."""
 DEFAULT_SEQUENCES = (
     ("median", "grayscale", "sharpen"),
     ("denoise", "contrast", "jpeg"),
@@ -59,6 +69,7 @@ class CollectPlan:
     orders: int = 12
     seed: int = 0
     prefix: str = "history"
+    variants: dict[str, tuple[dict, ...]] = field(default_factory=lambda: dict(DEFAULT_VARIANTS))
 
 
 def make_image(width: int, height: int, seed: int) -> Image.Image:
@@ -77,7 +88,8 @@ def make_image(width: int, height: int, seed: int) -> Image.Image:
 
 
 def write_orders(plan: CollectPlan, folder: Path) -> dict[int, list[Path]]:
-    """Images and order files in ``folder``; the order files per concurrency level."""
+    """Images and order files in ``folder``; the order files per concurrency level. Each
+    task of :attr:`CollectPlan.variants` takes its next parameter setting."""
     folder.mkdir(parents=True, exist_ok=True)
     images = []
     for i, (width, height) in enumerate(plan.sizes):
@@ -87,6 +99,7 @@ def write_orders(plan: CollectPlan, folder: Path) -> dict[int, list[Path]]:
         images.append(path)
     files: dict[int, list[Path]] = {}
     number = 0
+    settings = {task: cycle(variants) for task, variants in plan.variants.items() if variants}
     for level in plan.concurrency:
         pairs = cycle([(image, sequence) for sequence in plan.sequences for image in images])
         level_files = []
@@ -94,8 +107,10 @@ def write_orders(plan: CollectPlan, folder: Path) -> dict[int, list[Path]]:
             image, sequence = next(pairs)
             number += 1
             path = folder / f"{plan.prefix}-{plan.seed}-{number:04d}.json"
+            tasks = [{"name": task, "params": next(settings[task])} if task in settings else task
+                     for task in sequence]
             path.write_text(json.dumps({"id": f"{plan.prefix}-c{level}-{'-'.join(sequence)}",
-                                        "image": str(image), "tasks": list(sequence)}))
+                                        "image": str(image), "tasks": tasks}))
             level_files.append(path)
         files[level] = level_files
     return files

@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipeline.entry import exit_status
 from training import cli
-from training.collect import CollectPlan, make_image, parse_levels, parse_sequences, parse_sizes, write_orders
+from training.collect import DEFAULT_VARIANTS, CollectPlan, make_image, parse_levels, parse_sequences, parse_sizes, write_orders
 
 
 def test_the_plan_varies_image_size_task_sequence_and_concurrency(tmp_path):
@@ -19,7 +19,11 @@ def test_the_plan_varies_image_size_task_sequence_and_concurrency(tmp_path):
     files = write_orders(plan, tmp_path)
     assert sorted(files) == [1, 4] and all(len(f) == 4 for f in files.values())
     documents = [json.loads(path.read_text()) for level in files.values() for path in level]
-    assert {tuple(d["tasks"]) for d in documents} == {("median", "grayscale"), ("denoise",)}
+    names = {tuple(t if isinstance(t, str) else t["name"] for t in d["tasks"]) for d in documents}
+    assert names == {("median", "grayscale"), ("denoise",)}
+    # a task with parameter settings to vary takes the next one each time it appears
+    medians = [t["params"] for d in documents for t in d["tasks"] if isinstance(t, dict) and t["name"] == "median"]
+    assert len({json.dumps(p, sort_keys=True) for p in medians}) == min(len(medians), len(DEFAULT_VARIANTS["median"]))
     sizes = set()
     for document in documents:
         with Image.open(document["image"]) as image:
