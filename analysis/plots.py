@@ -33,10 +33,13 @@ PLOTS_EXPERIMENT = "deviation-plots"
 # "Panels" text); resources beyond them follow when the order has them: the known ones in
 # LATER_PANELS' order, then any other by name.
 FIRST_PANELS = ("cpu", "memory", "disk_read", "disk_write", "cpu_wait")
-LATER_PANELS = ("cpu_demand", "duration", "node_cpu_pressure")
+# The run's totals (analysis/scoring.py RunCheck) are one point each, at the run's end (and
+# cpu_seconds also where an overrun was caught): their band spans the run.
+LATER_PANELS = ("cpu_demand", "cpu_seconds", "peak_memory", "bytes_read", "bytes_written", "node_cpu_pressure")
 UNITS = {"cpu": "% of one core", "memory": "MiB resident", "disk_read": "KiB/s", "disk_write": "KiB/s",
          "cpu_wait": "% of one core, waiting", "cpu_demand": "% of one core, wanted",
-         "duration": "s running", "node_cpu_pressure": "% of time, node"}
+         "cpu_seconds": "CPU s, run so far", "peak_memory": "MiB, run's peak", "bytes_read": "KiB, run total",
+         "bytes_written": "KiB, run total", "node_cpu_pressure": "% of time, node"}
 
 
 class PlotError(PipelineError):

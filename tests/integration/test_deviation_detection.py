@@ -75,6 +75,9 @@ def trained(infra_env, tmp_path_factory) -> Trained:
             write_order(folder, "memory-leak", [{**HEAVY, "fault": "memory_leak", "fault_at": FAULT_AT}, "grayscale",
                                                 "sharpen"], image="scene-1024x768.jpg", retry={"max_attempts": 1}),
             write_order(folder, "normal", NORMAL_TASKS, image="scene-1024x768.jpg"),
+            # a release that holds 1.5 times the memory, from the start: judged on the run's peak
+            write_order(folder, "extra-memory", [{**HEAVY, "fault": "extra_memory"}, "grayscale", "sharpen"],
+                        image="scene-1024x768.jpg", retry={"max_attempts": 1}),
         ]
         scored = run_orchestrator(settings, *map(str, files), "--max-concurrent", "1", timeout=600)
         assert scored.returncode == 0, scored.stderr[-3000:]
@@ -87,8 +90,9 @@ def _deviations(trained: Trained, name: str, version: str = "1"):
 
 
 # A CPU hog shows as CPU demand (cpu + cpu_wait: the spinners run or wait to run, however busy
-# the machine), or as an overrun: the task keeps using CPU time long past what its work needs.
-FAULT_RESOURCES = {"cpu-hog": {"cpu_demand", "duration"}, "memory-leak": {"memory"}}
+# the machine), or as an overrun: the run's CPU time goes past what its work needs.
+FAULT_RESOURCES = {"cpu-hog": {"cpu_demand", "cpu_seconds"}, "memory-leak": {"memory", "peak_memory"}}
+RUN_TOTALS = ("cpu_seconds", "peak_memory", "bytes_read", "bytes_written")
 
 
 @pytest.mark.parametrize("order", ["cpu-hog", "memory-leak"])
@@ -107,6 +111,26 @@ def test_an_injected_fault_is_flagged_on_the_faulty_task_and_resource_after_it_b
     assert fault_start_ms <= first <= faulty_run["finished_at"].timestamp() * 1000 + 1500
     # The healthy tasks after it raise nothing.
     assert not [r for r in rows if r.anomaly and r.index != 0]
+
+
+def test_a_regression_of_a_runs_peak_memory_is_flagged_at_its_end(trained):
+    """1.5 times the memory of a healthy run: each sample may stay within the band's noise,
+    the run's peak, judged when its closing sample is stored, does not."""
+    rows = _deviations(trained, "extra-memory")
+    faulty_run = next(r for r in trained.orders["extra-memory"].runs if r["position"] == 0)
+    verdicts = {r.resource: r for r in rows if r.index == 0 and r.resource in RUN_TOTALS}
+    assert verdicts["peak_memory"].anomaly and verdicts["peak_memory"].raised, verdicts
+    assert verdicts["peak_memory"].value > 1.3 * verdicts["peak_memory"].expected
+    assert verdicts["peak_memory"].timestamp_ms <= faulty_run["finished_at"].timestamp() * 1000 + 1500
+    assert not [r for r in rows if r.anomaly and r.index != 0]
+
+
+def test_every_run_gets_a_verdict_on_its_totals(trained):
+    for name, order in trained.orders.items():
+        rows = _deviations(trained, name)
+        judged = {(r.index, r.resource) for r in rows if r.resource in RUN_TOTALS}
+        for run in order.runs:
+            assert {(run["position"], "cpu_seconds"), (run["position"], "peak_memory")} <= judged, (name, run)
 
 
 def test_a_normal_order_raises_no_anomaly(trained):
@@ -128,7 +152,7 @@ def test_anomalies_are_published_with_order_task_and_resource(trained):
             if message.header("order_id") in ids and message.timestamp_ms >= trained.run_began_ms:
                 found.append(Deviation.decode(message))
     raised = {(a.order_id, a.task, a.index, a.resource) for a in found}
-    for order, resources in FAULT_RESOURCES.items():
+    for order, resources in {**FAULT_RESOURCES, "extra-memory": {"peak_memory"}}.items():
         assert {(trained.orders[order].id, "median", 0, r) for r in resources} & raised, order
     assert all(a.model_version == "1" for a in found)
 
@@ -159,7 +183,7 @@ def test_rescoring_with_two_model_versions_keeps_rows_for_both(trained):
     # the derived cpu_demand and any overrun besides.
     own = [s for s in trained.orders["cpu-hog"].samples if s["resource"] != "node_cpu_pressure"]
     for rows in (first, second):
-        assert len([r for r in rows if r.resource not in ("cpu_demand", "duration")]) == len(own)
+        assert len([r for r in rows if r.resource not in ("cpu_demand", *RUN_TOTALS)]) == len(own)
         assert {r.resource for r in rows} >= {"cpu", "memory", "cpu_wait", "cpu_demand"}
     missing = _python(trained.settings, "-m", "monitor", "rescore", str(order_id), "--model", "99")
     assert missing.returncode == 2 and "no version 99" in missing.stderr

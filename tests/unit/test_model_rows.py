@@ -114,3 +114,62 @@ def test_training_and_live_scoring_derive_the_same_features_from_the_same_sample
     assert len(want) == 10 * 6  # 10 ticks, 5 resources and demand each
     pd.testing.assert_frame_equal(got, want, check_dtype=False)
     assert set(want["image_pixels"]) == {480_000, 120_000}  # the image each run read
+
+
+class _Published(list):
+    """Where an anomaly would be published: kept."""
+
+    def send(self, message) -> None:
+        self.append(message)
+
+
+class _WorkOf:
+    """Every task needs 0.1-0.2 CPU-seconds (spread 5 %) and holds ~60 MiB: a work model
+    fitted on 20 generated runs of each task."""
+
+    def __new__(cls):
+        import numpy as np
+
+        from models.work import ExpectedWork
+
+        rng = np.random.default_rng(0)
+        runs = pd.DataFrame([{"order_id": i, "position": 0, "attempt": 1, "task": task, "prev_task": "<none>",
+                              "image_pixels": pixels, "params": "{}", "pressure": np.nan, "samples": 3,
+                              "seconds": 1.0, "ended_ms": 0, "cpu_seconds": 1.0 * np.exp(rng.normal(0, 0.05)),
+                              "peak_memory": 60.0 * np.exp(rng.normal(0, 0.01)), "bytes_read": 0.0,
+                              "bytes_written": 100.0}
+                             for i in range(20) for task, pixels in (("resize", 480_000), ("blur", 120_000))])
+        return ExpectedWork.fit_runs(runs)
+
+
+def test_live_scoring_judges_a_run_when_its_closing_sample_is_complete_not_at_the_orders_end(tmp_path):
+    """The closing sample's messages say how many resources it has: once that many are
+    stored, the run is over and its totals are judged, while the order still runs."""
+    from dataclasses import replace
+
+    from analysis.scoring import RunCheck
+
+    engine = connect(f"sqlite:///{tmp_path / 'pipeline.db'}")
+    create_schema(engine)
+    order_id, samples = _stored_order(engine)
+    live = LiveScorer(None, engine, _Published(), "test")
+    thresholds = {f"run:{total}": 4.0 for total in ("cpu_seconds", "peak_memory", "bytes_read", "bytes_written")}
+    live.detector = Detector(ModelBandScorer(_RecordingModel()), ConsecutiveFilter(), RunCheck(_WorkOf(), thresholds),
+                             "1")
+    live._store, live.model_version = DeviationStore(engine), "1"
+    first_run = [s for s in samples if s.index == 0]
+    closing_ms = max(s.timestamp_ms for s in first_run)
+    marked = [replace(s, closing=6) if s.timestamp_ms == closing_ms else s for s in first_run]
+    # (cpu_seconds may come early, as an overrun: these random samples use far more CPU)
+    verdicts = lambda results: {r.resource for r in results if r.index == 0} & {"peak_memory", "bytes_written"}  # noqa: E731
+    assert verdicts(live.score(marked[:-1])) == set()  # the closing tick lacks a resource: not yet over
+    assert verdicts(live.score(marked[-1:])) == {"peak_memory", "bytes_written"}
+    assert (order_id, 0, 1) not in live.detector.runs.open_runs()
+    # the second run has no closing sample (a task killed): judged when the order is finished
+    live.score([s for s in samples if s.index == 1])
+    assert live.detector.runs.open_runs() == [(order_id, 1, 1)]
+    live._finish_orders([order_id])
+    assert live.detector.runs.open_runs() == []
+    stored = DeviationStore(engine).read(order_id, "1")
+    assert {(r.index, r.resource) for r in stored if r.resource in ("cpu_seconds", "peak_memory")} == \
+        {(0, "cpu_seconds"), (0, "peak_memory"), (1, "cpu_seconds"), (1, "peak_memory")}
