@@ -13,8 +13,12 @@ magnitude, so no pooled figure may let one of them decide):
   :data:`TIE_MARGIN`, **and** it loses no resource. Better on average but clearly worse on
   one resource is not a win: that resource's deviations would be flagged wrongly.
 
-A resource the reference forecasts perfectly (pinball 0) has no ratio; it is left out of the
-average and judged by the per-resource rule alone.
+A ratio of two losses far below what a sample can resolve means nothing (a resource that is
+nearly always 0, like ``disk_read`` from the page cache, gives 0.1 KiB/s against 0.03 KiB/s:
+"3.6 times"), so each loss is counted on top of a tenth of the resource's resolution, the
+band's smallest half-width (models/alarms.py ``MIN_HALF_WIDTH``: 5 % of a core, 2 MiB,
+64 KiB/s). A resource the reference forecasts perfectly and without a resolution has no
+ratio; it is left out of the average and judged by the per-resource rule alone.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from models.alarms import MIN_HALF_WIDTH
 from training.crossval import CHAMPION, GBM, NETWORK, TABLE
 from training.metrics import NOMINAL_COVERAGE
 
 logger = logging.getLogger(__name__)
 
+RESOLUTION_SHARE = 0.1  # of a resource's MIN_HALF_WIDTH, added to each loss of a ratio
 TIE_MARGIN = 0.01  # closer than 1% to the reference on average is a tie, not a win
 LABELS = {NETWORK: "network", GBM: "GBM", TABLE: "quantile table", CHAMPION: "champion"}
 
@@ -46,6 +52,7 @@ class ResourceVerdict:
     difference: float  # mean over folds of (challenger - reference)
     spread: float  # standard deviation over folds of that difference
     folds: int
+    resolution: float = 0.0  # added to both losses in the ratio (module docstring)
 
     @property
     def outcome(self) -> str:
@@ -58,9 +65,10 @@ class ResourceVerdict:
 
     @property
     def ratio(self) -> float:
-        """challenger / reference; NaN when the reference is 0 (1 when both are)."""
-        if self.reference > 0:
-            return self.challenger / self.reference
+        """(challenger + resolution) / (reference + resolution); NaN when that divides by 0
+        (1 when both are 0)."""
+        if self.reference + self.resolution > 0:
+            return (self.challenger + self.resolution) / (self.reference + self.resolution)
         return 1.0 if self.challenger == 0 else float("nan")
 
 
@@ -106,7 +114,8 @@ def judge(metrics: pd.DataFrame, challenger: str = NETWORK, reference: str = GBM
         verdicts.append(ResourceVerdict(
             str(resource), float(both[challenger].mean()), _std(both[challenger]),
             float(both[reference].mean()), _std(both[reference]),
-            float(difference.mean()), _std(difference), len(both)))
+            float(difference.mean()), _std(difference), len(both),
+            RESOLUTION_SHARE * MIN_HALF_WIDTH.get(str(resource), 0.0)))
     return Judgement(challenger, reference, tuple(verdicts), margin)
 
 

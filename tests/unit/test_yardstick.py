@@ -135,17 +135,24 @@ def test_worse_on_one_resource_within_its_spread_still_wins():
 
 
 def test_better_everywhere_wins_and_level_on_average_does_not():
-    better = judge(_metrics({"cpu": [1.0, 1.2, 0.8], "memory": [5.0, 5.5, 4.5]},
-                            {"cpu": [1.5, 1.7, 1.3], "memory": [6.0, 6.5, 5.5]}))
+    better = judge(_metrics({"cpu_seconds": [1.0, 1.2, 0.8], "peak_memory": [5.0, 5.5, 4.5]},
+                            {"cpu_seconds": [1.5, 1.7, 1.3], "peak_memory": [6.0, 6.5, 5.5]}))
     assert better.wins and not better.losses
     assert sentences(better).splitlines()[-1].startswith("Overall the network beats the GBM: its pinball loss "
                                                          "is 0.75 times the GBM's")
-    level = judge(_metrics({"cpu": [0.995, 0.995, 0.995]}, {"cpu": [1.0, 1.0, 1.0]}))
+    level = judge(_metrics({"cpu_seconds": [0.995, 0.995, 0.995]}, {"cpu_seconds": [1.0, 1.0, 1.0]}))
     assert level.resources[0].outcome == "better" and not level.wins  # within the 1% margin: a tie
     # A resource the GBM forecasts perfectly has no ratio; the per-resource rule still counts it.
-    perfect = judge(_metrics({"cpu": [1.0, 1.0, 1.0], "disk_write": [0.1, 0.1, 0.1]},
-                             {"cpu": [2.0, 2.0, 2.0], "disk_write": [0.0, 0.0, 0.0]}))
-    assert perfect.ratio == pytest.approx(0.5) and perfect.losses == ["disk_write"] and not perfect.wins
+    perfect = judge(_metrics({"cpu_seconds": [1.0, 1.0, 1.0], "bytes_written": [0.1, 0.1, 0.1]},
+                             {"cpu_seconds": [2.0, 2.0, 2.0], "bytes_written": [0.0, 0.0, 0.0]}))
+    assert perfect.ratio == pytest.approx(0.5) and perfect.losses == ["bytes_written"] and not perfect.wins
+
+
+def test_losses_far_below_a_resources_resolution_are_no_ratio_to_speak_of():
+    """disk_read is nearly always 0: 0.1 KiB/s of pinball against 0.03 is not "3.3 times";
+    each loss counts on top of a tenth of the resource's resolution (64 KiB/s)."""
+    judgement = judge(_metrics({"disk_read": [0.1, 0.12, 0.08]}, {"disk_read": [0.03, 0.03, 0.03]}))
+    assert judgement.resources[0].ratio == pytest.approx((0.1 + 6.4) / (0.03 + 6.4))
 
 
 def test_champion_rule():
