@@ -8,7 +8,10 @@ Two shapes share this code (:class:`MonitorConsumer`):
   group ``monitor-consumers-<deployment id>`` (one per broker and database), subscribed to every ``resource<ID>`` topic by pattern. The
   group's members share the topics (add replicas to share the load); samples of all orders are
   stored in common batches, and the model is loaded once. Each order's STOP gets its own
-  TERMINATE, exactly as the per-order consumer would send it, and the service goes on.
+  TERMINATE, exactly as the per-order consumer would send it, and the service goes on. It
+  outlives fits: its scorer looks the ``champion`` up again for every order created after its
+  last look-up, so an order started after a fit is scored with that fit's model, the first
+  one included (monitor/live_scoring.py).
 
 Either way samples are written in batches through the idempotent write path, and the Kafka
 offsets are committed only after the batch's database commit: a consumer killed at any moment
@@ -21,7 +24,6 @@ TERMINATE rather than losing it.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -56,7 +58,6 @@ SHARED_GROUP_CONFIG = {
     "heartbeat.interval.ms": 1000,
 }
 STATS_EVERY = 60.0
-CHAMPION_CHECK_SECONDS = 30.0  # a shared consumer without a model looks for a new champion this often
 
 
 def shared_group(settings: Settings) -> str:
@@ -79,8 +80,6 @@ class MonitorConsumer:
         self.malformed = 0
         self.orders_done = 0
         self.scorer = None  # a LiveScorer while live scoring runs
-        self._scoring_args: tuple = ()
-        self._attaching: threading.Thread | None = None
         self._pending: list[tuple[Message, Sample | None]] = []
         self._label = f"order_id={order_id}" if order_id is not None else "shared"
 
@@ -136,54 +135,35 @@ class MonitorConsumer:
                 raise
 
     def _start_scoring(self, engine, producer: Producer) -> None:
-        self._scoring_args = (engine, producer)
         if not self.settings.live_scoring:
             logger.info("%s live scoring is off (LIVE_SCORING=off)", self._label)
-        elif not champion_may_exist(self.settings.mlflow_tracking_uri):
+            return
+        if not self.shared and not champion_may_exist(self.settings.mlflow_tracking_uri):
+            # It starts after its order was created: a champion registered later is not its order's.
             logger.warning("%s no 'champion' expected-usage model registered yet; samples are stored "
-                           "but not scored (train one with `python -m training fit`%s)", self._label,
-                           "; this service starts scoring once one is" if self.shared else "")
-        else:
-            # Imported and loaded only to score, and before reporting ready: the model's
-            # libraries cost seconds of CPU, which must not be taken from the tasks.
-            self.scorer = self._scorer()
-            if self.scorer.detector is None:
-                self.scorer.close()
-                self.scorer = None
-
-    def _scorer(self):
+                           "but not scored (train one with `python -m training fit`)", self._label)
+            return
+        # Imported and loaded only to score, and before reporting ready: the model's libraries
+        # cost seconds of CPU, which must not be taken from the tasks. The shared consumer keeps
+        # a scorer without a model too: it takes the first champion in use for the first order
+        # created after the fit (until then it imports neither MLflow nor PyTorch).
         from monitor.live_scoring import LiveScorer
 
-        return LiveScorer(self.settings, *self._scoring_args, self._label).start()
-
-    def _look_for_champion(self) -> None:
-        """A shared consumer outlives fits: once a champion is registered, score with it (on a
-        thread: loading the model takes seconds, storing must not wait). A scorer that runs
-        follows the alias by itself (LiveScorer)."""
-        if self.scorer is not None or not self.shared or not self.settings.live_scoring \
-                or self._attaching is not None or not champion_may_exist(self.settings.mlflow_tracking_uri):
-            return
-
-        def attach() -> None:
-            scorer = self._scorer()
-            if scorer.detector is not None:
-                self.scorer = scorer
-            else:
+        scorer = LiveScorer(self.settings, engine, producer, self._label).start()
+        if scorer.detector is None:
+            logger.warning("%s no 'champion' expected-usage model to score with; samples are stored but "
+                           "not scored (train one with `python -m training fit`%s)", self._label,
+                           ": orders started after it are scored with it" if self.shared else "")
+            if not self.shared:
                 scorer.close()
-            self._attaching = None
-
-        self._attaching = threading.Thread(target=attach, name="attach-scorer", daemon=True)
-        self._attaching.start()
+                return
+        self.scorer = scorer
 
     def _loop(self, producer: Producer) -> bool:
         flush_at = time.monotonic() + self.batch_seconds
         stats_at = time.monotonic() + STATS_EVERY
-        champion_at = time.monotonic() + CHAMPION_CHECK_SECONDS
         while not self.signals.requested.is_set():
             messages = self._consumer.consume(self.batch_size, timeout=0.2)
-            if time.monotonic() >= champion_at:
-                champion_at = time.monotonic() + CHAMPION_CHECK_SECONDS
-                self._look_for_champion()
             if self.scorer is not None:
                 # Score in the pauses between arrivals: live, that is within a second.
                 self.scorer.consumer_busy(bool(messages))

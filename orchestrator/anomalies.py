@@ -20,9 +20,11 @@ from datetime import datetime
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from models.registry_probe import champion_may_exist
 from pipeline.db.deviations import DeviationStore, to_ms
 from pipeline.db.schema import deviations, measurements, task_runs
 from pipeline.protocol import Deviation
+from pipeline.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,17 @@ def live_line(anomaly: Deviation, task_count: int) -> str:
     """The progress line for an anomaly as it arrives (after ``order <ID> <name>: ``)."""
     return (f"ANOMALY task {anomaly.index + 1}/{task_count} {anomaly.task} "
             + describe(anomaly.resource, anomaly.value, anomaly.lower, anomaly.upper, anomaly.score))
+
+
+def unscored_reason(settings: Settings) -> str | None:
+    """Why no order started now is scored live, when that is certain (said once per run):
+    scoring is off, or the registry surely holds no champion (a SQLite store answers that with
+    one query; another store is asked by the monitor-consumer itself)."""
+    if not settings.live_scoring:
+        return "live scoring is off (LIVE_SCORING=off)"
+    if not champion_may_exist(settings.mlflow_tracking_uri):
+        return "no expected-usage model is registered yet (train one with `python -m training fit`)"
+    return None
 
 
 def summary_lines(found: OrderAnomalies | None, order_id: int | None = None) -> list[str]:
@@ -143,16 +156,17 @@ def order_anomalies(engine: Engine, order_id: int, received: Sequence[Deviation]
 
 
 def wait_for_scoring(engine: Engine, order_ids: Sequence[int], timeout: float = SCORING_CATCH_UP_TIMEOUT,
-                     stop: threading.Event | None = None) -> set[int]:
+                     stop: threading.Event | None = None, expected: bool = False) -> set[int]:
     """Wait (at most ``timeout`` in all) until live scoring has reached the last stored
     sample of each scored order; the orders it has not reached. Unscored orders are not
-    waited for."""
+    waited for, unless scoring is ``expected``: then an order with samples and no deviation
+    row yet is waited for too."""
     stop = stop or threading.Event()
     deadline = time.monotonic() + timeout
     pending = set(order_ids)
     while pending:
         try:
-            pending = {order_id for order_id in pending if not _scoring_caught_up(engine, order_id)}
+            pending = {order_id for order_id in pending if not _scoring_caught_up(engine, order_id, expected)}
         except SQLAlchemyError as exc:
             logger.warning("cannot tell whether live scoring caught up: %s", str(exc).splitlines()[0])
             return set()
@@ -165,14 +179,14 @@ def wait_for_scoring(engine: Engine, order_ids: Sequence[int], timeout: float = 
     return pending
 
 
-def _scoring_caught_up(engine: Engine, order_id: int) -> bool:
+def _scoring_caught_up(engine: Engine, order_id: int, expected: bool = False) -> bool:
     with engine.connect() as conn:
         scored = conn.execute(select(func.max(deviations.c.ts)).where(deviations.c.order_id == order_id)).scalar()
-        if scored is None:
+        if scored is None and not expected:
             return True  # not scored at all: nothing to wait for
         stored = conn.execute(select(func.max(measurements.c.ts))
                               .where(measurements.c.order_id == order_id)).scalar()
-    return stored is None or to_ms(scored) >= to_ms(stored)
+    return stored is None or (scored is not None and to_ms(scored) >= to_ms(stored))
 
 
 def _run_starts(engine: Engine, order_id: int) -> dict[int, list[int]]:

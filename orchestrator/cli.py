@@ -10,7 +10,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from orchestrator.abandoned import DRAIN_SECONDS, AbandonedOrders, Heartbeat
-from orchestrator.anomalies import order_anomalies, wait_for_scoring
+from orchestrator.anomalies import order_anomalies, unscored_reason, wait_for_scoring
 from orchestrator.anomaly_feed import AnomalyFeed
 from orchestrator.order_run import OrderRun, Services, TaskSlots
 from orchestrator.orders import Order, load_orders
@@ -131,10 +131,13 @@ def run_orders(settings: Settings, orders, keep_topics: bool = False, max_concur
                     reporter.line(f"{len(orders)} orders, up to {workers} at once"
                                   + (f", {max_running} tasks running at a time" if workers > max_running else "")
                                   + (" (shared monitors)" if shared else ""))
+                unscored = unscored_reason(settings) if monitoring else None
+                if unscored:
+                    reporter.once("unscored", f"note: orders are not scored: {unscored}")
                 results = _run_all(orders, services, workers)
                 abandoned.close(DRAIN_SECONDS, stop=cancel)
             if feed is not None:
-                add_anomalies(engine, results, feed, cancel)
+                add_anomalies(engine, results, feed, cancel, expected=unscored is None)
         finally:
             heartbeat.close()
             listener.close()
@@ -164,16 +167,22 @@ def _run_all(orders, services: Services, workers: int) -> list:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def add_anomalies(engine, results, feed: AnomalyFeed, cancel: threading.Event) -> None:
+def add_anomalies(engine, results, feed: AnomalyFeed, cancel: threading.Event, expected: bool = False) -> None:
     """Give each order's result the anomalies live scoring raised (read once scoring has
-    reached its last samples, or a short while has passed; the feed prints the late ones)."""
+    reached its last samples, or a short while has passed; the feed prints the late ones).
+    Where scoring was ``expected``, an order with samples but no deviation row says so."""
     started = [r.order_id for r in results if r.order_id is not None]
-    behind = wait_for_scoring(engine, started, stop=cancel)
+    behind = wait_for_scoring(engine, started, stop=cancel, expected=expected)
     for result in results:
         if result.order_id is not None:
             result.anomalies = order_anomalies(engine, result.order_id, feed.received(result.order_id))
             if result.anomalies is not None:
                 result.anomalies.caught_up = result.order_id not in behind
+            elif expected and result.rows:
+                result.warnings.append(
+                    "not scored so far: no deviation row is stored for its samples (live scoring is behind, "
+                    "or the monitor-consumer has no model: see its log; `python -m monitor rescore "
+                    f"{result.order_id}` scores it afterwards)")
 
 
 # What one concurrent order holds in memory: its task process (and, per order, its two
