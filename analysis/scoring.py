@@ -31,7 +31,7 @@ from models.alarms import (  # noqa: F401 - the policy is part of this module's 
 )
 from models.rows import NO_PARAMS
 from models.runs import TOTALS, run_totals
-from models.work import param_features
+from models.work import InputSize, param_features
 from pipeline.protocol import Deviation
 from pipeline.settings import Settings
 
@@ -60,6 +60,8 @@ class SampleContext:
     interval_s: float = 1.0  # the length of the interval the sample covers
     cpu_before: float = 0.0  # the run's CPU time before this tick
     params: str = NO_PARAMS  # the run's task parameters, JSON
+    image_channels: float = math.nan  # of the image the run reads
+    image_bytes: float = math.nan  # its file's size
 
     @property
     def series(self) -> tuple[int, int, int, str]:
@@ -73,14 +75,17 @@ class SampleContext:
 
 def contexts(rows: pd.DataFrame) -> list[SampleContext]:
     """The samples of model rows (models.features.ROW_COLUMNS), in their order."""
-    params = rows["params"] if "params" in rows else [NO_PARAMS] * len(rows)
+    def column(name, fill):
+        return rows[name] if name in rows else [fill] * len(rows)
+
     return [SampleContext(int(o), str(t), int(p), str(r), int(ts), float(v), float(sec), str(prev),
-                          float(px), float(pr), int(a), float(cs), float(i), float(cb), str(pa))
-            for o, t, p, r, ts, v, sec, prev, px, pr, a, cs, i, cb, pa in zip(
+                          float(px), float(pr), int(a), float(cs), float(i), float(cb), str(pa), float(ch), float(by))
+            for o, t, p, r, ts, v, sec, prev, px, pr, a, cs, i, cb, pa, ch, by in zip(
                 rows["order_id"], rows["task"], rows["position"], rows["resource"], rows["ts_ms"],
                 rows["value"], rows["seconds"], rows["prev_task"], rows["image_pixels"],
                 rows["node_cpu_pressure"], rows["attempt"], rows["cpu_seconds"], rows["interval_s"],
-                rows["cpu_before"], params)]
+                rows["cpu_before"], column("params", NO_PARAMS), column("image_channels", math.nan),
+                column("image_bytes", math.nan))]
 
 
 def sample_rows(samples: Sequence[SampleContext]) -> pd.DataFrame:
@@ -90,6 +95,7 @@ def sample_rows(samples: Sequence[SampleContext]) -> pd.DataFrame:
         "attempt": [s.attempt for s in samples], "task": [s.task for s in samples],
         "resource": [s.resource for s in samples], "seconds": [s.seconds for s in samples],
         "prev_task": [s.prev_task for s in samples], "image_pixels": [s.image_pixels for s in samples],
+        "image_channels": [s.image_channels for s in samples], "image_bytes": [s.image_bytes for s in samples],
         "params": [s.params for s in samples], "node_cpu_pressure": [s.node_cpu_pressure for s in samples],
         "value": [s.value for s in samples], "ts_ms": [s.timestamp_ms for s in samples],
         "interval_s": [s.interval_s for s in samples], "cpu_seconds": [s.cpu_seconds for s in samples],
@@ -106,6 +112,8 @@ def feature_frame(samples: Sequence[SampleContext]) -> pd.DataFrame:
         "position": [s.position for s in samples],
         "prev_task": [s.prev_task for s in samples],
         "image_pixels": [s.image_pixels for s in samples],
+        "image_channels": [s.image_channels for s in samples],
+        "image_bytes": [s.image_bytes for s in samples],
         "params": [s.params for s in samples],
         "node_cpu_pressure": [s.node_cpu_pressure for s in samples],
         "interval_s": [s.interval_s for s in samples],
@@ -268,11 +276,13 @@ class RunCheck:
             fit = self.work.fit_of(s.task, "cpu_seconds")
             if fit is None or not s.image_pixels > 0:
                 continue
+            size = InputSize(s.image_pixels, s.image_channels, s.image_bytes)
             params = param_features(s.params)
-            score = run_score("cpu_seconds", s.cpu_seconds, fit.log_median(s.image_pixels, params), fit.spread)
+            expected = fit.log_median(size, params)
+            score = run_score("cpu_seconds", s.cpu_seconds, expected, fit.spread_at(expected))
             if score > self.thresholds.get("run:cpu_seconds", math.inf):
                 self._raised.add((s.run, "cpu_seconds"))
-                p10, p50, p90 = fit.band(s.image_pixels, params)
+                p10, p50, p90 = fit.band(size, params)
                 found.append(scored(replace(s, resource="cpu_seconds", value=s.cpu_seconds), p50, p10, p90,
                                     score, True, True, model_version))
         return found
@@ -286,8 +296,8 @@ class RunCheck:
                 continue
             totals = run_totals(sample_rows(samples)).iloc[0]
             last = max(samples, key=lambda s: s.timestamp_ms)
-            pixels, params = float(totals["image_pixels"]), param_features(totals["params"])
-            if not pixels > 0:
+            size, params = InputSize.of(totals), param_features(totals["params"])
+            if not size.known:
                 if last.task not in self._unsized:
                     self._unsized.add(last.task)
                     logger.warning("task %s ran on an image of unknown size (order %d): its totals are "
@@ -298,8 +308,9 @@ class RunCheck:
                 fit, value = self.work.fit_of(last.task, total), float(totals[total])
                 if fit is None or not math.isfinite(value):
                     continue
-                score = run_score(total, value, fit.log_median(pixels, params, pressure), fit.spread)
-                p10, p50, p90 = fit.band(pixels, params, pressure)
+                expected = fit.log_median(size, params, pressure)
+                score = run_score(total, value, expected, fit.spread_at(expected))
+                p10, p50, p90 = fit.band(size, params, pressure)
                 anomaly = score > self.thresholds.get(f"run:{total}", math.inf)
                 first = anomaly and (run, total) not in self._raised
                 found.append(scored(replace(last, resource=total, value=value), p50, p10, p90, score,

@@ -42,7 +42,7 @@ from scipy.stats import t as student_t
 
 from models.rows import DEMAND, RUN_KEY
 from models.runs import NOISE_FLOOR, TOTALS, run_totals
-from models.work import param_features
+from models.work import InputSize, param_features
 
 BAND_EDGE_Z = 1.2816  # the P10-P90 band of a normal distribution is +-1.2816 standard deviations
 DEFAULT_RATE = 0.001  # false alarms per healthy run
@@ -224,10 +224,10 @@ def alarm_statistics(rows: pd.DataFrame, bands: pd.DataFrame, work, consecutive:
     for run in run_totals(rows).itertuples(index=False):
         for total in TOTALS:
             value = getattr(run, total)
-            fit = work.fit_of(run.task, total)
-            if fit is None or not np.isfinite(value) or not (run.image_pixels > 0):
+            fit, size = work.fit_of(run.task, total), InputSize.of(run)
+            if fit is None or not np.isfinite(value) or not size.known:
                 continue
-            expected = fit.log_median(float(run.image_pixels), param_features(run.params), float(run.pressure))
+            expected = fit.log_median(size, param_features(run.params), float(run.pressure))
             out.append((run.order_id, run.position, run.attempt, f"run:{total}",
-                        run_score(total, float(value), expected, fit.spread), int(run.samples)))
+                        run_score(total, float(value), expected, fit.spread_at(expected)), int(run.samples)))
     return pd.DataFrame(out, columns=[*RUN_KEY, "kind", "statistic", "samples"])

@@ -42,6 +42,7 @@ MIN_RUNS = 5
 MAX_PROGRESS = 1.5  # beyond what healthy runs reach: a run past its work looks like its end
 PROGRESS_FILL = 0.5  # a task with no expectation: mid-way, as good a guess as any
 PRESSURE = "@pressure"  # the covariate name of the node's CPU pressure (a fraction of 1)
+DETAIL = "@detail"  # ... of the input's detail: log(file bytes per value)
 # How strongly the fit holds b1 near 1 and the other coefficients near 0, as residuals in the
 # units of log(total): a slope of 1.25 costs as much as one run 0.05 off its fit.
 SLOPE_PRIOR = 0.2
@@ -70,9 +71,43 @@ def param_features(params: str | dict | None) -> dict[str, float]:
 
 
 @dataclass(frozen=True)
+class InputSize:
+    """What a run's work scales with, known when it starts: the pixels and channels of the
+    image it reads (their product: the values a per-channel operation touches) and its file's
+    size (how much detail it holds). NaN where not known; without pixels nothing is expected."""
+
+    pixels: float
+    channels: float = math.nan
+    file_bytes: float = math.nan
+
+    @property
+    def known(self) -> bool:
+        return _known(self.pixels)
+
+    @classmethod
+    def of(cls, row) -> "InputSize":
+        """From a row with ``image_pixels`` (and optionally ``image_channels``, ``image_bytes``)."""
+        get = row.get if hasattr(row, "get") else lambda name, default=math.nan: getattr(row, name, default)
+        return cls(_float(get("image_pixels", math.nan)), _float(get("image_channels", math.nan)),
+                   _float(get("image_bytes", math.nan)))
+
+
+def _float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _size(size) -> InputSize:
+    return size if isinstance(size, InputSize) else InputSize(_float(size))
+
+
+@dataclass(frozen=True)
 class TotalFit:
     """One task's one total: ``log(total + floor) ~ log(base + exp(b0 + b1 x + c.z) + floor)``
-    plus residual quantiles. ``covariates`` name the entries of ``coef`` after b0 and b1."""
+    plus residual quantiles; ``x`` the log of the input's values (pixels x channels).
+    ``covariates`` name the entries of ``coef`` after b0 and b1."""
 
     total: str
     base: float
@@ -83,24 +118,37 @@ class TotalFit:
     spread: float  # (P90 - P10) / 2.563: the residuals' standard deviation if normal
     runs: int
     pixels: tuple[float, float]  # the smallest and largest input the history had
+    channels: float = 3.0  # an input's channels when a run does not say (training median)
 
     @property
     def floor(self) -> float:
         return NOISE_FLOOR[self.total]
 
-    def log_median(self, pixels: float, features: dict[str, float], pressure: float = math.nan) -> float:
-        """``log(total + floor)`` at the residuals' median."""
+    def _log_grown(self, size: InputSize, features: dict[str, float], pressure: float) -> float:
         values = dict(features)
+        channels = size.channels if _known(size.channels) else self.channels
         if math.isfinite(pressure):
             values[PRESSURE] = pressure / 100.0
+        if _known(size.file_bytes):
+            values[DETAIL] = math.log(size.file_bytes / (size.pixels * channels))
         z = np.array([values.get(name, fill) for name, fill in zip(self.covariates, self.fill)])
-        grown = math.exp(min(self.coef[0] + self.coef[1] * math.log(pixels) + float(z @ np.asarray(self.coef[2:])),
-                             700.0))
-        return math.log(self.base + grown + self.floor) + self.residuals[1]
+        return min(self.coef[0] + self.coef[1] * math.log(size.pixels * channels)
+                   + float(z @ np.asarray(self.coef[2:])), 700.0)
 
-    def band(self, pixels: float, features: dict[str, float], pressure: float = math.nan) -> tuple[float, float, float]:
+    def log_median(self, size: InputSize | float, features: dict[str, float], pressure: float = math.nan) -> float:
+        """``log(total + floor)`` at the residuals' median."""
+        size = _size(size)
+        return math.log(self.base + math.exp(self._log_grown(size, features, pressure)) + self.floor) + self.residuals[1]
+
+    def spread_at(self, log_median: float) -> float:
+        """The spread of ``log(total + floor)`` around ``log_median``: the residuals', and at
+        least what one floor's worth of difference is there (near 0, a total's own noise is
+        the floor, not a share of the total)."""
+        return max(self.spread, math.log1p(self.floor / math.exp(log_median)))
+
+    def band(self, size: InputSize | float, features: dict[str, float], pressure: float = math.nan) -> tuple[float, float, float]:
         """P10, P50 and P90 of the total, in its units."""
-        centre = self.log_median(pixels, features, pressure) - self.residuals[1]
+        centre = self.log_median(size, features, pressure) - self.residuals[1]
         return tuple(max(math.exp(centre + r) - self.floor, 0.0) for r in self.residuals)  # type: ignore[return-value]
 
     @classmethod
@@ -111,7 +159,14 @@ class TotalFit:
         usable = np.isfinite(values) & (values >= 0) & np.isfinite(pixels) & (pixels > 0)
         if usable.sum() < MIN_RUNS:
             return None
-        runs, values, x = runs[usable], values[usable], np.log(pixels[usable])
+        runs, values, pixels = runs[usable], values[usable], pixels[usable]
+        channels = _column(runs, "image_channels")
+        channel_fill = float(np.nanmedian(channels)) if np.isfinite(channels).any() else 3.0
+        channels = np.where(np.isfinite(channels) & (channels > 0), channels, channel_fill)
+        x = np.log(pixels * channels)
+        file_bytes = _column(runs, "image_bytes")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            detail = np.where(np.isfinite(file_bytes) & (file_bytes > 0), np.log(file_bytes / (pixels * channels)), np.nan)
         floor = NOISE_FLOOR[total]
         y = np.log(values + floor)
         features = [param_features(p) for p in runs["params"]]
@@ -126,11 +181,12 @@ class TotalFit:
                 kept.append(name)
                 fills.append(fill)
         pressure = pd.to_numeric(runs["pressure"], errors="coerce").to_numpy(dtype=np.float64) / 100.0
-        if np.isfinite(pressure).sum() >= MIN_RUNS and np.nanstd(pressure) > 0.02:
-            fill = float(np.nanmedian(pressure))
-            columns.append(np.where(np.isfinite(pressure), pressure, fill))
-            kept.append(PRESSURE)
-            fills.append(fill)
+        for name, column, least in ((PRESSURE, pressure, 0.02), (DETAIL, detail, 0.05)):
+            if np.isfinite(column).sum() >= MIN_RUNS and np.nanstd(column) > least:
+                fill = float(np.nanmedian(column))
+                columns.append(np.where(np.isfinite(column), column, fill))
+                kept.append(name)
+                fills.append(fill)
         z = np.column_stack(columns) if columns else np.empty((len(y), 0))
         theta = _fit(y, x, z, floor, float(values.max()))
         base, coef = math.exp(theta[0]), tuple(float(v) for v in theta[1:])
@@ -139,7 +195,7 @@ class TotalFit:
         p10, p50, p90 = (float(v) for v in np.quantile(residuals, [0.1, 0.5, 0.9]))
         spread = max((p90 - p10) / 2.563, MIN_SPREAD)
         return cls(total, base, coef, tuple(kept), tuple(fills), (p10, p50, p90), spread, int(len(y)),
-                   (float(np.exp(x.min())), float(np.exp(x.max()))))
+                   (float(pixels.min()), float(pixels.max())), channel_fill)
 
 
 def _fit(y: np.ndarray, x: np.ndarray, z: np.ndarray, floor: float, largest: float) -> np.ndarray:
@@ -192,26 +248,27 @@ class ExpectedWork:
     def fit_of(self, task: str, total: str) -> TotalFit | None:
         return self.tasks.get(task, {}).get(total)
 
-    def band(self, task: str, pixels: float, params: str | dict | None = None, total: str = "cpu_seconds",
+    def band(self, task: str, size: InputSize | float, params: str | dict | None = None, total: str = "cpu_seconds",
              pressure: float = math.nan) -> tuple[float, float, float] | None:
-        """P10, P50, P90 of ``total`` for a run of ``task`` on ``pixels`` with ``params``; None
-        when the task has no expectation of it or the input's size is unknown."""
-        fit = self.fit_of(task, total)
-        if fit is None or not _known(pixels):
+        """P10, P50, P90 of ``total`` for a run of ``task`` on an input of ``size``
+        (:class:`InputSize`, or just its pixels) with ``params``; None when the task has no
+        expectation of it or the input's size is unknown."""
+        fit, size = self.fit_of(task, total), _size(size)
+        if fit is None or not size.known:
             return None
-        return fit.band(float(pixels), param_features(params), pressure)
+        return fit.band(size, param_features(params), pressure)
 
     def medians(self, frame: pd.DataFrame, total: str) -> np.ndarray:
         """Per row of ``frame`` (task, image_pixels, params), the median ``total`` of its run
         at the history's typical pressure; NaN where there is no expectation."""
-        params = frame["params"] if "params" in frame else pd.Series("{}", index=frame.index)
-        keys = list(zip(frame["task"].astype(str), pd.to_numeric(frame["image_pixels"], errors="coerce"),
-                        params.astype(str)))
+        params = frame["params"].astype(str) if "params" in frame else ["{}"] * len(frame)
+        keys = list(zip(frame["task"].astype(str), _column(frame, "image_pixels"), _column(frame, "image_channels"),
+                        _column(frame, "image_bytes"), params))
         cache: dict[tuple, float] = {}
         out = np.empty(len(keys))
         for i, key in enumerate(keys):
             if key not in cache:
-                band = self.band(key[0], key[1], key[2], total)
+                band = self.band(key[0], InputSize(*key[1:4]), key[4], total)
                 cache[key] = band[1] if band else np.nan
             out[i] = cache[key]
         return out
@@ -226,6 +283,12 @@ class ExpectedWork:
                                               "pixels": tuple(fit["pixels"])})
                            for total, fit in fits.items()}
                     for task, fits in data.items()})
+
+
+def _column(frame: pd.DataFrame, name: str) -> np.ndarray:
+    if name not in frame:
+        return np.full(len(frame), np.nan)
+    return pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=np.float64)
 
 
 def _known(pixels) -> bool:

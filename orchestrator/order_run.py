@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.anomaly_feed import AnomalyFeed
-from orchestrator.orders import Order, TaskSpec, image_pixels
+from orchestrator.orders import Order, TaskSpec, input_image
 from orchestrator.progress_listener import ProgressListener
 from orchestrator.report import OrderResult, Reporter, TaskResult
 from orchestrator.runtime import Handle, Runtime, TaskLaunch
@@ -300,7 +300,7 @@ class OrderRun:
         try:
             self.s.store.start_task(self.order_id, launch.position, launch.attempt, spec.name, spec.fault,
                                     started=handle.started_at(),
-                                    input_pixels=self._input_pixels(launch), params=spec.params)
+                                    **self._input_image(launch), params=spec.params)
             while True:
                 if self.s.cancel.is_set():
                     raise _AttemptFailed("cancelled")
@@ -333,14 +333,18 @@ class OrderRun:
         finally:
             handle.stop(grace=TASK_STOP_GRACE)
 
-    def _input_pixels(self, launch: TaskLaunch) -> int | None:
-        """The size of the image the task reads. After the first task that is an output path
-        from a PROGRESS message, which anyone able to write to the broker can forge: it is
-        read only when it lies under the artifact directory (the task itself refuses one
-        that does not, services/runtime/confinement.py)."""
+    def _input_image(self, launch: TaskLaunch) -> dict[str, int]:
+        """The facts of the image the task reads (orders.InputImage) as task_runs' columns.
+        After the first task that is an output path from a PROGRESS message, which anyone
+        able to write to the broker can forge: it is read only when it lies under the
+        artifact directory (the task itself refuses one that does not,
+        services/runtime/confinement.py)."""
         if launch.position > 0 and not (self.s.artifact_dir and is_under(launch.input_path, self.s.artifact_dir)):
-            return None
-        return image_pixels(launch.input_path)
+            return {}
+        facts = input_image(launch.input_path)
+        if facts is None:
+            return {}
+        return {"input_pixels": facts.pixels, "input_channels": facts.channels, "input_bytes": facts.file_bytes}
 
     def _new_order_id(self) -> int:
         """A fresh orderID, with its topics created by this call.

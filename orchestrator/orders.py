@@ -175,17 +175,30 @@ def load_order(path: PathLike) -> Order:
     )
 
 
-def image_pixels(path: str | Path) -> int | None:
-    """Width x height of the image at ``path`` from its header alone; None when it cannot be
+@dataclass(frozen=True)
+class InputImage:
+    """What a task's work scales with, read from the image it reads before it starts: its
+    pixels, its channels (bands: 3 for RGB, 1 after grayscale) and its file's size in bytes
+    (how much detail it holds: a smoothed image encodes smaller, and so does its output)."""
+
+    pixels: int
+    channels: int
+    file_bytes: int
+
+
+def input_image(path: str | Path) -> InputImage | None:
+    """The :class:`InputImage` facts of ``path`` from its header alone; None when it cannot be
     read here (a path that only exists inside a cluster's volume)."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would block or lie
+        status = os.stat(path)
+        if not stat.S_ISREG(status.st_mode):  # a FIFO or a device would block or lie
             return None
         with Image.open(path) as opened:
             width, height = opened.size
+            channels = len(opened.getbands())
     except Exception:  # noqa: BLE001 - a fact for the model, never a reason to fail a task
         return None
-    return width * height
+    return InputImage(width * height, channels, status.st_size)
 
 
 def _fail(path: Path, problem: str, cause: BaseException | None = None) -> NoReturn:

@@ -9,8 +9,10 @@ the residual, not between a model that extrapolates and one that cannot. Beside 
 two that ask what the K folds cannot (training/folds.py): an **extrapolation** fold (images up
 to twice the pixels of any it trained on) and an **unseen-parameter** fold.
 
-Each regular fold's network also gives the alarm statistics of its held-out runs
-(models/alarms.py): what ``fit`` calibrates the thresholds on, runs no model trained on.
+Each fold's network also gives the alarm statistics of its held-out runs (models/alarms.py):
+what ``fit`` calibrates the thresholds on, runs no model trained on. The extrapolation and
+unseen-parameter folds' runs count too: thresholds set on runs like the history alone would
+be too tight for the larger images and new settings the model is asked about.
 No MLflow here: each finished fold is handed to ``on_fold``.
 """
 
@@ -62,7 +64,7 @@ class CrossValidation:
     folds: tuple[FoldRun, ...]
     metrics: pd.DataFrame
     seconds: float
-    alarm_statistics: pd.DataFrame = field(default_factory=pd.DataFrame)  # regular folds' held-out runs
+    alarm_statistics: pd.DataFrame = field(default_factory=pd.DataFrame)  # every fold's held-out runs
 
     def orders(self) -> int:
         return sum(run.orders["test"] for run in self.folds)
@@ -87,8 +89,7 @@ def cross_validate(folds: Sequence[Fold], config: trainer.TrainConfig, device: t
         run, rows, stats = _one_fold(fold, config, device, champion, gbm, progress)
         runs.append(run)
         parts.append(rows)
-        if fold.kind == "k-fold":
-            statistics.append(stats)
+        statistics.append(stats.assign(fold=fold.number, fold_kind=fold.kind))
         if on_fold is not None:
             on_fold(run, rows)
     metrics = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
@@ -116,8 +117,7 @@ def _one_fold(fold: Fold, config: trainer.TrainConfig, device: torch.device | st
                       for name, predicted in predictions.items()], ignore_index=True).assign(kind=fold.kind)
     run = FoldRun(fold.number, fold.orders(), len(fold.test), outcome.best_epoch, len(outcome.history),
                   outcome.seconds, gbm_seconds, fold.kind)
-    stats = alarm_statistics(fold.test, predictions[NETWORK], network.work) if fold.kind == "k-fold" else None
-    return run, rows, stats
+    return run, rows, alarm_statistics(fold.test, predictions[NETWORK], network.work)
 
 
 GBM_FEATURES = ("task", "resource", "position", "prev_task", "image_pixels", "node_cpu_pressure", "interval_s",

@@ -80,7 +80,8 @@ def _query(since: datetime | None, until: datetime | None):
         select(measurements.c.order_id, tasks.c.name.label("task"),
                resources.c.name.label("resource"), measurements.c.value, measurements.c.ts,
                task_runs.c.position, task_runs.c.attempt, task_runs.c.started_at,
-               task_runs.c.input_pixels, task_runs.c.params, orders.c.task_list, orders.c.image_width, orders.c.image_height)
+               task_runs.c.input_pixels, task_runs.c.input_channels, task_runs.c.input_bytes, task_runs.c.params,
+               orders.c.task_list, orders.c.image_width, orders.c.image_height)
         .select_from(measurements)
         .join(task_runs, run)
         .join(orders, orders.c.id == measurements.c.order_id)
@@ -113,6 +114,10 @@ def raw_samples(raw: pd.DataFrame) -> pd.DataFrame:
         "task": raw["task"].astype(str),
         "prev_task": [previous_task(tl, int(p)) for tl, p in zip(raw["task_list"], raw["position"])],
         "image_pixels": run_pixels.fillna(order_pixels).astype("float64"),
+        "image_channels": pd.to_numeric(raw.get("input_channels"), errors="coerce").astype("float64")
+        if "input_channels" in raw else np.nan,
+        "image_bytes": pd.to_numeric(raw.get("input_bytes"), errors="coerce").astype("float64")
+        if "input_bytes" in raw else np.nan,
         "params": raw["params"].fillna(NO_PARAMS).astype(str) if "params" in raw else NO_PARAMS,
         "started_ms": _ms(raw["started_at"]),
         "ts_ms": _ms(raw["ts"]),

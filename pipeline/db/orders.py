@@ -139,10 +139,11 @@ class OrderStore:
 
     def start_task(self, order_id: int, position: int, attempt: int, task: str,
                    fault: str | None = None, started: datetime | None = None,
-                   input_pixels: int | None = None, params: Mapping[str, object] | None = None) -> datetime:
+                   input_pixels: int | None = None, input_channels: int | None = None,
+                   input_bytes: int | None = None, params: Mapping[str, object] | None = None) -> datetime:
         """Record that attempt ``attempt`` of the task at ``position`` started (now, unless
-        ``started`` says when), with the size of the image it reads when known and its
-        resolved task parameters."""
+        ``started`` says when), with the facts of the image it reads when known (pixels,
+        channels, file size) and its resolved task parameters."""
         started = started or utcnow()
         what = f"order {order_id}: recording the start of task {position + 1}"
         # One store serves many threads: the name's id is committed before it is used.
@@ -150,7 +151,8 @@ class OrderStore:
         self._update(what, insert(task_runs).values(
             order_id=order_id, position=position, attempt=attempt,
             task_id=task_id, status=RunStatus.RUNNING.value, started_at=started, fault=fault,
-            input_pixels=input_pixels, params=None if params is None else params_text(params),
+            input_pixels=input_pixels, input_channels=input_channels, input_bytes=input_bytes,
+            params=None if params is None else params_text(params),
         ))
         return started
 

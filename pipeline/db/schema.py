@@ -84,6 +84,10 @@ task_runs = Table(
     # Pixels of the image this run read (the order's image, or the previous task's output):
     # what a task's work scales with, known when it starts.
     Column("input_pixels", BigInteger),
+    # ... its channels (3 for RGB, 1 after grayscale) and its file's size: how much detail it
+    # holds, which an encoded output's size and an encoder's time follow.
+    Column("input_channels", Integer),
+    Column("input_bytes", BigInteger),
     # The run's task parameters, every one resolved (defaults included), as canonical JSON:
     # with the pixels, what the run's work depends on (models/work.py).
     Column("params", Text),
