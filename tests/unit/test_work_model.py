@@ -153,3 +153,27 @@ def test_alarm_statistics_score_held_out_runs_against_their_work(work):
     assert per_kind.size()["run:cpu_seconds"] == 6 and per_kind.size()["sample:memory"] == 6
     assert (per_kind.max()["sample:memory"]) == 0.0  # one sample per run: no streak
     assert per_kind.apply(lambda s: s.abs().max())["run:peak_memory"] < 4  # healthy: within a few spreads
+
+
+def test_the_work_follows_the_inputs_channels_and_detail():
+    """An output's bytes follow the input's values (pixels x channels) and its detail (file
+    bytes per value): learnt from RGB and grayscale inputs, smooth and noisy, the band holds
+    for a noisy grayscale input twice the largest size."""
+    rng = np.random.default_rng(4)
+    rows = []
+    for i in range(60):
+        pixels, channels, detail = SIZES[i % 3], (3, 1)[(i // 3) % 2], (0.2, 0.8)[(i // 6) % 2]
+        written = 0.9 * detail * pixels * channels / 1024 * math.exp(rng.normal(0, 0.03))
+        rows.append({"order_id": i, "position": 0, "attempt": 1, "task": "sharpen", "prev_task": "<none>",
+                     "image_pixels": float(pixels), "image_channels": float(channels),
+                     "image_bytes": detail * pixels * channels, "params": "{}", "pressure": 50.0, "samples": 1,
+                     "seconds": 0.5, "ended_ms": 0, "cpu_seconds": 0.1, "peak_memory": 50.0, "bytes_read": 0.0,
+                     "bytes_written": written})
+    work = ExpectedWork.fit_runs(pd.DataFrame(rows))
+    from models.work import InputSize
+
+    pixels = 2 * SIZES[-1]
+    band = work.band("sharpen", InputSize(pixels, 1, 0.8 * pixels), total="bytes_written")
+    assert band[0] < 0.9 * 0.8 * pixels / 1024 < band[2]
+    # without the channels and the file size the model still answers, with the history's typical input
+    assert work.band("sharpen", pixels, total="bytes_written") is not None
