@@ -29,9 +29,11 @@ from pipeline.settings import Settings
 logger = logging.getLogger(__name__)
 
 # Units of the resources (docs/protocol.md "Resources and units"); cpu_demand is cpu and
-# cpu_wait together, duration an overrun (seconds running, against the expected duration).
+# cpu_wait together; the rest are a run's totals (analysis/scoring.py RunCheck).
 UNITS = {"cpu": "%", "cpu_wait": "%", "cpu_demand": "%", "node_cpu_pressure": "%", "memory": " MiB",
-         "disk_read": " KiB/s", "disk_write": " KiB/s", "duration": " s"}
+         "disk_read": " KiB/s", "disk_write": " KiB/s", "cpu_seconds": " CPU-s", "peak_memory": " MiB",
+         "bytes_read": " KiB", "bytes_written": " KiB"}
+RUN_TOTALS = ("cpu_seconds", "peak_memory", "bytes_read", "bytes_written")
 # How long the summary waits for live scoring to reach an order's last samples: the shared
 # consumer scores after it has confirmed the order's samples stored (TERMINATE).
 SCORING_CATCH_UP_TIMEOUT = 10.0
@@ -73,7 +75,7 @@ def quantity(resource: str, value: float) -> str:
 def describe(resource: str, value: float, lower: float, upper: float, score: float) -> str:
     """``cpu_demand 412.0% against band 85.0-110.0% (score +18.2)``."""
     unit = UNITS.get(resource, "")
-    what = "overrun; " if resource == "duration" else ""
+    what = "run total; " if resource in RUN_TOTALS else ""
     return (f"{resource} {number(value)}{unit} against band {number(lower)}-{number(upper)}{unit} "
             f"({what}score {score:+.1f})")
 

@@ -38,7 +38,9 @@ def _anomaly(resource="cpu_demand", value=412.0, lower=85.0, upper=110.0, score=
     ("memory", 812.25, 60.0, 75.5, 30.0, "memory 812.2 MiB against band 60.0-75.5 MiB (score +30.0)"),
     ("disk_write", 32768.0, 0.0, 120.0, 7.0, "disk_write 32768.0 KiB/s against band 0.0-120.0 KiB/s (score +7.0)"),
     ("disk_read", 0.012, 0.0, 0.0, 3.0, "disk_read 0.012 KiB/s against band 0.0-0.0 KiB/s (score +3.0)"),
-    ("duration", 31.0, 2.0, 4.5, 9.1, "duration 31.0 s against band 2.0-4.5 s (overrun; score +9.1)"),
+    ("cpu_seconds", 3.1, 2.0, 2.2, 9.1, "cpu_seconds 3.1 CPU-s against band 2.0-2.2 CPU-s (run total; score +9.1)"),
+    ("bytes_written", 4096.0, 2000.0, 2100.0, 40.0,
+     "bytes_written 4096.0 KiB against band 2000.0-2100.0 KiB (run total; score +40.0)"),
     ("gpu_fan", 3.0, 1.0, 2.0, -4.0, "gpu_fan 3.0 against band 1.0-2.0 (score -4.0)"),
 ])
 def test_the_anomaly_line_names_task_resource_value_band_and_score_in_the_resources_unit(
@@ -173,16 +175,17 @@ def test_the_summary_lists_the_first_sample_of_each_episode_and_says_no_anomalie
     rows += [_row(flagged_order, 0, "median", "memory", s + 1, 60.0, False) for s in range(8)]
     # The second task overruns from second 1 of its run; scoring has stored only its first
     # row so far, and the message received says the rest.
-    rows += [_row(flagged_order, 1, "grayscale", "duration", 20, 30.0, False)]
+    rows += [_row(flagged_order, 1, "grayscale", "cpu_seconds", 20, 30.0, False)]
     rows += [_row(clean, 0, "median", "cpu", s + 1, 96.0, False) for s in range(4)]
     DeviationStore(engine).write(rows)
-    received = [Deviation(flagged_order, "grayscale", 1, "duration", T0 + 21_000, 31.0, 95.0, 85.0, 110.0, 8.0, "3"),
+    received = [Deviation(flagged_order, "grayscale", 1, "cpu_seconds", T0 + 21_000, 31.0, 95.0, 85.0, 110.0, 8.0,
+                          "3"),
                 # the message of an episode also stored is listed once
                 Deviation(flagged_order, "median", 0, "cpu", T0 + 3000, 402.0, 95.0, 85.0, 110.0, 8.0, "3")]
 
     found = order_anomalies(engine, flagged_order, received)
     assert [(f.position, f.resource, f.timestamp_ms, f.after_start) for f in found.flags] == [
-        (0, "cpu", T0 + 3000, 3.0), (0, "cpu", T0 + 7000, 7.0), (1, "duration", T0 + 21000, 1.0)]
+        (0, "cpu", T0 + 3000, 3.0), (0, "cpu", T0 + 7000, 7.0), (1, "cpu_seconds", T0 + 21000, 1.0)]
     assert found.versions == ["3"]
     assert order_anomalies(engine, clean).flags == []
     assert order_anomalies(engine, unscored) is None
@@ -201,7 +204,7 @@ def test_the_summary_lists_the_first_sample_of_each_episode_and_says_no_anomalie
     assert lines[3:6] == [
         "  ANOMALY task 1 median: cpu 402.0% against band 85.0-110.0% (score +8.0), 3.0s after the task started",
         "  ANOMALY task 1 median: cpu 406.0% against band 85.0-110.0% (score +8.0), 7.0s after the task started",
-        "  ANOMALY task 2 grayscale: duration 31.0 s against band 85.0-110.0 s (overrun; score +8.0), "
+        "  ANOMALY task 2 grayscale: cpu_seconds 31.0 CPU-s against band 85.0-110.0 CPU-s (run total; score +8.0), "
         "1.0s after the task started",
     ]
     assert lines[6] == f"order {clean} clean (clean.json): SUCCEEDED in 5.0s, 4 sample rows stored"
