@@ -39,14 +39,15 @@ import torch
 from models.rows import CONTEXT_RESOURCE, NO_PREVIOUS, previous_task  # noqa: F401 - part of this module's face
 from models.runs import NOISE_FLOOR
 
-FEATURE_COLUMNS = ["task", "resource", "seconds", "position", "prev_task", "image_pixels", "params",
-                   "node_cpu_pressure", "interval_s", "cpu_before"]
+FEATURE_COLUMNS = ["task", "resource", "seconds", "position", "prev_task", "image_pixels", "image_channels",
+                   "image_bytes", "params", "node_cpu_pressure", "interval_s", "cpu_before"]
 CATEGORICAL = ("task", "resource", "prev_task")
 NUMERIC = ("position", "log_pixels", "node_cpu_pressure", "interval_s", "progress")
-OPTIONAL = (CONTEXT_RESOURCE, "interval_s", "cpu_before", "params")
+OPTIONAL = (CONTEXT_RESOURCE, "interval_s", "cpu_before", "params", "image_channels", "image_bytes")
 """Features a frame may lack: the node's pressure (a kernel without PSI: the training median
 stands in), the sample's interval (a whole tick is assumed), the run's CPU time so far
-(progress is then taken as mid-way) and the task's parameters (the history's typical ones)."""
+(progress is then taken as mid-way), the task's parameters and the input's channels and file
+size (the history's typical ones)."""
 SCALED = {"memory": "peak_memory", "disk_read": "bytes_read", "disk_write": "bytes_written"}
 """Resources divided by the run's expected total before the network sees them (:func:`usage_scale`)."""
 UNKNOWN = "<unk>"

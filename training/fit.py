@@ -216,7 +216,8 @@ def _params(options: FitOptions, config: trainer.TrainConfig, gbm: GbmConfig, fr
         "since": options.since.isoformat() if options.since else "",
         "until": options.until.isoformat() if options.until else "",
         "device": str(device), "min_orders": options.min_orders,
-        "features": ",".join(FEATURE_COLUMNS), "target": "log1p(value), standardised per resource",
+        "features": ",".join(FEATURE_COLUMNS), "target": ("log1p(value / usage scale), standardised per resource; the scale: the run's expected "
+                   "total for memory and storage (models/features.py usage_scale), 1 for CPU"),
         "quantiles": "0.1,0.5,0.9", "folds": options.folds,
         "split": (f"{options.folds} folds by order, seeded; the network stops early on "
                   f"{folds.VALIDATION_SHARE:.0%} of each fold's training orders; the final model trains "

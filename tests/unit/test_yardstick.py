@@ -203,4 +203,5 @@ def test_the_logged_signature_leaves_only_the_optional_features_optional():
     assert list(example.columns) == FEATURE_COLUMNS and example["node_cpu_pressure"].isna().all()
     predicted = pd.DataFrame({"p10": [1.0] * 5, "p50": [2.0] * 5, "p90": [3.0] * 5})
     inputs = {c.name: c.required for c in model_signature(example, predicted).inputs.inputs}
-    assert inputs == {c: c not in ("node_cpu_pressure", "interval_s", "cpu_before", "params") for c in FEATURE_COLUMNS}
+    optional = ("node_cpu_pressure", "interval_s", "cpu_before", "params", "image_channels", "image_bytes")
+    assert inputs == {c: c not in optional for c in FEATURE_COLUMNS}
