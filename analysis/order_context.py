@@ -27,6 +27,7 @@ class _Run:
     input_pixels: int | None
     input_channels: int | None
     input_bytes: int | None
+    output_bytes: int | None
     params: str
 
 
@@ -48,7 +49,7 @@ class OrderContext:
             runs = conn.execute(
                 select(task_runs.c.position, task_runs.c.attempt, tasks.c.name, task_runs.c.started_at,
                        task_runs.c.finished_at, task_runs.c.input_pixels, task_runs.c.input_channels,
-                       task_runs.c.input_bytes, task_runs.c.params)
+                       task_runs.c.input_bytes, task_runs.c.output_bytes, task_runs.c.params)
                 .join(tasks, tasks.c.id == task_runs.c.task_id)
                 .where(task_runs.c.order_id == self.order_id)
                 .order_by(task_runs.c.started_at)
@@ -57,8 +58,8 @@ class OrderContext:
             self.task_list = order["task_list"]
             if order["image_width"] and order["image_height"]:
                 self.image_pixels = float(order["image_width"] * order["image_height"])
-        self._runs = [_Run(p, a, name, to_ms(s), to_ms(f) if f else None, px, ch, size, params or NO_PARAMS)
-                      for p, a, name, s, f, px, ch, size, params in runs]
+        self._runs = [_Run(p, a, name, to_ms(s), to_ms(f) if f else None, px, ch, size, out, params or NO_PARAMS)
+                      for p, a, name, s, f, px, ch, size, out, params in runs]
 
     def started_ms(self, position: int) -> int | None:
         """When the last attempt of the task run at ``position`` started (None: unknown)."""
@@ -80,7 +81,9 @@ class OrderContext:
         return {"order_id": self.order_id, "position": run.position, "attempt": run.attempt, "task": task,
                 "prev_task": previous_task(self.task_list, run.position), "image_pixels": float(pixels),
                 "image_channels": float(run.input_channels or math.nan),
-                "image_bytes": float(run.input_bytes or math.nan), "params": run.params,
+                "image_bytes": float(run.input_bytes or math.nan),
+                "output_bytes": float(run.output_bytes if run.output_bytes is not None else math.nan),
+                "params": run.params,
                 "started_ms": run.started_ms, "ts_ms": timestamp_ms, "resource": resource, "value": value}
 
     def _match(self, task: str, timestamp_ms: int, position: int | None, attempt: int | None) -> _Run | None:

@@ -224,7 +224,8 @@ def alarm_statistics(rows: pd.DataFrame, bands: pd.DataFrame, work, consecutive:
     for run in run_totals(rows).itertuples(index=False):
         for total in TOTALS:
             value = getattr(run, total)
-            fit, size = work.fit_of(run.task, total), InputSize.of(run)
+            size = InputSize.of(run)
+            fit = work.verdict_fit(run.task, total, size)
             if fit is None or not np.isfinite(value) or not size.known:
                 continue
             expected = fit.log_median(size, param_features(run.params), float(run.pressure))

@@ -27,8 +27,8 @@ which two runs of the same work differ anyway. CPU: the reaped children's share 
 10 ms clock ticks, up to two per child; memory: the allocator's arenas and the page tables move
 by a few MiB from run to run; storage: a run that writes nothing still dirties a few pages of
 metadata (inode, directory), so tens of KiB of writes are noise, not work."""
-RUN_COLUMNS = [*RUN_KEY, "task", "prev_task", "image_pixels", "image_channels", "image_bytes", "params", "pressure",
-               "samples", "seconds", "ended_ms", *TOTALS]
+RUN_COLUMNS = [*RUN_KEY, "task", "prev_task", "image_pixels", "image_channels", "image_bytes", "output_bytes", "params",
+               "pressure", "samples", "seconds", "ended_ms", *TOTALS]
 
 
 def run_totals(rows: pd.DataFrame) -> pd.DataFrame:
@@ -46,7 +46,7 @@ def run_totals(rows: pd.DataFrame) -> pd.DataFrame:
                       ended_ms=("ts_ms", "max"), samples=("ts_ms", "nunique"),
                       cpu_seconds=("cpu_seconds", "max"))
     runs["params"] = by_run["params"].first() if "params" in frame else NO_PARAMS
-    for fact in ("image_channels", "image_bytes"):
+    for fact in ("image_channels", "image_bytes", "output_bytes"):
         runs[fact] = by_run[fact].first() if fact in frame else np.nan
     resource = frame["resource"]
     runs["peak_memory"] = frame[resource == "memory"].groupby(RUN_KEY, sort=False)["value"].max()

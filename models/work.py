@@ -43,6 +43,7 @@ MAX_PROGRESS = 1.5  # beyond what healthy runs reach: a run past its work looks 
 PROGRESS_FILL = 0.5  # a task with no expectation: mid-way, as good a guess as any
 PRESSURE = "@pressure"  # the covariate name of the node's CPU pressure (a fraction of 1)
 DETAIL = "@detail"  # ... of the input's detail: log(file bytes per value)
+BY_OUTPUT = "bytes_written@output"  # the name of a task's fit of its writes against its output's size
 # How strongly the fit holds b1 near 1 and the other coefficients near 0, as residuals in the
 # units of log(total): a slope of 1.25 costs as much as one run 0.05 off its fit.
 SLOPE_PRIOR = 0.2
@@ -79,6 +80,7 @@ class InputSize:
     pixels: float
     channels: float = math.nan
     file_bytes: float = math.nan
+    output_bytes: float = math.nan  # the output the run wrote: known at its end only
 
     @property
     def known(self) -> bool:
@@ -89,7 +91,7 @@ class InputSize:
         """From a row with ``image_pixels`` (and optionally ``image_channels``, ``image_bytes``)."""
         get = row.get if hasattr(row, "get") else lambda name, default=math.nan: getattr(row, name, default)
         return cls(_float(get("image_pixels", math.nan)), _float(get("image_channels", math.nan)),
-                   _float(get("image_bytes", math.nan)))
+                   _float(get("image_bytes", math.nan)), _float(get("output_bytes", math.nan)))
 
 
 def _float(value) -> float:
@@ -119,12 +121,15 @@ class TotalFit:
     runs: int
     pixels: tuple[float, float]  # the smallest and largest input the history had
     channels: float = 3.0  # an input's channels when a run does not say (training median)
+    size_by: str = "values"  # what x is the log of: the input's "values", or the run's "output" bytes
 
     @property
     def floor(self) -> float:
         return NOISE_FLOOR[self.total]
 
     def _log_grown(self, size: InputSize, features: dict[str, float], pressure: float) -> float:
+        if self.size_by == "output":
+            return self.coef[0] + self.coef[1] * math.log(max(size.output_bytes, 1.0))
         values = dict(features)
         channels = size.channels if _known(size.channels) else self.channels
         if math.isfinite(pressure):
@@ -150,6 +155,26 @@ class TotalFit:
         """P10, P50 and P90 of the total, in its units."""
         centre = self.log_median(size, features, pressure) - self.residuals[1]
         return tuple(max(math.exp(centre + r) - self.floor, 0.0) for r in self.residuals)  # type: ignore[return-value]
+
+    @classmethod
+    def fit_by_output(cls, runs: pd.DataFrame) -> "TotalFit | None":
+        """``bytes_written`` against the size of the output the run wrote (a run writes its
+        output once, and a little besides): exact whatever the image's content, which the
+        input alone cannot say (a smoothed image encodes to a third of a noisy one's bytes)."""
+        written = _column(runs, "bytes_written")
+        output = _column(runs, "output_bytes")
+        usable = np.isfinite(written) & (written >= 0) & np.isfinite(output) & (output > 0)
+        if usable.sum() < MIN_RUNS:
+            return None
+        floor = NOISE_FLOOR["bytes_written"]
+        x, y = np.log(output[usable]), np.log(written[usable] + floor)
+        theta = _fit(y, x, np.empty((len(y), 0)), floor, float(written[usable].max()))
+        base, coef = math.exp(theta[0]), tuple(float(v) for v in theta[1:])
+        residuals = y - np.log(base + np.exp(np.minimum(coef[0] + coef[1] * x, 700.0)) + floor)
+        p10, p50, p90 = (float(v) for v in np.quantile(residuals, [0.1, 0.5, 0.9]))
+        pixels = _column(runs, "image_pixels")[usable]
+        return cls("bytes_written", base, coef, (), (), (p10, p50, p90), max((p90 - p10) / 2.563, MIN_SPREAD),
+                   int(usable.sum()), (float(np.nanmin(pixels)), float(np.nanmax(pixels))), 3.0, "output")
 
     @classmethod
     def fit(cls, total: str, runs: pd.DataFrame) -> "TotalFit | None":
@@ -241,9 +266,18 @@ class ExpectedWork:
         found: dict[str, dict[str, TotalFit]] = {}
         for task, group in runs.groupby("task"):
             fits = {total: fit for total in TOTALS if (fit := TotalFit.fit(total, group)) is not None}
+            if (by_output := TotalFit.fit_by_output(group)) is not None:
+                fits[BY_OUTPUT] = by_output
             if fits:
                 found[str(task)] = fits
         return cls(found)
+
+    def verdict_fit(self, task: str, total: str, size: InputSize) -> TotalFit | None:
+        """The fit a run's ``total`` is judged by at its end: its bytes written against the
+        output it wrote when both are known, else what its input says."""
+        if total == "bytes_written" and _known(size.output_bytes) and (fit := self.fit_of(task, BY_OUTPUT)):
+            return fit
+        return self.fit_of(task, total)
 
     def fit_of(self, task: str, total: str) -> TotalFit | None:
         return self.tasks.get(task, {}).get(total)

@@ -244,6 +244,8 @@ class LiveScorer:
                 continue  # a redelivered sample of a tick already scored
             if s.closing:
                 self._closing[run] = (raw["ts_ms"], s.closing)
+                if s.output_bytes is not None:  # from HALT: the orchestrator may not have stored it yet
+                    raw["output_bytes"] = float(s.output_bytes)
             self._pending.setdefault(run, []).append(raw)
         released, ended = self._release()
         return self._score_rows(released, ended)

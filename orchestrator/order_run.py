@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -267,7 +268,8 @@ class OrderRun:
                 result.status, result.error = status, None if failure is None else str(failure)
                 self.s.store.finish_task(self.order_id, position, attempt, status,
                                          output=outputs[-1] if failure is None else None,
-                                         error=result.error)
+                                         error=result.error,
+                                         output_bytes=self._output_bytes(outputs[-1]) if failure is None else None)
             finally:
                 self._give_back_slot()
             if failure is None:
@@ -332,6 +334,16 @@ class OrderRun:
                     next_heartbeat = now + 10.0
         finally:
             handle.stop(grace=TASK_STOP_GRACE)
+
+    def _output_bytes(self, output: str) -> int | None:
+        """The size of a run's output (what its writes are judged against), when it lies under
+        the artifact directory (the path came in a PROGRESS message) and is readable here."""
+        if not (self.s.artifact_dir and is_under(output, self.s.artifact_dir)):
+            return None
+        try:
+            return os.stat(output).st_size
+        except OSError:
+            return None
 
     def _input_image(self, launch: TaskLaunch) -> dict[str, int]:
         """The facts of the image the task reads (orders.InputImage) as task_runs' columns.

@@ -281,9 +281,10 @@ class TaskTotals:
     read_bytes: int | None = None  # storage I/O, self + reaped children; None: unreadable
     write_bytes: int | None = None
     cpu_wait_ns: int | None = None  # time the process's threads waited for a CPU
+    output_bytes: int | None = None  # the size of the output file it wrote; None: none written
 
     _FIELDS = ("cpu_ns", "ended_ns", "ended_ms", "peak_rss_kib", "read_bytes", "write_bytes",
-               "cpu_wait_ns")
+               "cpu_wait_ns", "output_bytes")
 
     def headers(self) -> Headers:
         return _headers(**{name: getattr(self, name) for name in self._FIELDS})
@@ -356,8 +357,11 @@ class Sample:
     index: int | None = None
     attempt: int | None = None
     # On each message of a run's closing sample (header ``closing``): how many resources that
-    # sample has, so a consumer knows when the run's last tick is complete and the run is over.
+    # sample has, so a consumer knows when the run's last tick is complete and the run is over;
+    # and (``output_bytes``) the size of the output the run wrote, from HALT's totals: what its
+    # writes are judged against.
     closing: int | None = None
+    output_bytes: int | None = None
 
     def encode(self) -> Message:
         if not RESOURCE_NAME_PATTERN.fullmatch(self.resource):
@@ -367,7 +371,8 @@ class Sample:
         key = ":".join((encode_required_tasks(self.required_tasks), check_task_name(self.task_name),
                         str(_check_order_id(self.order_id)), self.resource))
         return Message(resource_topic(self.order_id), key, _format_usage(self.value),
-                       _headers(index=self.index, attempt=self.attempt, closing=self.closing),
+                       _headers(index=self.index, attempt=self.attempt, closing=self.closing,
+                                output_bytes=self.output_bytes),
                        timestamp_ms=self.timestamp_ms)
 
     @classmethod
@@ -391,7 +396,7 @@ class Sample:
         sample = cls(decode_required_tasks(required), check_task_name(task_name),
                      _parse_order_id(order_id), resource, value, message.timestamp_ms,
                      _optional_int_header(message, "index"), _optional_int_header(message, "attempt"),
-                     _optional_int_header(message, "closing"))
+                     _optional_int_header(message, "closing"), _optional_int_header(message, "output_bytes"))
         _expect_topic(message, resource_topic(sample.order_id))
         return sample
 

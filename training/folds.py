@@ -81,14 +81,18 @@ MIN_SPECIAL_ORDERS = 3  # on each side of an extrapolation or unseen-parameter s
 
 
 def extrapolation_fold(frame: pd.DataFrame, number: int, seed: int) -> Fold | None:
-    """Train on the orders whose image has at most X pixels, test on those with X to 2X, X half
-    the largest: does the expectation hold on images larger than any it learnt from? None when
-    the history's sizes do not allow it (said in the log)."""
+    """Train on the orders whose image has at most X pixels, test on those with more, up to 2X:
+    does the expectation hold on images larger than any it learnt from? X is the second
+    largest image size, so that the training orders still have two sizes to learn a slope from
+    (one size says nothing of how usage grows). None when the history's sizes do not allow it
+    (said in the log)."""
     pixels = frame[frame["position"] == 0].groupby("order_id")["image_pixels"].first()
     pixels = pd.to_numeric(pixels, errors="coerce").dropna()
-    if pixels.empty:
+    sizes = np.sort(pixels.unique())
+    if len(sizes) < 3:
+        logger.info("no extrapolation fold: the history has %d image size(s), at least 3 needed", len(sizes))
         return None
-    limit = float(pixels.max()) / 2
+    limit = float(sizes[-2])
     small, large = pixels.index[pixels <= limit], pixels.index[(pixels > limit) & (pixels <= 2 * limit)]
     return _special(frame, small, large, number, seed, "extrapolation",
                     f"images of at most {limit:,.0f} pixels, tested on up to {2 * limit:,.0f}")

@@ -88,6 +88,8 @@ task_runs = Table(
     # holds, which an encoded output's size and an encoder's time follow.
     Column("input_channels", Integer),
     Column("input_bytes", BigInteger),
+    # The size of the output it wrote: what its storage writes are judged against.
+    Column("output_bytes", BigInteger),
     # The run's task parameters, every one resolved (defaults included), as canonical JSON:
     # with the pixels, what the run's work depends on (models/work.py).
     Column("params", Text),

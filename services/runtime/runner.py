@@ -82,7 +82,8 @@ def run_task(task: ImageTask, inv: TaskInvocation, settings: Settings, stop: thr
             return EXIT_FAILED
         logger.info("order_id=%d task=%s index=%d wrote %s", inv.order_id, inv.task_name, inv.position, output)
         _end(producer, inv, Progress(inv.order_id, inv.task_name, inv.position, TaskStatus.SUCCEEDED,
-                                     (*inv.progress, str(output)), attempt=inv.attempt), last=inv.is_last)
+                                     (*inv.progress, str(output)), attempt=inv.attempt), last=inv.is_last,
+             output=output)
     finally:
         # Delivered, and the client left for the process's end to drop (main exits at once):
         # destroying it, its threads joined, is CPU after the totals were read that no sample
@@ -92,11 +93,12 @@ def run_task(task: ImageTask, inv: TaskInvocation, settings: Settings, stop: thr
     return 0
 
 
-def _end(producer: Producer, inv: TaskInvocation, progress: Progress, last: bool) -> None:
+def _end(producer: Producer, inv: TaskInvocation, progress: Progress, last: bool,
+         output: Path | None = None) -> None:
     """PROGRESS, then HALT (and STOP) with the totals read as late as possible: only
     delivering these messages and exiting remain, and :func:`main` exits without
-    interpreter teardown."""
-    totals = own_totals()
+    interpreter teardown. The totals include the size of ``output``, what the run wrote."""
+    totals = own_totals(output)
     producer.send(progress.encode())
     producer.send(TaskHalted(inv.order_id, totals).encode())
     if last:

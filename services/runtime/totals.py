@@ -17,9 +17,9 @@ from pipeline.protocol import TaskTotals
 _PROC_SELF = Path("/proc/self")
 
 
-def own_totals() -> TaskTotals:
+def own_totals(output: Path | None = None) -> TaskTotals:
     """CPU, storage I/O, peak resident size and CPU wait of this process and the children
-    it reaped, now."""
+    it reaped, now; and the size of ``output``, the file it wrote (when it wrote one)."""
     ended_ns = boottime_ns()
     ended_ms = int(time.time() * 1000)
     # The process clock counts every thread (live or ended) in ns; getrusage's children
@@ -31,7 +31,15 @@ def own_totals() -> TaskTotals:
     read_bytes, write_bytes = _storage_io()
     return TaskTotals(cpu_ns=cpu_ns, ended_ns=ended_ns, ended_ms=ended_ms,
                       peak_rss_kib=max(own.ru_maxrss, children.ru_maxrss),
-                      read_bytes=read_bytes, write_bytes=write_bytes, cpu_wait_ns=_cpu_wait_ns())
+                      read_bytes=read_bytes, write_bytes=write_bytes, cpu_wait_ns=_cpu_wait_ns(),
+                      output_bytes=_size(output))
+
+
+def _size(path: Path | None) -> int | None:
+    try:
+        return path.stat().st_size if path is not None else None
+    except OSError:
+        return None
 
 
 def _storage_io() -> tuple[int | None, int | None]:

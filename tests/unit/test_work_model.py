@@ -177,3 +177,32 @@ def test_the_work_follows_the_inputs_channels_and_detail():
     assert band[0] < 0.9 * 0.8 * pixels / 1024 < band[2]
     # without the channels and the file size the model still answers, with the history's typical input
     assert work.band("sharpen", pixels, total="bytes_written") is not None
+
+
+def test_writes_are_judged_against_the_output_the_run_wrote_when_it_is_known():
+    """How many bytes an image encodes to depends on its content, which no input size says;
+    a run writes its output once: against that, twice the writes stand out whatever the
+    content."""
+    from models.work import BY_OUTPUT, InputSize
+
+    rng = np.random.default_rng(5)
+    rows = []
+    for i in range(40):
+        output = SIZES[i % 3] * float(rng.uniform(0.5, 3.0))  # content: a factor of 6 between runs
+        rows.append({"order_id": i, "position": 0, "attempt": 1, "task": "flip", "prev_task": "<none>",
+                     "image_pixels": float(SIZES[i % 3]), "image_channels": 3.0, "image_bytes": np.nan,
+                     "output_bytes": output, "params": "{}", "pressure": 50.0, "samples": 1, "seconds": 0.3,
+                     "ended_ms": 0, "cpu_seconds": 0.1, "peak_memory": 50.0, "bytes_read": 0.0,
+                     "bytes_written": (output + 8192) / 1024 * math.exp(rng.normal(0, 0.01))})
+    work = ExpectedWork.fit_runs(pd.DataFrame(rows))
+    known = InputSize(2 * SIZES[-1], 3, math.nan, output_bytes=4e6)
+    fit = work.verdict_fit("flip", "bytes_written", known)
+    assert fit is work.fit_of("flip", BY_OUTPUT)
+    from models.alarms import run_score
+
+    expected = fit.log_median(known, {})
+    healthy, doubled = (4e6 + 8192) / 1024, (2 * 4e6 + 8192) / 1024
+    assert abs(run_score("bytes_written", healthy, expected, fit.spread_at(expected))) < 3
+    assert run_score("bytes_written", doubled, expected, fit.spread_at(expected)) > 20
+    # the output not known (a run still going): judged by what its input says
+    assert work.verdict_fit("flip", "bytes_written", InputSize(2 * SIZES[-1])) is work.fit_of("flip", "bytes_written")
