@@ -131,7 +131,8 @@ def scored(sample: SampleContext, expected: float, lower: float, upper: float, s
 
 
 class ModelBandScorer:
-    """Scores against an expected-usage model's P10/P50/P90 (anything with that ``predict``)."""
+    """Scores against an expected-usage model's P10/P50/P90 (anything with that ``predict``;
+    its ``floors``, when it has them, set each band's smallest half-width)."""
 
     name = "model"
 
@@ -142,11 +143,13 @@ class ModelBandScorer:
         """(expected, lower, upper, score) per sample, predicted in one batch."""
         if not samples:
             return []
-        predicted = self.model.predict(feature_frame(samples))
+        frame = feature_frame(samples)
+        predicted = self.model.predict(frame)
+        floors = self.model.floors(frame) if hasattr(self.model, "floors") else [None] * len(samples)
         out = []
-        for sample, p10, p50, p90 in zip(samples, predicted["p10"], predicted["p50"], predicted["p90"]):
+        for sample, p10, p50, p90, floor in zip(samples, predicted["p10"], predicted["p50"], predicted["p90"], floors):
             p10, p50, p90 = float(p10), float(p50), float(p90)
-            out.append((p50, p10, p90, band_score(sample.value, p10, p50, p90, sample.resource)))
+            out.append((p50, p10, p90, band_score(sample.value, p10, p50, p90, sample.resource, floor)))
         return out
 
 

@@ -82,18 +82,35 @@ SAMPLE_KINDS = tuple(f"sample:{resource}" for resource in ALARMS)
 KINDS = SAMPLE_KINDS + RUN_KINDS
 
 
-def band_score(value: float, p10: float, p50: float, p90: float, resource: str) -> float:
+WHOLE_OUTPUT_PER_TICK = ("disk_read", "disk_write")
+"""Storage rates whose band is at least as wide as the run's whole expected bytes in one
+sample: when a run reads or writes its image is not an anomaly (a large PNG is encoded and
+written over several seconds), reading or writing many times what its work needs is."""
+
+
+def half_width_floors(resources, scale) -> np.ndarray:
+    """Per row, the band's smallest half-width: :data:`MIN_HALF_WIDTH`, and for the
+    :data:`WHOLE_OUTPUT_PER_TICK` rates the row's usage scale (models.features.usage_scale:
+    the run's expected bytes over the sample's interval)."""
+    resources = np.asarray(resources, dtype=object)
+    floor = np.array([MIN_HALF_WIDTH.get(r, 1.0) for r in resources], dtype=np.float64)
+    whole = np.isin(resources, WHOLE_OUTPUT_PER_TICK)
+    return np.where(whole, np.maximum(floor, np.asarray(scale, dtype=np.float64)), floor)
+
+
+def band_score(value: float, p10: float, p50: float, p90: float, resource: str, floor: float | None = None) -> float:
     """Signed deviation from the median in standard-deviation equivalents: the band's edges
-    are at +-1.28, each side scaled by its own half of the band (at least the resource's
-    physical floor)."""
-    floor = MIN_HALF_WIDTH.get(resource, 1.0)
+    are at +-1.28, each side scaled by its own half of the band (at least ``floor``, by
+    default the resource's physical one)."""
+    floor = MIN_HALF_WIDTH.get(resource, 1.0) if floor is None else floor
     half = max(p90 - p50, floor) if value >= p50 else max(p50 - p10, floor)
     return BAND_EDGE_Z * (value - p50) / half
 
 
-def band_scores(values: np.ndarray, bands: np.ndarray, resources: np.ndarray) -> np.ndarray:
+def band_scores(values: np.ndarray, bands: np.ndarray, resources: np.ndarray,
+                floors: np.ndarray | None = None) -> np.ndarray:
     """:func:`band_score` of many rows; ``bands`` is (rows, 3)."""
-    floor = np.array([MIN_HALF_WIDTH.get(r, 1.0) for r in resources])
+    floor = np.array([MIN_HALF_WIDTH.get(r, 1.0) for r in resources]) if floors is None else floors
     p10, p50, p90 = bands[:, 0], bands[:, 1], bands[:, 2]
     half = np.where(values >= p50, np.maximum(p90 - p50, floor), np.maximum(p50 - p10, floor))
     return BAND_EDGE_Z * (values - p50) / half
@@ -207,15 +224,17 @@ class AlarmCalibration:
 
 def alarm_statistics(rows: pd.DataFrame, bands: pd.DataFrame, work, consecutive: int = DEFAULT_CONSECUTIVE) -> pd.DataFrame:
     """Per healthy run of ``rows`` (model rows) and kind, the statistic that decides whether it
-    alarms: ``bands`` holds each row's p10/p50/p90 (same index), ``work`` the expected totals
+    alarms: ``bands`` holds each row's p10/p50/p90 (same index; and its half-width ``floor``,
+    :func:`half_width_floors`, when the model has one), ``work`` the expected totals
     (models.work.ExpectedWork). Columns: the run key, ``kind``, ``statistic``, ``samples``."""
     out = []
     alarmed = rows["resource"].isin(list(ALARMS)).to_numpy()
     if alarmed.any():
         part = rows[alarmed]
+        floors = bands.loc[part.index, "floor"].to_numpy(dtype=np.float64) if "floor" in bands else None
         scores = band_scores(part["value"].to_numpy(dtype=np.float64),
                              bands.loc[part.index, ["p10", "p50", "p90"]].to_numpy(dtype=np.float64),
-                             part["resource"].astype(str).to_numpy())
+                             part["resource"].astype(str).to_numpy(), floors)
         sides = part["resource"].map(lambda r: ALARMS[r].value).to_numpy()
         part = part.assign(_alarm=np.where(sides == Side.BOTH.value, np.abs(scores), np.maximum(scores, 0.0)))
         for key, series in part.sort_values("ts_ms").groupby([*RUN_KEY, "resource"], sort=False):

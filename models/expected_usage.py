@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.alarms import AlarmCalibration
+from models.alarms import AlarmCalibration, half_width_floors
 from models.features import FEATURE_COLUMNS, NUMERIC, OPTIONAL, EncodedBatch, Preprocessor, usage_scale
 from models.work import ExpectedWork, with_progress
 
@@ -138,6 +138,10 @@ class ExpectedUsageModel:
         """Per row, what the network's output is multiplied by: the run's expected total for
         the resources that grow with the work (models.features.usage_scale)."""
         return usage_scale(frame, self.work, self.preprocessor.typical_scale())
+
+    def floors(self, frame: pd.DataFrame) -> np.ndarray:
+        """Per row of ``frame``, the smallest half-width of its band (models.alarms.half_width_floors)."""
+        return half_width_floors(frame["resource"].astype(str).to_numpy(), self.scale(frame))
 
     def _banded(self, batch: EncodedBatch) -> torch.Tensor:
         """The network's standardised quantiles with the calibrated band edges."""

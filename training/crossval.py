@@ -23,10 +23,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 import torch
 
-from models.alarms import alarm_statistics
+from models.alarms import alarm_statistics, half_width_floors
 from models.expected_usage import ExpectedUsageModel
 from models.features import usage_scale
 from models.work import ExpectedWork, with_progress
@@ -117,7 +118,8 @@ def _one_fold(fold: Fold, config: trainer.TrainConfig, device: torch.device | st
                       for name, predicted in predictions.items()], ignore_index=True).assign(kind=fold.kind)
     run = FoldRun(fold.number, fold.orders(), len(fold.test), outcome.best_epoch, len(outcome.history),
                   outcome.seconds, gbm_seconds, fold.kind)
-    return run, rows, alarm_statistics(fold.test, predictions[NETWORK], network.work)
+    bands = predictions[NETWORK].assign(floor=network.floors(fold.test))
+    return run, rows, alarm_statistics(fold.test, bands, network.work)
 
 
 GBM_FEATURES = ("task", "resource", "position", "prev_task", "image_pixels", "node_cpu_pressure", "interval_s",
@@ -146,3 +148,7 @@ class OnWork:
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
         frame = with_progress(frame, self.work)
         return self.base.predict(frame).mul(usage_scale(frame, self.work, self.fill), axis=0)
+
+    def floors(self, frame: pd.DataFrame) -> np.ndarray:
+        """The network's band floors (models.alarms.half_width_floors), on this work model."""
+        return half_width_floors(frame["resource"].astype(str).to_numpy(), usage_scale(frame, self.work, self.fill))

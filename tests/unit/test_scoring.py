@@ -200,3 +200,14 @@ def test_every_detector_of_the_benchmark_keeps_the_contract():
     scorer = NSigmaScorer(n=3).fit(history)
     scores = [score for *_, score in scorer.score_many(_series([50, 52, 49, 400]))]
     assert all(abs(s) < 2.5 for s in scores[:-1]) and scores[-1] > 2.5
+
+
+def test_a_run_writing_its_own_output_over_several_samples_is_within_its_band_a_storm_is_not():
+    """A band of 0 KiB/s mid-run, a run expected to write 8 MiB: a large PNG encoded over
+    several seconds writes ~1 MiB/s, which one tick could hold the whole of; 40 MiB/s is not."""
+    from models.alarms import half_width_floors
+
+    floors = half_width_floors(["disk_write", "disk_write", "memory"], [8192.0, 8192.0, 8192.0])
+    assert floors.tolist() == [8192.0, 8192.0, 2.0]  # memory keeps its physical floor
+    assert band_score(1024.0, 0.0, 0.0, 0.0, "disk_write", floors[0]) < 1.28
+    assert band_score(40960.0, 0.0, 0.0, 0.0, "disk_write", floors[0]) > 6
