@@ -6,8 +6,9 @@ magnitude, so no pooled figure may let one of them decide):
 - **per resource**: the mean over folds of its per-fold pinball loss, with the standard
   deviation over folds as its spread. The network *loses* a resource when the mean of its
   per-fold difference to the reference is larger than the standard deviation of that
-  difference over the folds (the fold-to-fold noise), *wins* it when smaller than minus that,
-  and is *level* otherwise. With one fold the spread is 0.
+  difference over the folds (the fold-to-fold noise) and than a tenth of the resource's
+  resolution (below), *wins* it when smaller than minus that, and is *level* otherwise. With
+  one fold the spread is 0.
 - **overall**: the network wins when its pinball loss relative to the reference, averaged over
   resources (the mean of the per-resource ratios of fold means), is below 1 by more than
   :data:`TIE_MARGIN`, **and** it loses no resource. Better on average but clearly worse on
@@ -56,10 +57,12 @@ class ResourceVerdict:
 
     @property
     def outcome(self) -> str:
-        """``worse``, ``better`` or ``level``: the challenger's, beyond the spread or not."""
-        if self.difference > self.spread:
+        """``worse``, ``better`` or ``level``: the challenger's, beyond the spread (and beyond
+        a tenth of the resource's resolution: a smaller difference is no difference) or not."""
+        margin = max(self.spread, self.resolution)
+        if self.difference > margin:
             return "worse"
-        if self.difference < -self.spread:
+        if self.difference < -margin:
             return "better"
         return "level"
 

@@ -114,16 +114,16 @@ def _metrics(network: dict[str, list[float]], gbm: dict[str, list[float]]) -> pd
 
 
 def test_better_on_average_but_clearly_worse_on_one_resource_is_not_a_win():
-    metrics = _metrics({"cpu": [1.0, 1.1, 0.9], "memory": [1.0, 1.0, 1.0], "disk_read": [2.2, 2.3, 2.1]},
-                       {"cpu": [2.0, 2.1, 1.9], "memory": [2.0, 2.0, 2.0], "disk_read": [2.0, 2.05, 1.95]})
+    metrics = _metrics({"cpu": [1.0, 1.1, 0.9], "memory": [1.0, 1.0, 1.0], "bytes_written": [2.2, 2.3, 2.1]},
+                       {"cpu": [2.0, 2.1, 1.9], "memory": [2.0, 2.0, 2.0], "bytes_written": [2.0, 2.05, 1.95]})
     judgement = judge(metrics)
     assert judgement.ratio < 0.8  # far better on average...
-    assert judgement.losses == ["disk_read"]  # ...but 0.2 worse on disk_read, spread 0.05
+    assert judgement.losses == ["bytes_written"]  # ...but 0.2 worse on bytes_written, spread 0.05
     assert not judgement.wins
     said = sentences(judgement)
-    assert "disk_read: network 2.2 ± 0.1, GBM 2 ± 0.05: GBM better" in said
+    assert "bytes_written: network 2.2 ± 0.1, GBM 2 ± 0.05: GBM better" in said
     assert "cpu: network 1 ± 0.1, GBM 2 ± 0.1: network better" in said
-    assert "Overall the network does NOT beat the GBM" in said and "it loses disk_read" in said
+    assert "Overall the network does NOT beat the GBM" in said and "it loses bytes_written" in said
 
 
 def test_worse_on_one_resource_within_its_spread_still_wins():
@@ -205,3 +205,10 @@ def test_the_logged_signature_leaves_only_the_optional_features_optional():
     inputs = {c.name: c.required for c in model_signature(example, predicted).inputs.inputs}
     optional = ("node_cpu_pressure", "interval_s", "cpu_before", "params", "image_channels", "image_bytes")
     assert inputs == {c: c not in optional for c in FEATURE_COLUMNS}
+
+
+def test_a_difference_below_a_resources_resolution_loses_nothing():
+    """0.1 KiB/s more pinball on disk_read in every fold: consistent, and no difference a
+    sample can resolve (64 KiB/s)."""
+    judgement = judge(_metrics({"disk_read": [38.6, 40.1, 37.2]}, {"disk_read": [38.5, 40.0, 37.1]}))
+    assert judgement.resources[0].outcome == "level" and judgement.losses == []
