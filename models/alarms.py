@@ -19,15 +19,18 @@ tail is summarised (:class:`TailFit`). A budget of ``rate`` false alarms per hea
 split evenly over the kinds, and each kind's threshold is where its tail leaves that share.
 With n held-out runs an empirical (conformal) quantile only reaches a level of 1/(n+1), far
 from 1/8,000; beyond it the tail is extrapolated: run totals (log-normal by nature) with a
-normal tail on a robust scale, the per-sample streak statistics (heavier, a maximum over a
-run) with an exponential tail fitted to the excesses over their upper quartile; both with the
-estimate's own uncertainty added (a Student-t prediction bound; the mean excess at the upper
-edge of its standard error). A threshold is never below the conformal quantile the data do
-support. ``docs/benchmarks.md`` measures what
-this gives on runs the calibration never saw.
+half-normal fitted to the runs above the median, the per-sample streak statistics (heavier, a
+maximum over a run) with an exponential tail fitted to the excesses over their upper quartile;
+both with the estimate's own uncertainty added (a Student-t prediction bound; the mean excess
+at the upper edge of its standard error). A threshold is never below the conformal quantile
+the data do support. The held-out runs include the extrapolation and unseen-parameter folds'
+(training/crossval.py): thresholds set on runs like the history alone are too tight for the
+larger images and new settings the model is asked about. ``docs/benchmarks.md`` measures
+what this gives on runs the calibration never saw.
 
-The floors left (:data:`MIN_HALF_WIDTH`) are physical noise limits, not tuning: below them two
-samples of the same work differ anyway (reasons beside each).
+The floors left are physical noise limits, not tuning: :data:`MIN_HALF_WIDTH` (below it two
+samples of the same work differ anyway, reasons beside each), :data:`MIN_RUN_SCALE` and
+:data:`MIN_SAMPLE_THRESHOLD` (below them the statistic is inside the model's own noise).
 """
 
 from __future__ import annotations
@@ -49,6 +52,12 @@ DEFAULT_RATE = 0.001  # false alarms per healthy run
 DEFAULT_CONSECUTIVE = 3
 FALLBACK_THRESHOLD = 4.0  # a kind without calibration (a model fitted before it, too few runs)
 MIN_CALIBRATION_RUNS = 20
+MIN_RUN_SCALE = 1.0
+"""A run total's statistic is in spreads (the residuals' own noise): its held-out scale is
+never taken below one, or a history of identical runs would call a 2 % difference a fault."""
+MIN_SAMPLE_THRESHOLD = 2 * BAND_EDGE_Z
+"""A per-sample threshold is never inside twice the band's half-width: within that, a sample is
+inside a band twice as wide as the P10-P90 one, not a deviation worth a page."""
 
 MIN_HALF_WIDTH = {
     # A sample covers ~1 s; CPU is read in ns but the reaped children's share comes in 10 ms
@@ -146,22 +155,24 @@ class TailFit:
 
     runs: int
     tail: str  # "normal" or "exponential"
-    centre: float  # normal: the mean; exponential: the upper quartile u0
-    scale: float  # normal: the prediction spread; exponential: the (upper) mean excess over u0
+    centre: float  # normal: the median; exponential: the upper quartile u0
+    scale: float  # normal: the upper half's prediction spread; exponential: the (upper) mean excess over u0
     exceed: float  # exponential: the share of runs above u0
     largest: float  # the largest statistic seen
     ordered: tuple[float, ...] = field(default=(), repr=False)  # the statistics, sorted
 
     def threshold(self, rate: float) -> float:
         """Where the tail leaves ``rate`` of healthy runs: the extrapolated tail, never below
-        the conformal quantile the runs support (the ceil((n+1)(1-rate))-th smallest)."""
+        the conformal quantile the runs support (the ceil((n+1)(1-rate))-th smallest), nor
+        below :data:`MIN_SAMPLE_THRESHOLD` for a per-sample kind."""
         if self.tail == "normal":
             fitted = self.centre + student_t.isf(rate, self.runs - 1) * self.scale
         else:
             fitted = self.centre + self.scale * math.log(max(self.exceed / rate, 1.0))
         rank = math.ceil((self.runs + 1) * (1 - rate))
         conformal = self.ordered[rank - 1] if 0 < rank <= len(self.ordered) else -math.inf
-        return float(max(fitted, conformal))
+        least = MIN_SAMPLE_THRESHOLD if self.tail == "exponential" else -math.inf
+        return float(max(fitted, conformal, least))
 
     @classmethod
     def fit(cls, statistics: np.ndarray, tail: str) -> "TailFit | None":
@@ -170,10 +181,14 @@ class TailFit:
             return None
         n = len(values)
         if tail == "normal":
-            # A prediction bound for one more run: the mean, and the spread widened for having
-            # been estimated from n runs (the quantile itself is Student's t with n - 1 degrees).
-            centre = float(values.mean())
-            scale = max(float(values.std(ddof=1)), 0.25) * math.sqrt(1 + 1 / n)
+            # Only the upper side can alarm: a half-normal fitted to the runs above the median
+            # (runs far below their expectation, a task doing less than the work model says, do
+            # not widen it), widened for having been estimated from n runs (and the quantile
+            # taken from Student's t with n - 1 degrees): a prediction bound for one more run.
+            centre = float(np.median(values))
+            upper = values[values > centre] - centre
+            spread = math.sqrt(float(np.mean(upper ** 2))) if len(upper) else 0.0
+            scale = max(spread, MIN_RUN_SCALE) * math.sqrt(1 + 1 / n)
             exceed = 0.5
         else:
             centre = float(np.quantile(values, 0.75))

@@ -10,9 +10,12 @@ numbers (:func:`param_features`)::
 a fixed part (the interpreter, the libraries, the encoder's headers) and a part that grows
 with the work: a power of the pixels (``b1`` is held near 1, what a per-pixel operation does,
 unless the history's sizes say otherwise, and never below 0) times a power of each parameter
-that varied in the history (``median``'s ``passes``, ``upscale``'s ``iterations``). The
-node's CPU pressure over the run (``d``) takes up what a busy machine adds to the CPU time of
-the same work (cache and scheduling). It is fitted on ``log(total + floor)`` (the floors of
+that varied in the history (``median``'s ``passes``, ``upscale``'s ``iterations``), of the
+input's detail (its file's bytes per value) and, once the run has ended, of its output's (how
+many bytes the result encoded to: the encoder's time and the bytes written follow the content,
+which no size says). The node's CPU pressure over the run (``d``) takes up what a busy machine
+adds to the CPU time of the same work (cache and scheduling). A covariate not known yet (the
+output while the task runs) takes its history's median. It is fitted on ``log(total + floor)`` (the floors of
 :data:`models.runs.NOISE_FLOOR`), with the residuals' P10/P50/P90 and their spread: a 2x
 larger image or a heavier setting moves the whole band, through one formula applied once,
 with no clamping to the history's range.
@@ -43,11 +46,13 @@ MAX_PROGRESS = 1.5  # beyond what healthy runs reach: a run past its work looks 
 PROGRESS_FILL = 0.5  # a task with no expectation: mid-way, as good a guess as any
 PRESSURE = "@pressure"  # the covariate name of the node's CPU pressure (a fraction of 1)
 DETAIL = "@detail"  # ... of the input's detail: log(file bytes per value)
+OUTPUT_DETAIL = "@output"  # ... of the output's: log(its bytes per input value), known at a run's end
 BY_OUTPUT = "bytes_written@output"  # the name of a task's fit of its writes against its output's size
 # How strongly the fit holds b1 near 1 and the other coefficients near 0, as residuals in the
 # units of log(total): a slope of 1.25 costs as much as one run 0.05 off its fit.
 SLOPE_PRIOR = 0.2
 COEF_PRIOR = 0.05
+OUTPUT_SLOPE_PRIOR = 20.0  # writes against the output's bytes: the slope is 1
 PARAM_OFFSET = 0.01
 MIN_SPREAD = 0.02  # log units: no total is known to better than 2 % from run to run
 
@@ -136,6 +141,8 @@ class TotalFit:
             values[PRESSURE] = pressure / 100.0
         if _known(size.file_bytes):
             values[DETAIL] = math.log(size.file_bytes / (size.pixels * channels))
+        if _known(size.output_bytes):
+            values[OUTPUT_DETAIL] = math.log(size.output_bytes / (size.pixels * channels))
         z = np.array([values.get(name, fill) for name, fill in zip(self.covariates, self.fill)])
         return min(self.coef[0] + self.coef[1] * math.log(size.pixels * channels)
                    + float(z @ np.asarray(self.coef[2:])), 700.0)
@@ -168,7 +175,9 @@ class TotalFit:
             return None
         floor = NOISE_FLOOR["bytes_written"]
         x, y = np.log(output[usable]), np.log(written[usable] + floor)
-        theta = _fit(y, x, np.empty((len(y), 0)), floor, float(written[usable].max()))
+        # a byte of output is a byte written: the slope is held at 1 (the history's outputs are
+        # smaller than a 2x image's, and a slope a little under 1 would call its writes a fault)
+        theta = _fit(y, x, np.empty((len(y), 0)), floor, float(written[usable].max()), slope_prior=OUTPUT_SLOPE_PRIOR)
         base, coef = math.exp(theta[0]), tuple(float(v) for v in theta[1:])
         residuals = y - np.log(base + np.exp(np.minimum(coef[0] + coef[1] * x, 700.0)) + floor)
         p10, p50, p90 = (float(v) for v in np.quantile(residuals, [0.1, 0.5, 0.9]))
@@ -189,9 +198,11 @@ class TotalFit:
         channel_fill = float(np.nanmedian(channels)) if np.isfinite(channels).any() else 3.0
         channels = np.where(np.isfinite(channels) & (channels > 0), channels, channel_fill)
         x = np.log(pixels * channels)
-        file_bytes = _column(runs, "image_bytes")
+        file_bytes, output_bytes = _column(runs, "image_bytes"), _column(runs, "output_bytes")
         with np.errstate(divide="ignore", invalid="ignore"):
             detail = np.where(np.isfinite(file_bytes) & (file_bytes > 0), np.log(file_bytes / (pixels * channels)), np.nan)
+            output = np.where(np.isfinite(output_bytes) & (output_bytes > 0),
+                              np.log(output_bytes / (pixels * channels)), np.nan)
         floor = NOISE_FLOOR[total]
         y = np.log(values + floor)
         features = [param_features(p) for p in runs["params"]]
@@ -206,7 +217,7 @@ class TotalFit:
                 kept.append(name)
                 fills.append(fill)
         pressure = pd.to_numeric(runs["pressure"], errors="coerce").to_numpy(dtype=np.float64) / 100.0
-        for name, column, least in ((PRESSURE, pressure, 0.02), (DETAIL, detail, 0.05)):
+        for name, column, least in ((PRESSURE, pressure, 0.02), (DETAIL, detail, 0.05), (OUTPUT_DETAIL, output, 0.05)):
             if np.isfinite(column).sum() >= MIN_RUNS and np.nanstd(column) > least:
                 fill = float(np.nanmedian(column))
                 columns.append(np.where(np.isfinite(column), column, fill))
@@ -223,7 +234,8 @@ class TotalFit:
                    (float(pixels.min()), float(pixels.max())), channel_fill)
 
 
-def _fit(y: np.ndarray, x: np.ndarray, z: np.ndarray, floor: float, largest: float) -> np.ndarray:
+def _fit(y: np.ndarray, x: np.ndarray, z: np.ndarray, floor: float, largest: float,
+         slope_prior: float = SLOPE_PRIOR) -> np.ndarray:
     """theta = (log base, b0, b1, c...) by robust least squares on the log scale, with the
     priors of the module docstring; the better of two starts (mostly fixed, mostly grown)."""
     k = z.shape[1]
@@ -231,7 +243,7 @@ def _fit(y: np.ndarray, x: np.ndarray, z: np.ndarray, floor: float, largest: flo
     def residuals(theta: np.ndarray) -> np.ndarray:
         grown = np.exp(np.minimum(theta[1] + theta[2] * x + z @ theta[3:], 700.0))
         fit = np.log(math.exp(theta[0]) + grown + floor)
-        return np.concatenate([y - fit, [SLOPE_PRIOR * (theta[2] - 1.0)], COEF_PRIOR * theta[3:]])
+        return np.concatenate([y - fit, [slope_prior * (theta[2] - 1.0)], COEF_PRIOR * theta[3:]])
 
     low = [math.log(1e-9), -60.0, 0.0, *[-4.0] * k]
     high = [math.log(largest + 1.0) + 1.0, 60.0, 2.0, *[4.0] * k]
