@@ -117,8 +117,7 @@ def judge(metrics: pd.DataFrame, challenger: str = NETWORK, reference: str = GBM
         verdicts.append(ResourceVerdict(
             str(resource), float(both[challenger].mean()), _std(both[challenger]),
             float(both[reference].mean()), _std(both[reference]),
-            float(difference.mean()), _std(difference), len(both),
-            RESOLUTION_SHARE * MIN_HALF_WIDTH.get(str(resource), 0.0)))
+            float(difference.mean()), _std(difference), len(both), _resolution(str(resource))))
     return Judgement(challenger, reference, tuple(verdicts), margin)
 
 
@@ -179,12 +178,21 @@ def _special_lines(special: pd.DataFrame) -> list[str]:
         wide = part.pivot_table(index="resource", columns="model", values=["pinball", "coverage"], aggfunc="first")
         if NETWORK not in wide["pinball"] or GBM not in wide["pinball"]:
             continue
-        ratios = [f"{r} {_ratio(wide['pinball'][NETWORK][r] / wide['pinball'][GBM][r])}x"
-                  for r in wide.index if wide["pinball"][GBM][r] > 0]
+        ratios = [f"{r} {_ratio(_resolved(wide['pinball'][NETWORK][r], wide['pinball'][GBM][r], r))}x"
+                  for r in wide.index if wide["pinball"][GBM][r] + _resolution(r) > 0]
         coverage = ", ".join(f"{r} {wide['coverage'][NETWORK][r]:.0%}" for r in wide.index)
         lines.append(f"{kind} fold (fold {fold}, {int(part['n'].max())} samples): network pinball / GBM's: "
                      f"{', '.join(ratios)}; network P10-P90 coverage: {coverage}")
     return lines
+
+
+def _resolution(resource: str) -> float:
+    return RESOLUTION_SHARE * MIN_HALF_WIDTH.get(str(resource), 0.0)
+
+
+def _resolved(challenger: float, reference: float, resource: str) -> float:
+    """The ratio of two losses as the verdict counts it (module docstring)."""
+    return (challenger + _resolution(resource)) / (reference + _resolution(resource))
 
 
 def _kfold_table(metrics: pd.DataFrame, orders: int, seed: int) -> str:

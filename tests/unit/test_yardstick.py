@@ -212,3 +212,15 @@ def test_a_difference_below_a_resources_resolution_loses_nothing():
     sample can resolve (64 KiB/s)."""
     judgement = judge(_metrics({"disk_read": [38.6, 40.1, 37.2]}, {"disk_read": [38.5, 40.0, 37.1]}))
     assert judgement.resources[0].outcome == "level" and judgement.losses == []
+
+
+def test_the_table_gives_the_special_folds_a_line_each_with_the_verdicts_ratios():
+    from training.verdict import table
+
+    metrics = _metrics({"cpu": [1.0, 1.0, 1.0]}, {"cpu": [2.0, 2.0, 2.0]}).assign(kind="k-fold")
+    special = _metrics({"cpu": [3.0]}, {"cpu": [1.5]}).assign(fold=4, kind="extrapolation")
+    text = table(pd.concat([metrics, special], ignore_index=True), orders=12, seed=0)
+    assert text.splitlines()[0].startswith("3 folds by whole order")  # the K folds' table alone
+    line = text.splitlines()[-1]
+    # cpu's losses count on top of a tenth of its resolution (5 % of a core): (3 + 0.5) / (1.5 + 0.5)
+    assert line.startswith("extrapolation fold (fold 4, 100 samples): network pinball / GBM's: cpu 1.75x"), line
