@@ -21,12 +21,13 @@ from models.rows import CONTEXT_RESOURCE, NO_PARAMS, RUN_KEY
 
 TOTALS = ("cpu_seconds", "peak_memory", "bytes_read", "bytes_written")
 UNITS = {"cpu_seconds": "s", "peak_memory": "MiB", "bytes_read": "KiB", "bytes_written": "KiB"}
-NOISE_FLOOR = {"cpu_seconds": 0.02, "peak_memory": 2.0, "bytes_read": 64.0, "bytes_written": 64.0}
+NOISE_FLOOR = {"cpu_seconds": 0.02, "peak_memory": 2.0, "bytes_read": 64.0, "bytes_written": 16.0}
 """What a total is compared on top of (``log(total + floor)``): the physical resolution below
 which two runs of the same work differ anyway. CPU: the reaped children's share is counted in
 10 ms clock ticks, up to two per child; memory: the allocator's arenas and the page tables move
-by a few MiB from run to run; storage: a run that writes nothing still dirties a few pages of
-metadata (inode, directory), so tens of KiB of writes are noise, not work."""
+by a few MiB from run to run; reads: the kernel reads ahead in chunks of up to 128 KiB, so a
+run that reads a few pages may be counted tens of KiB; writes: a file written dirties a few
+4 KiB pages of metadata (its inode, its directory) besides its data."""
 RUN_COLUMNS = [*RUN_KEY, "task", "prev_task", "image_pixels", "image_channels", "image_bytes", "output_bytes", "params",
                "pressure", "samples", "seconds", "ended_ms", *TOTALS]
 

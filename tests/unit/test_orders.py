@@ -113,8 +113,8 @@ def test_examples_cover_the_documented_cases() -> None:
     assert "watermark" in orders["example-watermark.json"].task_names
     blur = orders["example-fault.json"].tasks[1]
     assert (blur.name, blur.fault, blur.fault_at) == ("blur", "cpu_hog", 2.0)
-    sharpen = orders["example-regression.json"].tasks[1]
-    assert (sharpen.name, sharpen.fault, sharpen.fault_factor) == ("sharpen", "double_write", 1.5)
+    denoise = orders["example-regression.json"].tasks[1]
+    assert (denoise.name, denoise.fault, denoise.fault_factor) == ("denoise", "double_write", 1.5)
 
 
 def test_loading_the_examples_changes_nothing_in_the_repository() -> None:

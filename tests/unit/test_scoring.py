@@ -211,3 +211,13 @@ def test_a_run_writing_its_own_output_over_several_samples_is_within_its_band_a_
     assert floors.tolist() == [8192.0, 8192.0, 2.0]  # memory keeps its physical floor
     assert band_score(1024.0, 0.0, 0.0, 0.0, "disk_write", floors[0]) < 1.28
     assert band_score(40960.0, 0.0, 0.0, 0.0, "disk_write", floors[0]) > 6
+
+
+def test_a_run_reading_its_own_input_from_a_cold_cache_is_not_judged_for_it():
+    from models.alarms import judged_value
+    from models.work import InputSize
+
+    size = InputSize(1e6, 3, 2_500_000)  # a 2.4 MiB input file
+    assert judged_value("bytes_read", 2441.4, size) == pytest.approx(0.0, abs=0.1)  # read once: nothing judged
+    assert judged_value("bytes_read", 3 * 2441.4, size) == pytest.approx(2 * 2441.4, abs=0.5)
+    assert judged_value("bytes_written", 100.0, size) == 100.0
