@@ -27,7 +27,7 @@ import pandas as pd
 
 from models.alarms import (  # noqa: F401 - the policy is part of this module's face
     ALARMS, BAND_EDGE_Z, DEFAULT_CONSECUTIVE, MIN_HALF_WIDTH, AlarmCalibration, Side, alarm_score, band_score,
-    judged_value, run_score,
+    RUN_ALARMS, judged_value, run_score,
 )
 from models.rows import NO_PARAMS
 from models.runs import TOTALS, run_totals
@@ -316,7 +316,7 @@ class RunCheck:
                 expected = fit.log_median(size, params, pressure)
                 score = run_score(total, judged_value(total, value, size), expected, fit.spread_at(expected))
                 p10, p50, p90 = fit.band(size, params, pressure)
-                anomaly = score > self.thresholds.get(f"run:{total}", math.inf)
+                anomaly = total in RUN_ALARMS and score > self.thresholds.get(f"run:{total}", math.inf)
                 first = anomaly and (run, total) not in self._raised
                 found.append(scored(replace(last, resource=total, value=value), p50, p10, p90, score,
                                     anomaly, first, model_version))

@@ -60,7 +60,7 @@ from analysis.scoring import (  # noqa: E402
     ConsecutiveFilter, Detector, ModelBandScorer, NSigmaScorer, RunCheck, alarm_score, contexts, model_detector,
     model_thresholds,
 )
-from models.alarms import FALLBACK_THRESHOLD, TailFit, streak_statistic  # noqa: E402
+from models.alarms import FALLBACK_THRESHOLD, KINDS, TailFit, streak_statistic  # noqa: E402
 from pipeline.db import connect  # noqa: E402
 from pipeline.db.schema import orders, task_runs, tasks  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
@@ -309,7 +309,7 @@ def _history_rows(settings: Settings, until: datetime):
 
 
 def _sample_thresholds(scorer, rows: pd.DataFrame, rate: float, consecutive: int) -> dict[str, float]:
-    """Per alarmed resource, the threshold that leaves ``rate`` / 8 false alarms per run for
+    """Per alarmed resource, the threshold that leaves ``rate`` / len(KINDS) false alarms per run for
     ``scorer`` on ``rows`` (held-out healthy runs): models/alarms.py's method, any scorer."""
     samples = contexts(rows)
     scores = scorer.score_many(samples)
@@ -323,7 +323,7 @@ def _sample_thresholds(scorer, rows: pd.DataFrame, rate: float, consecutive: int
             values = series.get((run, resource))
             if values is not None:
                 statistics[resource].append(streak_statistic(np.asarray(values), consecutive))
-    share = rate / 8
+    share = rate / len(KINDS)
     tails = {resource: TailFit.fit(np.asarray(values), "exponential") for resource, values in statistics.items()}
     return {resource: tail.threshold(share) if tail is not None else FALLBACK_THRESHOLD
             for resource, tail in tails.items()}

@@ -44,7 +44,7 @@ import pandas as pd
 from scipy.stats import t as student_t
 
 from models.rows import DEMAND, RUN_KEY
-from models.runs import NOISE_FLOOR, TOTALS, run_totals
+from models.runs import NOISE_FLOOR, run_totals
 from models.work import InputSize, param_features
 
 BAND_EDGE_Z = 1.2816  # the P10-P90 band of a normal distribution is +-1.2816 standard deviations
@@ -86,7 +86,11 @@ ALARMS = {DEMAND: Side.BOTH, "memory": Side.ABOVE, "disk_read": Side.ABOVE, "dis
 shared node a task's ``cpu`` falls and its ``cpu_wait`` rises with the load while its demand
 (their sum) stays what the task asks for: demand alarms both ways (a hog above, a stall
 below); memory and storage I/O above only (a slower task grows and writes more slowly)."""
-RUN_KINDS = tuple(f"run:{total}" for total in TOTALS)
+RUN_ALARMS = ("cpu_seconds", "peak_memory", "bytes_written")
+"""Run totals whose verdict can be an anomaly. ``bytes_read`` is judged and stored but raises
+nothing: how much a run reads from storage is the page cache's state (a busy node evicts the
+interpreter's libraries and the input, and a healthy run reads them again), not its work."""
+RUN_KINDS = tuple(f"run:{total}" for total in RUN_ALARMS)
 SAMPLE_KINDS = tuple(f"sample:{resource}" for resource in ALARMS)
 KINDS = SAMPLE_KINDS + RUN_KINDS
 
@@ -265,7 +269,7 @@ def alarm_statistics(rows: pd.DataFrame, bands: pd.DataFrame, work, consecutive:
             out.append((*key[:3], f"sample:{key[3]}", streak_statistic(series["_alarm"].to_numpy(), consecutive),
                         len(series)))
     for run in run_totals(rows).itertuples(index=False):
-        for total in TOTALS:
+        for total in RUN_ALARMS:
             value = getattr(run, total)
             size = InputSize.of(run)
             fit = work.verdict_fit(run.task, total, size)

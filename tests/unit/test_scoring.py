@@ -144,7 +144,7 @@ def _run(cpu_per_tick, memory=100.0, written=1000.0, order_id=7, position=0):
     return samples
 
 
-THRESHOLDS = {"run:cpu_seconds": 4.0, "run:peak_memory": 4.0, "run:bytes_read": 4.0, "run:bytes_written": 4.0}
+THRESHOLDS = {"run:cpu_seconds": 4.0, "run:peak_memory": 4.0, "run:bytes_written": 4.0}
 
 
 def test_a_run_gets_a_verdict_on_each_total_at_its_end_and_a_regression_stands_out():
@@ -221,3 +221,16 @@ def test_a_run_reading_its_own_input_from_a_cold_cache_is_not_judged_for_it():
     assert judged_value("bytes_read", 2441.4, size) == pytest.approx(0.0, abs=0.1)  # read once: nothing judged
     assert judged_value("bytes_read", 3 * 2441.4, size) == pytest.approx(2 * 2441.4, abs=0.5)
     assert judged_value("bytes_written", 100.0, size) == 100.0
+
+
+def test_a_runs_reads_are_judged_and_stored_but_raise_nothing():
+    """What a run reads from storage is the page cache's state: a cold cache is no fault."""
+    from analysis.scoring import RunCheck
+
+    check = RunCheck(_work(), {**THRESHOLDS, "run:bytes_read": 4.0})
+    samples = [s for s in _run([100, 100, 50])]
+    samples += [SampleContext(7, "blur", 0, "disk_read", 3_000, 50_000.0, 3.0, "<none>", 1e6, interval_s=1.0)]
+    check.observe(samples)
+    verdicts = {d.resource: d for d in check.end([(7, 0, 1)])}
+    assert verdicts["bytes_read"].value == pytest.approx(50_000.0) and verdicts["bytes_read"].score > 4.0
+    assert not verdicts["bytes_read"].anomaly
