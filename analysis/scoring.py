@@ -125,9 +125,11 @@ def feature_frame(samples: Sequence[SampleContext]) -> pd.DataFrame:
 
 def scored(sample: SampleContext, expected: float, lower: float, upper: float, score: float,
            anomaly: bool, raised: bool, model_version: str) -> Deviation:
-    """``sample`` with its expectation, band, score and verdict."""
+    """``sample`` with its expectation, band, score and verdict (plain Python numbers: a NumPy
+    scalar would be written as ``np.float64(...)`` by PostgreSQL's COPY)."""
     return Deviation(sample.order_id, sample.task, sample.position, sample.resource, sample.timestamp_ms,
-                     sample.value, expected, lower, upper, score, model_version, anomaly, raised)
+                     float(sample.value), float(expected), float(lower), float(upper), float(score),
+                     model_version, bool(anomaly), bool(raised))
 
 
 class ModelBandScorer:

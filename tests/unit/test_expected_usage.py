@@ -56,7 +56,7 @@ def test_model_recovers_known_structure_and_beats_the_baseline(trained):
 
 def test_quantiles_are_ordered_and_unknown_categories_still_score(trained):
     split, outcome = trained
-    rows = split.test[FEATURE_COLUMNS].head(4).copy()
+    rows = split.test.reindex(columns=FEATURE_COLUMNS).head(4).copy()  # without the optional input facts
     rows["task"] = ["never-seen", "blur", "blur", "resize"]
     rows["prev_task"] = ["never-seen", NO_PREVIOUS, "also-new", "blur"]
     rows["resource"] = ["cpu", "memory", "gpu_memory", "disk_read"]

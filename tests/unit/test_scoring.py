@@ -234,3 +234,14 @@ def test_a_runs_reads_are_judged_and_stored_but_raise_nothing():
     verdicts = {d.resource: d for d in check.end([(7, 0, 1)])}
     assert verdicts["bytes_read"].value == pytest.approx(50_000.0) and verdicts["bytes_read"].score > 4.0
     assert not verdicts["bytes_read"].anomaly
+
+
+def test_every_result_holds_plain_python_numbers_whatever_the_scorer_computed_with():
+    """PostgreSQL's COPY writes what str() gives: a NumPy scalar would be 'np.float64(1.5)'."""
+    from analysis.scoring import scored
+
+    sample = _series([50.0])[0]
+    result = scored(sample, np.float64(1.0), np.float64(0.5), np.float64(2.0), np.float64(4.2), np.bool_(True),
+                    np.bool_(False), "1")
+    assert all(type(v) is float for v in (result.value, result.expected, result.lower, result.upper, result.score))
+    assert type(result.anomaly) is bool and type(result.raised) is bool
