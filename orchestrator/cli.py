@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from orchestrator.abandoned import DRAIN_SECONDS, AbandonedOrders, Heartbeat
 from orchestrator.anomalies import order_anomalies, unscored_reason, wait_for_scoring
@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                       monitoring=not args.no_monitors, max_running=args.max_running)
 
 
+SIGNAL_CHECK_SECONDS = 0.2  # the main thread's longest wait without running Python's signal handlers
+
+
 def run_orders(settings: Settings, orders, keep_topics: bool = False, max_concurrent: int | None = None,
                monitoring: bool = True, max_running: int | None = None) -> int:
     """Run ``orders`` concurrently; print the summary; the exit status."""
@@ -162,7 +165,13 @@ def _run_all(orders, services: Services, workers: int) -> list:
     SIGTERM, raised here as KeyboardInterrupt) leaves without waiting for the orders' threads."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="order")
     try:
-        return list(pool.map(lambda order: OrderRun(order, services).run(), orders))
+        futures = [pool.submit(OrderRun(order, services).run) for order in orders]
+        # Waited for in short turns, back in the interpreter between them: the kernel gives a
+        # process's SIGTERM to any thread that does not block it, and Python runs the handler
+        # only when the main thread runs; blocked in one long wait it never would.
+        while wait(futures, timeout=SIGNAL_CHECK_SECONDS).not_done:
+            pass
+        return [future.result() for future in futures]
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
