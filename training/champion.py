@@ -4,13 +4,16 @@
   the new version becomes champion, since live scoring needs one; the sentence says whether it
   beats the GBM, so nobody takes "champion" for "good".
 - **Otherwise** the alias moves only when the network beats the GBM over the folds
-  (:mod:`training.verdict`) **and** is not worse than the champion: its mean per-resource
-  pinball loss relative to the champion's, both on the same held-out orders, is at most 1.
+  (:mod:`training.verdict`) **and** clearly beats the champion: its mean per-resource pinball
+  loss relative to the champion's, both on the same held-out orders, is below
+  ``1 - CHAMPION_MARGIN``.
 
 The champion is re-scored on this fit's held-out orders because a figure it was registered
 with was measured on other orders. Those orders may have been its training data, which favours
-the champion: a challenger only takes over with a clear margin (a refit on the same data
-never does).
+the champion, but not by much when most of what the network predicts is the work model both
+share (models/work.py): a refit on the same data then lands within a few percent of the
+champion either way. A challenger only takes over with a clear margin, so that a refit does
+not move the alias (and live scoring's thresholds) on noise.
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ from dataclasses import dataclass
 from models.registry_probe import MODEL_NAME
 
 logger = logging.getLogger(__name__)
+
+CHAMPION_MARGIN = 0.05
+"""How much lower than the champion's a challenger's pinball loss must be to replace it: a
+refit on the same orders (the same folds' networks against the champion trained on them all)
+has come out at and just below 1."""
 
 
 @dataclass(frozen=True)
@@ -58,5 +66,9 @@ def decide(version: str, beats_gbm: bool, gbm_ratio: float, champion: CurrentCha
     if champion.ratio > 1.0:
         return Decision(False, f"{registered}; champion stays version {champion.version}: {against_gbm}, "
                                f"but it is worse than the champion ({against_champion})")
+    if champion.ratio >= 1.0 - CHAMPION_MARGIN:
+        return Decision(False, f"{registered}; champion stays version {champion.version}: {against_gbm}, "
+                               f"but not clearly better than the champion ({against_champion}; replacing it "
+                               f"needs below {1 - CHAMPION_MARGIN:.2f})")
     return Decision(True, f"{registered} and is now the champion, was version {champion.version}: "
-                          f"{against_gbm} and is not worse than the champion ({against_champion})")
+                          f"{against_gbm} and clearly beats the champion ({against_champion})")

@@ -164,9 +164,10 @@ def test_champion_rule():
     assert not stays.promote and "version 2 registered; champion stays version 1" in stays.line
     worse = decide("2", True, 0.8, CurrentChampion("1", 1.05))
     assert not worse.promote and "worse than the champion" in worse.line
-    better = decide("3", True, 0.8, CurrentChampion("2", 0.97))
+    better = decide("3", True, 0.8, CurrentChampion("2", 0.9))
     assert better.promote and "now the champion, was version 2" in better.line
-    assert decide("2", True, 0.8, CurrentChampion("1", 1.0)).promote  # not worse is enough
+    tie = decide("2", True, 0.8, CurrentChampion("1", 0.97))  # a refit on the same data lands here
+    assert not tie.promote and "champion stays version 1" in tie.line and "not clearly better" in tie.line
     unloadable = decide("2", False, 1.3, CurrentChampion("1", None, "no pressure_fill"))
     assert unloadable.promote and "cannot be loaded" in unloadable.line
 
