@@ -11,6 +11,9 @@ a fixed part (the interpreter, the libraries, the encoder's headers) and a part 
 with the work: a power of the pixels (``b1`` is held near 1, what a per-pixel operation does,
 unless the history's sizes say otherwise, and never below 0) times a power of each parameter
 that varied in the history (``median``'s ``passes``, ``upscale``'s ``iterations``), of the
+input's channels (``x`` counts a channel as a full share of the work; a grey image held by PIL
+in one byte per pixel against a colour one's four, or an operation that converts to colour
+first, is not: where the history had both, the fit says by how much), of the
 input's detail (its file's bytes per value) and, once the run has ended, of its output's (how
 many bytes the result encoded to: the encoder's time and the bytes written follow the content,
 which no size says). The node's CPU pressure over the run (``d``) takes up what a busy machine
@@ -47,6 +50,7 @@ PROGRESS_FILL = 0.5  # a task with no expectation: mid-way, as good a guess as a
 PRESSURE = "@pressure"  # the covariate name of the node's CPU pressure (a fraction of 1)
 DETAIL = "@detail"  # ... of the input's detail: log(file bytes per value)
 OUTPUT_DETAIL = "@output"  # ... of the output's: log(its bytes per input value), known at a run's end
+CHANNELS = "@channels"  # ... of the input's channels, log(channels): how far a channel is not a full share of the work
 BY_OUTPUT = "bytes_written@output"  # the name of a task's fit of its writes against its output's size
 # How strongly the fit holds b1 near 1 and the other coefficients near 0, as residuals in the
 # units of log(total): a slope of 1.25 costs as much as one run 0.05 off its fit.
@@ -145,6 +149,7 @@ class TotalFit:
         channels = size.channels if _known(size.channels) else self.channels
         if math.isfinite(pressure):
             values[PRESSURE] = pressure / 100.0
+        values[CHANNELS] = math.log(channels)
         if _known(size.file_bytes):
             values[DETAIL] = math.log(size.file_bytes / (size.pixels * channels))
         if _known(size.output_bytes):
@@ -223,7 +228,9 @@ class TotalFit:
                 kept.append(name)
                 fills.append(fill)
         pressure = pd.to_numeric(runs["pressure"], errors="coerce").to_numpy(dtype=np.float64) / 100.0
-        for name, column, least in ((PRESSURE, pressure, 0.02), (DETAIL, detail, 0.05), (OUTPUT_DETAIL, output, 0.05)):
+        covariates = ((PRESSURE, pressure, 0.02), (CHANNELS, np.log(channels), 0.05), (DETAIL, detail, 0.05),
+                      (OUTPUT_DETAIL, output, 0.05))
+        for name, column, least in covariates:
             if np.isfinite(column).sum() >= MIN_RUNS and np.nanstd(column) > least:
                 fill = float(np.nanmedian(column))
                 columns.append(np.where(np.isfinite(column), column, fill))
@@ -322,13 +329,15 @@ class ExpectedWork:
         """Per row of ``frame`` (task, image_pixels, params), the median ``total`` of its run
         at the history's typical pressure; NaN where there is no expectation."""
         params = frame["params"].astype(str) if "params" in frame else ["{}"] * len(frame)
-        keys = list(zip(frame["task"].astype(str), _column(frame, "image_pixels"), _column(frame, "image_channels"),
-                        _column(frame, "image_bytes"), params))
-        cache: dict[tuple, float] = {}
+        numbers = [np.nan_to_num(_column(frame, name), nan=-1.0) for name in ("image_pixels", "image_channels",
+                                                                               "image_bytes")]
+        keys = list(zip(frame["task"].astype(str), *(n.tolist() for n in numbers), params))
+        cache: dict[tuple, float] = {}  # keyed by plain floats, unknown as -1 (NaN is never equal to itself)
         out = np.empty(len(keys))
         for i, key in enumerate(keys):
             if key not in cache:
-                band = self.band(key[0], InputSize(*key[1:4]), key[4], total)
+                size = InputSize(*(value if value >= 0 else math.nan for value in key[1:4]))
+                band = self.band(key[0], size, key[4], total)
                 cache[key] = band[1] if band else np.nan
             out[i] = cache[key]
         return out

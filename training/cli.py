@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(a history that teaches input size and load)")
     collect.add_argument("--sizes", default="640x480,1024x768,1600x1200", metavar="WxH[,WxH...]",
                          help="image sizes to generate (default 640x480,1024x768,1600x1200)")
+    collect.add_argument("--modes", default="RGB,L", metavar="MODE[,MODE...]",
+                         help="colour (RGB) and grey (L) images of each size (default RGB,L)")
     collect.add_argument("--concurrency", default="1,4,8", metavar="N[,N...]",
                          help="orders run at once, one level after another (default 1,4,8)")
     collect.add_argument("--orders", type=_positive, default=12, metavar="N",
@@ -95,7 +97,8 @@ def _collect(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     plan = collect.CollectPlan(
-        sizes=collect.parse_sizes(args.sizes), concurrency=collect.parse_levels(args.concurrency),
+        sizes=collect.parse_sizes(args.sizes), modes=collect.parse_modes(args.modes),
+        concurrency=collect.parse_levels(args.concurrency),
         sequences=collect.parse_sequences(args.sequences) if args.sequences else collect.DEFAULT_SEQUENCES,
         orders=args.orders, seed=args.seed)
     folder = Path(args.out) if args.out else settings.state_dir / "history"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -32,6 +33,10 @@ logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SIZES = ((640, 480), (1024, 768), (1600, 1200))
 DEFAULT_CONCURRENCY = (1, 4, 8)
+DEFAULT_MODES = ("RGB", "L")
+"""Colour and grey inputs: a task reads both in production (after ``grayscale``, or a grey
+photo), and a grey pixel is not a third of a colour one's work (PIL holds it in one byte
+against four): the work model learns each task's channel effect only from a history of both."""
 DEFAULT_VARIANTS = {
     "median": ({"passes": 1, "size": 3}, {"passes": 2, "size": 5}, {"passes": 3, "size": 3}, {"passes": 1, "size": 5}),
     "denoise": ({"search": 2}, {"search": 3}, {"search": 2, "patch": 2}),
@@ -60,10 +65,11 @@ class CollectError(PipelineError):
 
 @dataclass(frozen=True)
 class CollectPlan:
-    """What to run: ``orders`` orders at each concurrency level, cycling over sizes and
-    sequences."""
+    """What to run: ``orders`` orders at each concurrency level, cycling over the images (each
+    size in each of ``modes``) and sequences."""
 
     sizes: tuple[tuple[int, int], ...] = DEFAULT_SIZES
+    modes: tuple[str, ...] = DEFAULT_MODES
     concurrency: tuple[int, ...] = DEFAULT_CONCURRENCY
     sequences: tuple[tuple[str, ...], ...] = DEFAULT_SEQUENCES
     orders: int = 12
@@ -93,15 +99,20 @@ def write_orders(plan: CollectPlan, folder: Path) -> dict[int, list[Path]]:
     folder.mkdir(parents=True, exist_ok=True)
     images = []
     for i, (width, height) in enumerate(plan.sizes):
-        path = folder / f"{plan.prefix}-{width}x{height}-{plan.seed}.jpg"
-        if not path.exists():
-            make_image(width, height, plan.seed * 1000 + i).save(path, quality=92)
-        images.append(path)
+        for mode in plan.modes:
+            path = folder / f"{plan.prefix}-{width}x{height}-{mode}-{plan.seed}.jpg"
+            if not path.exists():
+                make_image(width, height, plan.seed * 1000 + i).convert(mode).save(path, quality=92)
+            images.append(path)
     files: dict[int, list[Path]] = {}
     number = 0
     settings = {task: cycle(variants) for task, variants in plan.variants.items() if variants}
+    # one cycle over every image and sequence, shuffled once (seeded), across the levels: each
+    # level gets a mix of them, and no pair is left out of a history of as many orders as pairs
+    pairs = [(image, sequence) for sequence in plan.sequences for image in images]
+    random.Random(plan.seed).shuffle(pairs)
+    pairs = cycle(pairs)
     for level in plan.concurrency:
-        pairs = cycle([(image, sequence) for sequence in plan.sequences for image in images])
         level_files = []
         for _ in range(plan.orders):
             image, sequence = next(pairs)
@@ -142,6 +153,15 @@ def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
     if any(len(s) != 2 or min(s) < 16 or max(s) > 8000 for s in sizes):
         raise CollectError(f"--sizes {text!r}: each size is WIDTHxHEIGHT, 16 to 8000 pixels a side")
     return sizes  # type: ignore[return-value]
+
+
+def parse_modes(text: str) -> tuple[str, ...]:
+    """``RGB,L`` -> ("RGB", "L"): PIL image modes the generated images are saved in."""
+    modes = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [mode for mode in modes if mode not in ("RGB", "L")]
+    if not modes or unknown:
+        raise CollectError(f"--modes {text!r}: give RGB, L or both, e.g. RGB,L")
+    return modes
 
 
 def parse_levels(text: str) -> tuple[int, ...]:

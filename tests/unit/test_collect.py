@@ -10,7 +10,8 @@ from PIL import Image
 
 from pipeline.entry import exit_status
 from training import cli
-from training.collect import DEFAULT_VARIANTS, CollectPlan, make_image, parse_levels, parse_sequences, parse_sizes, write_orders
+from training.collect import (DEFAULT_VARIANTS, CollectPlan, make_image, parse_levels, parse_modes, parse_sequences,
+                              parse_sizes, write_orders)
 
 
 def test_the_plan_varies_image_size_task_sequence_and_concurrency(tmp_path):
@@ -24,11 +25,12 @@ def test_the_plan_varies_image_size_task_sequence_and_concurrency(tmp_path):
     # a task with parameter settings to vary takes the next one each time it appears
     medians = [t["params"] for d in documents for t in d["tasks"] if isinstance(t, dict) and t["name"] == "median"]
     assert len({json.dumps(p, sort_keys=True) for p in medians}) == min(len(medians), len(DEFAULT_VARIANTS["median"]))
-    sizes = set()
+    inputs = set()
     for document in documents:
         with Image.open(document["image"]) as image:
-            sizes.add(image.size)
-    assert sizes == {(64, 48), (128, 96)}
+            inputs.add((image.size, image.mode))
+    # every size in colour and in grey: the work model learns what a channel costs from both
+    assert inputs == {(size, mode) for size in ((64, 48), (128, 96)) for mode in ("RGB", "L")}
     assert {d["id"].split("-")[1] for d in documents} == {"c1", "c4"}  # the level is in the name
 
 
@@ -41,6 +43,7 @@ def test_generated_images_are_repeatable_and_differ_by_seed():
 @pytest.mark.parametrize("argv, message", [
     (["--sizes", "640by480"], "--sizes '640by480': expected WIDTHxHEIGHT"),
     (["--concurrency", "0,4"], "--concurrency: every level must be at least 1"),
+    (["--modes", "RGB,CMYK"], "--modes 'RGB,CMYK': give RGB, L or both"),
     (["--sequences", "median,no-such-task"], "no-such-task"),
 ])
 def test_bad_arguments_are_one_line_and_status_2(argv, message, tmp_path, monkeypatch, capsys):
@@ -53,4 +56,5 @@ def test_bad_arguments_are_one_line_and_status_2(argv, message, tmp_path, monkey
 def test_parsers_read_what_the_help_shows():
     assert parse_sizes("640x480,1024X768") == ((640, 480), (1024, 768))
     assert parse_levels("1,4,8") == (1, 4, 8)
+    assert parse_modes("RGB, L") == ("RGB", "L")
     assert parse_sequences("median,grayscale; denoise") == (("median", "grayscale"), ("denoise",))

@@ -179,6 +179,30 @@ def test_the_work_follows_the_inputs_channels_and_detail():
     assert work.band("sharpen", pixels, total="bytes_written") is not None
 
 
+def test_a_channel_is_not_taken_for_a_full_share_of_the_work_when_the_history_says_otherwise():
+    """PIL holds a grey pixel in one byte and a colour one in four: a task's memory on a grey
+    input is a quarter of a colour one's, not the third that pixels x channels says. Learnt from
+    a history of both, a grey input twice the largest size is expected within 5 %."""
+    from models.work import InputSize
+
+    def memory(pixels: float, channels: int) -> float:
+        return 40.0 + 16e-6 * pixels * (4 if channels == 3 else 1)
+
+    rng = np.random.default_rng(6)
+    rows = []
+    for i in range(60):
+        pixels, channels = SIZES[i % 3], (3, 1)[(i // 3) % 2]
+        rows.append({"order_id": i, "position": 0, "attempt": 1, "task": "blur", "prev_task": "<none>",
+                     "image_pixels": float(pixels), "image_channels": float(channels), "image_bytes": np.nan,
+                     "params": "{}", "pressure": 50.0, "samples": 2, "seconds": 1.0, "ended_ms": 0,
+                     "cpu_seconds": 0.5, "peak_memory": memory(pixels, channels) * math.exp(rng.normal(0, 0.01)),
+                     "bytes_read": 0.0, "bytes_written": 100.0})
+    work = ExpectedWork.fit_runs(pd.DataFrame(rows))
+    for channels in (1, 3):
+        band = work.band("blur", InputSize(2 * SIZES[-1], channels), total="peak_memory")
+        assert band[1] == pytest.approx(memory(2 * SIZES[-1], channels), rel=0.05), channels
+
+
 def test_writes_are_judged_against_the_output_the_run_wrote_when_it_is_known():
     """How many bytes an image encodes to depends on its content, which no input size says;
     a run writes its output once: against that, twice the writes stand out whatever the
