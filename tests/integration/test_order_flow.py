@@ -43,8 +43,11 @@ def test_three_concurrent_orders_run_their_tasks_and_store_every_resource(settin
         # No cross-talk: every stored sample names one of this order's tasks.
         assert {s["task"] for s in order.samples} <= own_tasks
         for run in successful:
-            in_run = [s for s in order.samples if s["task"] == run["task"]
-                      and run["started_at"] <= s["ts"] <= run["finished_at"]]
+            # A sample names its run (position, attempt). Not matched by time: a task reports
+            # its end (HALT, the run's finished_at) before its process has exited, and a tick
+            # in between is the run's own last sample, stamped after finished_at.
+            in_run = [s for s in order.samples if (s["position"], s["attempt"]) == (run["position"], run["attempt"])]
+            assert {s["task"] for s in in_run} <= {run["task"]}
             per_resource = Counter(s["resource"] for s in in_run)
             assert set(per_resource) == set(RESOURCES), (order.name, run["task"], per_resource)
             expected = _runtime_seconds(run)
