@@ -67,6 +67,16 @@ slowest run 1.07x to 1.21x the median, quiet or with the other vCPU busy
 (bench/cpu_time_noise.py); CI saw healthy runs 1.13x and 1.20x their history's median. Memory and bytes follow the data, not the machine."""
 
 
+SLOPE_DOUBT = 0.05
+"""How far a task's total may depart from its fitted power of the pixels beyond the inputs its
+history had, in log units per e-fold (x2.7) of pixels past the largest (or below the
+smallest): a per-pixel operation is linear in its pixels, but caches, the allocator's arenas
+and mmap threshold and fixed-size buffers are not, so ten times the largest input is a guess
+ten times as uncertain as twice it. Set after the issue-25 evaluation found healthy runs of
+``sepia`` and ``equalize`` on inputs 8x their history's largest at 0.11 and 0.19 above the
+fit, 0.05 and 0.09 per e-fold, where the residuals' spread (0.02) called them regressions."""
+
+
 def param_features(params: str | dict | None) -> dict[str, float]:
     """A run's task parameters as numbers: a number ``v >= 0`` as ``log(v + 0.01)`` (work grows
     as a power of a count or a size: 6 passes are 3 times 2, whatever 2 and 6 are; the 0.01
@@ -163,16 +173,32 @@ class TotalFit:
         size = _size(size)
         return math.log(self.base + math.exp(self._log_grown(size, features, pressure)) + self.floor) + self.residuals[1]
 
-    def spread_at(self, log_median: float) -> float:
-        """The spread of ``log(total + floor)`` around ``log_median``: the residuals', and at
+    def beyond(self, size: InputSize | float) -> float:
+        """How far the input lies outside the pixels the history had: ``log`` of the ratio to
+        the nearer end (0 inside, and for a fit by the output's size, which is exact)."""
+        size = _size(size)
+        if self.size_by == "output" or not size.known:
+            return 0.0
+        low, high = self.pixels
+        return max(0.0, math.log(size.pixels / high), math.log(low / size.pixels))
+
+    def spread_at(self, log_median: float, size: InputSize | float | None = None) -> float:
+        """The spread of ``log(total + floor)`` around ``log_median``: the residuals', at
         least what one floor's worth of difference is there (near 0, a total's own noise is
-        the floor, not a share of the total)."""
-        return max(self.spread, math.log1p(self.floor / math.exp(log_median)))
+        the floor, not a share of the total), and for an input of ``size`` beyond the history's
+        the doubt about the power it grows by (:data:`SLOPE_DOUBT`) added in quadrature."""
+        own = max(self.spread, math.log1p(self.floor / math.exp(log_median)))
+        return own if size is None else math.hypot(own, SLOPE_DOUBT * self.beyond(size))
 
     def band(self, size: InputSize | float, features: dict[str, float], pressure: float = math.nan) -> tuple[float, float, float]:
-        """P10, P50 and P90 of the total, in its units."""
-        centre = self.log_median(size, features, pressure) - self.residuals[1]
-        return tuple(max(math.exp(centre + r) - self.floor, 0.0) for r in self.residuals)  # type: ignore[return-value]
+        """P10, P50 and P90 of the total, in its units: the residuals' quantiles, widened by
+        the doubt about the power at ``size`` beyond the history's inputs."""
+        log_median = self.log_median(size, features, pressure)
+        centre = log_median - self.residuals[1]
+        p10, p50, p90 = self.residuals
+        half = 1.2816 * math.hypot(self.spread, SLOPE_DOUBT * self.beyond(size))
+        quantiles = (min(p10, p50 - half), p50, max(p90, p50 + half))
+        return tuple(max(math.exp(centre + r) - self.floor, 0.0) for r in quantiles)  # type: ignore[return-value]
 
     @classmethod
     def fit_by_output(cls, runs: pd.DataFrame) -> "TotalFit | None":

@@ -230,3 +230,17 @@ def test_writes_are_judged_against_the_output_the_run_wrote_when_it_is_known():
     assert run_score("bytes_written", doubled, expected, fit.spread_at(expected)) > 20
     # the output not known (a run still going): judged by what its input says
     assert work.verdict_fit("flip", "bytes_written", InputSize(2 * SIZES[-1])) is work.fit_of("flip", "bytes_written")
+
+
+def test_the_spread_grows_with_how_far_beyond_the_history_the_input_is(work):
+    """Inside the history's pixels a total is judged against the residuals' spread; beyond
+    them, the doubt about the power it grows by is added: 8x the largest input is judged more
+    loosely than 2x, and a 1.5x memory regression at 2x still stands far outside."""
+    from models.work import InputSize
+
+    fit = work.fit_of("median", "peak_memory")
+    inside, twice, eight = (fit.spread_at(fit.log_median(p, {}), InputSize(p))
+                            for p in (SIZES[1], 2 * SIZES[-1], 8 * SIZES[-1]))
+    assert inside == pytest.approx(fit.spread_at(fit.log_median(SIZES[1], {})))
+    assert inside < twice < eight
+    assert math.log(1.5) / twice > 6
