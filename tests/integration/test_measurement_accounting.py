@@ -90,7 +90,11 @@ def _closing_failure(name: str, share) -> str:
 # Each sample against the independent reader (see test_periodic_samples_follow_...).
 READER_SLACK_S = 0.05
 STALL_CEILING = 2.0  # percent of one core
-WORK_FLOOR = 20.0  # percent of one core, over a work phase
+WORK_FLOOR = 5 * STALL_CEILING
+"""Percent of one core a work phase holds at least, over the phase: far above any stall, so the
+samples tell work from a stall. How much more the task gets is the machine's to decide (a
+CPU hog beside CI gave the work phase 14 % of a core, agreeing with the reader), and the level
+is held by the reader check, not by this floor."""
 
 
 @dataclass
@@ -348,7 +352,8 @@ def test_periodic_samples_follow_the_task_through_work_and_a_stall(phased_run):
     # stall could, and each work phase as a whole at least WORK_FLOOR. Not each sample: how
     # much a runnable task gets of an interval is the machine's to decide, and with another
     # test suite beside it the median once got 8 % of a core over a 0.4 s interval (a tick the
-    # busy producer took late), agreeing with the reader; over whole phases it got 47 to 104 %.
+    # busy producer took late), agreeing with the reader; over whole phases it got 47 to 104 %,
+    # and 14 % with spinning processes beside it.
     for i in stall:
         assert i.value <= STALL_CEILING, f"{where(i)} lies in the stall but holds {i.value:.1f} % of a core"
     for phase, name in ((before, "before"), (after, "after")):
