@@ -10,7 +10,10 @@ numbers (:func:`param_features`)::
 a fixed part (the interpreter, the libraries, the encoder's headers) and a part that grows
 with the work: a power of the pixels (``b1`` is held near 1, what a per-pixel operation does,
 unless the history's sizes say otherwise, and never below 0) times a power of each parameter
-that varied in the history (``median``'s ``passes``, ``upscale``'s ``iterations``), of the
+that varied in the history or whose power the task's catalog entry declares
+(``services.runtime.spec.Param.work``: ``median``'s window ``size`` 1.8, ``upscale``'s
+``iterations`` 0.85; the CPU time's coefficient is held near it, so a setting no run had moves
+the band as the work does, and the history corrects it where the parameter varied), of the
 input's channels (``x`` counts a channel as a full share of the work; a grey image held by PIL
 in one byte per pixel against a colour one's four, or an operation that converts to colour
 first, is not: where the history had both, the fit says by how much), of the
@@ -223,8 +226,10 @@ class TotalFit:
                    int(usable.sum()), (float(np.nanmin(pixels)), float(np.nanmax(pixels))), 3.0, "output")
 
     @classmethod
-    def fit(cls, total: str, runs: pd.DataFrame) -> "TotalFit | None":
-        """Fit on ``runs`` (:func:`models.runs.run_totals` rows of one task); None with too few."""
+    def fit(cls, total: str, runs: pd.DataFrame, powers: dict[str, float] | None = None) -> "TotalFit | None":
+        """Fit on ``runs`` (:func:`models.runs.run_totals` rows of one task); None with too few.
+        ``powers``: the task's declared powers of its CPU work in its parameters
+        (services.runtime.spec.Param.work), the CPU time's coefficients' prior centres."""
         values = pd.to_numeric(runs[total], errors="coerce").to_numpy(dtype=np.float64)
         pixels = pd.to_numeric(runs["image_pixels"], errors="coerce").to_numpy(dtype=np.float64)
         usable = np.isfinite(values) & (values >= 0) & np.isfinite(pixels) & (pixels > 0)
@@ -244,15 +249,18 @@ class TotalFit:
         y = np.log(values + floor)
         features = [param_features(p) for p in runs["params"]]
         names = sorted({name for f in features for name in f})
-        columns, kept, fills = [], [], []
+        declared = dict(powers or {}) if total == "cpu_seconds" else {}
+        columns, kept, fills, centres = [], [], [], []
         for name in names:
             column = np.array([f.get(name, np.nan) for f in features])
             fill = float(np.nanmedian(column)) if np.isfinite(column).any() else 0.0
             column = np.where(np.isfinite(column), column, fill)
-            if np.ptp(column) > 1e-9:  # a parameter the history never varied teaches nothing
+            # a parameter the history never varied teaches nothing, unless its power is declared
+            if np.ptp(column) > 1e-9 or name in declared:
                 columns.append(column)
                 kept.append(name)
                 fills.append(fill)
+                centres.append(declared.get(name, 0.0))
         pressure = pd.to_numeric(runs["pressure"], errors="coerce").to_numpy(dtype=np.float64) / 100.0
         covariates = ((PRESSURE, pressure, 0.02), (CHANNELS, np.log(channels), 0.05), (DETAIL, detail, 0.05),
                       (OUTPUT_DETAIL, output, 0.05))
@@ -262,8 +270,9 @@ class TotalFit:
                 columns.append(np.where(np.isfinite(column), column, fill))
                 kept.append(name)
                 fills.append(fill)
+                centres.append(0.0)
         z = np.column_stack(columns) if columns else np.empty((len(y), 0))
-        theta = _fit(y, x, z, floor, float(values.max()))
+        theta = _fit(y, x, z, floor, float(values.max()), centres=np.asarray(centres))
         base, coef = math.exp(theta[0]), tuple(float(v) for v in theta[1:])
         grown = np.exp(np.minimum(coef[0] + coef[1] * x + z @ np.asarray(coef[2:]), 700.0))
         residuals = y - np.log(base + grown + floor)
@@ -282,15 +291,17 @@ def _residual_band(residuals: np.ndarray, total: str) -> tuple[tuple[float, floa
 
 
 def _fit(y: np.ndarray, x: np.ndarray, z: np.ndarray, floor: float, largest: float,
-         slope_prior: float = SLOPE_PRIOR) -> np.ndarray:
+         slope_prior: float = SLOPE_PRIOR, centres: np.ndarray | None = None) -> np.ndarray:
     """theta = (log base, b0, b1, c...) by robust least squares on the log scale, with the
-    priors of the module docstring; the better of two starts (mostly fixed, mostly grown)."""
+    priors of the module docstring (``c`` held near ``centres``, default 0); the better of two
+    starts (mostly fixed, mostly grown)."""
     k = z.shape[1]
+    centres = np.zeros(k) if centres is None else centres
 
     def residuals(theta: np.ndarray) -> np.ndarray:
         grown = np.exp(np.minimum(theta[1] + theta[2] * x + z @ theta[3:], 700.0))
         fit = np.log(math.exp(theta[0]) + grown + floor)
-        return np.concatenate([y - fit, [slope_prior * (theta[2] - 1.0)], COEF_PRIOR * theta[3:]])
+        return np.concatenate([y - fit, [slope_prior * (theta[2] - 1.0)], COEF_PRIOR * (theta[3:] - centres)])
 
     low = [math.log(1e-9), -60.0, 0.0, *[-4.0] * k]
     high = [math.log(largest + 1.0) + 1.0, 60.0, 2.0, *[4.0] * k]
@@ -298,7 +309,7 @@ def _fit(y: np.ndarray, x: np.ndarray, z: np.ndarray, floor: float, largest: flo
     for fixed_share in (0.5, 0.01):
         typical = float(np.exp(np.median(y)))
         start = np.array([math.log(max(typical * fixed_share, 1e-9)),
-                          math.log(max(typical * (1 - fixed_share), 1e-9)) - float(np.median(x)), 1.0, *[0.0] * k])
+                          math.log(max(typical * (1 - fixed_share), 1e-9)) - float(np.median(x)), 1.0, *centres])
         start = np.clip(start, np.array(low) + 1e-9, np.array(high) - 1e-9)
         result = least_squares(residuals, start, bounds=(low, high), loss="soft_l1", f_scale=0.1)
         if best is None or result.cost < best.cost:
@@ -313,18 +324,21 @@ class ExpectedWork:
     tasks: dict[str, dict[str, TotalFit]] = field(default_factory=dict)
 
     @classmethod
-    def fit(cls, rows: pd.DataFrame) -> "ExpectedWork":
-        """Learn from model rows (:func:`models.rows.model_rows`) of whole, successful runs."""
+    def fit(cls, rows: pd.DataFrame, powers: dict[str, dict[str, float]] | None = None) -> "ExpectedWork":
+        """Learn from model rows (:func:`models.rows.model_rows`) of whole, successful runs;
+        ``powers``: per task, the declared powers of its CPU work in its parameters
+        (services.catalog.work_powers)."""
         if rows.empty or not {"cpu_seconds", "ts_ms"} <= set(rows.columns):
             return cls({})  # rows without the runs' CPU time (generated data): no expectation
-        return cls.fit_runs(run_totals(rows))
+        return cls.fit_runs(run_totals(rows), powers)
 
     @classmethod
-    def fit_runs(cls, runs: pd.DataFrame) -> "ExpectedWork":
+    def fit_runs(cls, runs: pd.DataFrame, powers: dict[str, dict[str, float]] | None = None) -> "ExpectedWork":
         """Learn from :func:`models.runs.run_totals` rows."""
         found: dict[str, dict[str, TotalFit]] = {}
         for task, group in runs.groupby("task"):
-            fits = {total: fit for total in TOTALS if (fit := TotalFit.fit(total, group)) is not None}
+            declared = (powers or {}).get(str(task))
+            fits = {total: fit for total in TOTALS if (fit := TotalFit.fit(total, group, declared)) is not None}
             if (by_output := TotalFit.fit_by_output(group)) is not None:
                 fits[BY_OUTPUT] = by_output
             if fits:

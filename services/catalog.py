@@ -71,3 +71,10 @@ def task_module(name: str) -> str:
     """Return the module that runs task ``name`` with ``python -m``, e.g. ``services.blur.main``."""
     get_task(name)
     return _discover()[name][1]
+
+
+def work_powers() -> dict[str, dict[str, float]]:
+    """Per task, the parameters whose effect on the CPU work its author declared
+    (:attr:`services.runtime.spec.Param.work`): the powers the expected-usage model starts from."""
+    return {name: powers for name, task in all_tasks().items()
+            if (powers := {param: float(spec.work) for param, spec in task.params.items() if spec.work is not None})}

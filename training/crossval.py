@@ -31,6 +31,7 @@ from models.alarms import alarm_statistics, half_width_floors
 from models.expected_usage import ExpectedUsageModel
 from models.features import usage_scale
 from models.work import ExpectedWork, with_progress
+from services.catalog import work_powers
 from training import trainer
 from training.baseline import QuantileTableBaseline
 from training.folds import Fold
@@ -137,7 +138,7 @@ class OnWork:
         self.fill: dict[str, float] = {}
 
     def fit(self, frame: pd.DataFrame) -> "OnWork":
-        self.work = ExpectedWork.fit(frame)
+        self.work = ExpectedWork.fit(frame, work_powers())
         frame = with_progress(frame, self.work)
         scale = usage_scale(frame, self.work)
         resources = frame["resource"].astype(str).to_numpy()

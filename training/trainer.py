@@ -21,6 +21,7 @@ from tqdm import tqdm
 from models.expected_usage import ExpectedUsageModel, pinball_loss
 from models.features import EncodedBatch, Preprocessor, usage_scale
 from models.work import ExpectedWork, with_progress
+from services.catalog import work_powers
 from training.errors import TrainingError
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def fit(train: pd.DataFrame, validation: pd.DataFrame, config: TrainConfig,
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     device = torch.device(device)
-    work = ExpectedWork.fit(train)
+    work = ExpectedWork.fit(train, work_powers())
     train, validation = with_progress(train, work), with_progress(validation, work)
     preprocessor = Preprocessor.fit(train, usage_scale(train, work))
     model = ExpectedUsageModel.create(preprocessor, device, hidden=config.hidden, layers=config.layers)

@@ -19,7 +19,7 @@ TASK = ImageTask(
     name="blur",
     summary="Gaussian blur with the given radius.",
     params={
-        "radius": Param(float, 2.0, minimum=0.1, maximum=50, help="standard deviation in pixels"),
+        "radius": Param(float, 2.0, minimum=0.1, maximum=50, help="standard deviation in pixels", work=0.0),
     },
     apply=blur,
 )

@@ -20,7 +20,7 @@ TASK = ImageTask(
     name="contrast",
     summary="Change contrast by a factor (1 keeps the image, below 1 flattens, above 1 boosts).",
     params={
-        "factor": Param(float, 1.5, minimum=0, maximum=10, help="contrast multiplier"),
+        "factor": Param(float, 1.5, minimum=0, maximum=10, help="contrast multiplier", work=0.0),
     },
     apply=contrast,
 )

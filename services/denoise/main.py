@@ -58,10 +58,10 @@ TASK = ImageTask(
     summary="Non-local means denoising (heavy: seconds of CPU and ~10x the image in memory).",
     params={
         "strength": Param(
-            float, 12.0, minimum=1, maximum=100, help="about the noise's standard deviation"
+            float, 12.0, minimum=1, maximum=100, help="about the noise's standard deviation", work=0.0
         ),
-        "search": Param(int, 3, minimum=1, maximum=10, help="search radius in pixels"),
-        "patch": Param(int, 1, minimum=1, maximum=3, help="patch radius in pixels"),
+        "search": Param(int, 3, minimum=1, maximum=10, help="search radius in pixels", work=1.6),
+        "patch": Param(int, 1, minimum=1, maximum=3, help="patch radius in pixels", work=0.0),
     },
     apply=denoise,
     resources={"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}},

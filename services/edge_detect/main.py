@@ -39,8 +39,8 @@ TASK = ImageTask(
     name="edge_detect",
     summary="Sobel edge magnitude as a grayscale image, optionally thresholded to black/white.",
     params={
-        "gain": Param(float, 1.0, minimum=0.1, maximum=20, help="brightness multiplier of edges"),
-        "threshold": Param(int, 0, minimum=0, maximum=255, help="binarise at this level (0: off)"),
+        "gain": Param(float, 1.0, minimum=0.1, maximum=20, help="brightness multiplier of edges", work=0.0),
+        "threshold": Param(int, 0, minimum=0, maximum=255, help="binarise at this level (0: off)", work=0.0),
     },
     apply=edge_detect,
 )

@@ -23,8 +23,8 @@ TASK = ImageTask(
     name="median",
     summary="Median filter repeated several times (heavy: seconds of CPU on a photo).",
     params={
-        "size": Param(int, 5, choices=(3, 5, 7, 9), help="window side in pixels"),
-        "passes": Param(int, 2, minimum=1, maximum=10, help="how many times to filter"),
+        "size": Param(int, 5, choices=(3, 5, 7, 9), help="window side in pixels", work=1.8),
+        "passes": Param(int, 2, minimum=1, maximum=10, help="how many times to filter", work=0.6),
     },
     apply=median,
     resources={"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}},

@@ -41,6 +41,13 @@ class Param:
 
     ``default=None`` makes the parameter optional: when not given its value is ``None``.
     For ``str`` parameters ``minimum``/``maximum`` bound the length of the string.
+
+    ``work`` says how the task's CPU work grows with a number: as ``value ** work`` (1: twice
+    the passes, twice the work; 2: a window side's square; 0: the work does not depend on it),
+    or None where the task's author cannot say. The expected-usage model (models/work.py)
+    starts from it and lets the history correct it where the parameter varied: a user who
+    sets a value no run had gets the band the work says, not the history's usual one.
+    ``bench/param_work.py`` measures every declared power against the CPU time it predicts.
     """
 
     kind: type
@@ -49,10 +56,13 @@ class Param:
     maximum: float | None = None
     choices: tuple = ()
     help: str = ""
+    work: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             raise TypeError(f"Param kind must be one of int, float, str, bool, got {self.kind!r}")
+        if self.work is not None and (self.kind not in (int, float) or not 0 <= self.work <= 4):
+            raise TypeError(f"Param work must be a power between 0 and 4 of a number parameter, got {self.work!r}")
         object.__setattr__(self, "choices", tuple(self.choices))
         if self.default is not None:
             # A definition whose own default is invalid is a programming error.

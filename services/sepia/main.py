@@ -29,7 +29,7 @@ TASK = ImageTask(
     name="sepia",
     summary="Sepia toning; amount 0 keeps the colours, 1 is full sepia. Output is RGB(A).",
     params={
-        "amount": Param(float, 1.0, minimum=0, maximum=1, help="strength of the toning"),
+        "amount": Param(float, 1.0, minimum=0, maximum=1, help="strength of the toning", work=0.0),
     },
     apply=sepia,
 )

@@ -23,9 +23,9 @@ TASK = ImageTask(
     name="sharpen",
     summary="Sharpen with an unsharp mask (radius, strength in percent, threshold).",
     params={
-        "radius": Param(float, 2.0, minimum=0.1, maximum=50, help="blur radius of the mask"),
-        "percent": Param(int, 150, minimum=1, maximum=1000, help="strength in percent"),
-        "threshold": Param(int, 3, minimum=0, maximum=255, help="smallest difference sharpened"),
+        "radius": Param(float, 2.0, minimum=0.1, maximum=50, help="blur radius of the mask", work=0.0),
+        "percent": Param(int, 150, minimum=1, maximum=1000, help="strength in percent", work=0.0),
+        "threshold": Param(int, 3, minimum=0, maximum=255, help="smallest difference sharpened", work=0.0),
     },
     apply=sharpen,
 )

@@ -47,8 +47,8 @@ TASK = ImageTask(
     name="upscale",
     summary="Enlarge 2-4x by iterative back-projection (heavy: cost grows with factor squared).",
     params={
-        "factor": Param(int, 2, minimum=2, maximum=4, help="enlargement of each side"),
-        "iterations": Param(int, 10, minimum=0, maximum=50, help="refinement passes"),
+        "factor": Param(int, 2, minimum=2, maximum=4, help="enlargement of each side", work=2.0),
+        "iterations": Param(int, 10, minimum=0, maximum=50, help="refinement passes", work=0.85),
     },
     apply=upscale,
     resources={"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}},

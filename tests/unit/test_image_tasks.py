@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import PipelineError
-from services.catalog import SERVICES_DIR, UnknownTaskError, all_tasks, get_task, task_module
+from services.catalog import SERVICES_DIR, UnknownTaskError, all_tasks, get_task, task_module, work_powers
 from services.runtime.spec import TASK_NAME_PATTERN, ImageTask, Param, TaskParameterError
 
 TASKS = all_tasks()
@@ -356,7 +356,18 @@ def test_definitions_are_checked():
         Param(int, "ten")
     with pytest.raises(TypeError):
         Param(list, [])
+    with pytest.raises(TypeError, match="work"):
+        Param(str, "a", work=1.0)  # a name has no magnitude for work to grow with
+    with pytest.raises(TypeError, match="work"):
+        Param(int, 1, work=-1.0)
     with pytest.raises(ValueError):
         ImageTask(name="Blur", summary="x", params={}, apply=lambda image, params: image)
     with pytest.raises(ValueError):
         ImageTask(name="x", summary="x", params={"fault": Param(str, "")}, apply=lambda i, p: i)
+
+
+def test_the_catalog_declares_how_the_heavy_tasks_work_grows_with_their_settings():
+    powers = work_powers()
+    assert powers["median"] == {"size": 1.8, "passes": 0.6}
+    assert powers["upscale"]["factor"] == 2.0 and powers["denoise"]["patch"] == 0.0
+    assert "jpeg" not in powers  # its quality's cost is not a power: not declared, learnt where it varies

@@ -244,3 +244,28 @@ def test_the_spread_grows_with_how_far_beyond_the_history_the_input_is(work):
     assert inside == pytest.approx(fit.spread_at(fit.log_median(SIZES[1], {})))
     assert inside < twice < eight
     assert math.log(1.5) / twice > 6
+
+
+def test_a_declared_power_moves_the_band_for_a_setting_the_history_never_had():
+    """The history always ran ``size`` 5; the task declares its work grows as size**2. A run
+    at size 9 is expected at (9/5)**2 the CPU time; without the declaration the model could
+    not know, and expects size 5's."""
+    runs = history()
+    at_nine = truth(SIZES[1], 2, 40.0)["cpu_seconds"]
+    grown = 0.03 + (at_nine - 0.03 * 1.04) / 1.04 * (9 / 5) ** 2  # the per-pixel part x (9/5)^2, at pressure 40
+    declared = ExpectedWork.fit_runs(runs, {"median": {"size": 2.0}})
+    silent = ExpectedWork.fit_runs(runs)
+    setting = {"passes": 2, "size": 9}
+    assert declared.band("median", SIZES[1], setting, pressure=40.0)[1] == pytest.approx(grown * 1.04, rel=0.10)
+    assert silent.band("median", SIZES[1], setting, pressure=40.0)[1] == pytest.approx(at_nine, rel=0.10)
+    # memory is not the CPU work: the declaration leaves it alone
+    assert declared.band("median", SIZES[1], setting, "peak_memory")[1] == pytest.approx(
+        silent.band("median", SIZES[1], setting, "peak_memory")[1], rel=0.01)
+
+
+def test_the_history_corrects_a_declared_power_where_the_parameter_varied():
+    """Declared as passes**2, the work grows as passes**1 in a history of 1 to 3 passes: the
+    fit follows the runs, and 6 passes are expected at twice 3's, not four times."""
+    work = ExpectedWork.fit_runs(history(), {"median": {"passes": 2.0}})
+    want = truth(SIZES[2], 6, 40.0)["cpu_seconds"]
+    assert work.band("median", SIZES[2], {"passes": 6, "size": 5}, pressure=40.0)[1] == pytest.approx(want, rel=0.12)
