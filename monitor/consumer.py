@@ -47,6 +47,9 @@ logger = logging.getLogger(__name__)
 
 BATCH_SIZE = 2000
 BATCH_SECONDS = 1.0
+"""Samples wait at most this long to be stored together; a run's closing sample does not wait:
+its run's verdict (a regression of its totals) is due at the run's end, and the batch that
+holds it is stored and scored at once."""
 SHARED_GROUP = "monitor-consumers"  # + "-<deployment id>": one group per broker and database
 # The shared consumer's group membership: new orders' topics are found within a second, a
 # replica that dies without leaving has its topics moved to the others within 10 s, and
@@ -81,6 +84,7 @@ class MonitorConsumer:
         self.orders_done = 0
         self.scorer = None  # a LiveScorer while live scoring runs
         self._pending: list[tuple[Message, Sample | None]] = []
+        self._run_ended = False  # a closing sample is pending: store it now
         self._label = f"order_id={order_id}" if order_id is not None else "shared"
 
     @property
@@ -183,7 +187,7 @@ class MonitorConsumer:
                 if not self.shared:
                     return True
             now = time.monotonic()
-            if len(self._pending) >= self.batch_size or now >= flush_at:
+            if len(self._pending) >= self.batch_size or now >= flush_at or self._run_ended:
                 self._flush()
                 flush_at = time.monotonic() + self.batch_seconds
             if self.shared and now >= stats_at:
@@ -213,12 +217,13 @@ class MonitorConsumer:
         if isinstance(decoded, MonitorStopped):
             return order_id
         self._pending.append((message, decoded))
+        self._run_ended = self._run_ended or bool(decoded.closing)
         return None
 
     def _flush(self) -> None:
         """Store what is pending, then commit its offsets (also called before a rebalance
         takes partitions away)."""
-        pending, self._pending = self._pending, []
+        pending, self._pending, self._run_ended = self._pending, [], False
         if not pending:
             return
         batch = [m for _, m in pending if m is not None]

@@ -7,7 +7,8 @@ and offset commits never wait for it. It prefers the pauses between arrivals (wh
 consumer drains a backlog, storing goes first), but a batch waits at most
 ``MAX_SCORING_LAG`` seconds for one: on a node busy with many orders samples arrive all the
 time, and a scorer waiting for a pause told the user of an anomaly 15-30 s late
-(bench/detection.py measures what the console shows). Deviations lost with a killed consumer can be
+(bench/detection.py measures what the console shows). A batch holding a run's closing sample
+waits for nothing: the run's verdict on its totals is due at its end. Deviations lost with a killed consumer can be
 recomputed with ``python -m monitor rescore``.
 
 The model is the one the ``champion`` alias points at, looked up again before the first samples
@@ -159,7 +160,8 @@ class LiveScorer:
             self._follow_new_orders(batch)
             if self.detector is None:
                 continue
-            self._caught_up.wait(MAX_SCORING_LAG)
+            if not any(s.closing for s in batch):  # a run's verdict is due at its end
+                self._caught_up.wait(MAX_SCORING_LAG)
             try:
                 self.score(batch)
             except Exception:  # noqa: BLE001 - a scoring fault must never stop ingestion
