@@ -54,7 +54,7 @@ FOLLOW_CHAMPION_SECONDS = 60.0  # the scorer checks at least this often whether 
 # An order created up to this long before the last look-up still gets one of its own: its
 # created_at is the orchestrator's clock, which may run ahead of this host's.
 CLOCK_SKEW_SECONDS = 2.0
-MAX_SCORING_LAG = 1.0  # seconds a stored batch waits for the consumer to pause before it is scored anyway
+MAX_SCORING_LAG = 0.5  # seconds a stored batch waits for the consumer to pause before it is scored anyway
 
 
 class _Finished(threading.Event):
