@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -48,6 +48,7 @@ from models.runs import NOISE_FLOOR, TOTALS, run_totals
 logger = logging.getLogger(__name__)
 
 MIN_RUNS = 5
+HELDOUT_RUNS = 20  # held-out runs of a total before their quantiles set its band's edges
 MAX_PROGRESS = 1.5  # beyond what healthy runs reach: a run past its work looks like its end
 PROGRESS_FILL = 0.5  # a task with no expectation: mid-way, as good a guess as any
 PRESSURE = "@pressure"  # the covariate name of the node's CPU pressure (a fraction of 1)
@@ -150,6 +151,7 @@ class TotalFit:
     pixels: tuple[float, float]  # the smallest and largest input the history had
     channels: float = 3.0  # an input's channels when a run does not say (training median)
     size_by: str = "values"  # what x is the log of: the input's "values", or the run's "output" bytes
+    heldout: tuple[float, float] | None = None  # the band's edges in spreads, from runs the fit never saw
 
     @property
     def floor(self) -> float:
@@ -194,13 +196,20 @@ class TotalFit:
         return own if size is None else math.hypot(own, SLOPE_DOUBT * self.beyond(size))
 
     def band(self, size: InputSize | float, features: dict[str, float], pressure: float = math.nan) -> tuple[float, float, float]:
-        """P10, P50 and P90 of the total, in its units: the residuals' quantiles, widened by
-        the doubt about the power at ``size`` beyond the history's inputs."""
+        """P10, P50 and P90 of the total, in its units. Where ``fit`` gave the fit
+        :attr:`heldout` quantiles, the edges lie that many spreads (:meth:`spread_at`) from
+        the median: a fit's own residuals are narrower than the runs it never saw, a larger
+        image or a new setting among them (conformal). Otherwise the residuals' quantiles,
+        widened by the doubt about the power at ``size`` beyond the history's inputs."""
         log_median = self.log_median(size, features, pressure)
         centre = log_median - self.residuals[1]
         p10, p50, p90 = self.residuals
-        half = 1.2816 * math.hypot(self.spread, SLOPE_DOUBT * self.beyond(size))
-        quantiles = (min(p10, p50 - half), p50, max(p90, p50 + half))
+        if self.heldout is not None:
+            spread = self.spread_at(log_median, size)
+            quantiles = (min(p50 + spread * self.heldout[0], p50), p50, max(p50 + spread * self.heldout[1], p50))
+        else:
+            half = 1.2816 * math.hypot(self.spread, SLOPE_DOUBT * self.beyond(size))
+            quantiles = (min(p10, p50 - half), p50, max(p90, p50 + half))
         return tuple(max(math.exp(centre + r) - self.floor, 0.0) for r in quantiles)  # type: ignore[return-value]
 
     @classmethod
@@ -382,6 +391,23 @@ class ExpectedWork:
             out[i] = cache[key]
         return out
 
+    def with_heldout(self, statistics: pd.DataFrame) -> "ExpectedWork":
+        """The same fits with the P10 and P90 of held-out runs' statistics (``kind`` ``run:<total>``,
+        :func:`models.alarms.alarm_statistics` of runs each fold's model never saw) as the
+        band's edges of every task's fit that judges that total at a run's end. Pooled over
+        the tasks: a task has a few held-out runs, the model's error on new inputs is alike."""
+        edges = {}
+        for kind, part in statistics.groupby("kind") if len(statistics) else ():
+            values = part["statistic"].to_numpy(dtype=np.float64)
+            values = values[np.isfinite(values)]
+            if str(kind).startswith("run:") and len(values) >= HELDOUT_RUNS:
+                low, high = np.quantile(values, [0.1, 0.9])
+                total = str(kind)[4:]
+                # a run's writes are judged by the output it wrote (verdict_fit)
+                edges[BY_OUTPUT if total == "bytes_written" else total] = (float(low), float(high))
+        return ExpectedWork({task: {total: replace(fit, heldout=edges[total]) if total in edges else fit
+                                    for total, fit in fits.items()} for task, fits in self.tasks.items()})
+
     def to_dict(self) -> dict:
         return {task: {total: asdict(fit) for total, fit in fits.items()} for task, fits in self.tasks.items()}
 
@@ -389,7 +415,8 @@ class ExpectedWork:
     def from_dict(cls, data: dict) -> "ExpectedWork":
         return cls({task: {total: TotalFit(**{**fit, "coef": tuple(fit["coef"]), "covariates": tuple(fit["covariates"]),
                                               "fill": tuple(fit["fill"]), "residuals": tuple(fit["residuals"]),
-                                              "pixels": tuple(fit["pixels"])})
+                                              "pixels": tuple(fit["pixels"]),
+                                              "heldout": tuple(fit["heldout"]) if fit.get("heldout") else None})
                            for total, fit in fits.items()}
                     for task, fits in data.items()})
 

@@ -112,6 +112,7 @@ def run_fit(settings: Settings, options: FitOptions, progress: bool = True) -> F
         outcome = trainer.fit(final_train, final_validation, config, device, _log_epoch, progress)
         model = outcome.model.to("cpu")
         model.alarms = AlarmCalibration.fit(cv.alarm_statistics) if len(cv.alarm_statistics) else None
+        model.work = model.work.with_heldout(cv.alarm_statistics)
         alarms = _log_alarms(model.alarms)
         rate = predictions_per_second(model, frame)
         mlflow.log_metrics({"training_seconds": outcome.seconds, "best_epoch": outcome.best_epoch,

@@ -269,3 +269,26 @@ def test_the_history_corrects_a_declared_power_where_the_parameter_varied():
     work = ExpectedWork.fit_runs(history(), {"median": {"passes": 2.0}})
     want = truth(SIZES[2], 6, 40.0)["cpu_seconds"]
     assert work.band("median", SIZES[2], {"passes": 6, "size": 5}, pressure=40.0)[1] == pytest.approx(want, rel=0.12)
+
+
+def test_held_out_runs_set_the_band_edges_of_the_totals_they_judge(work):
+    """A fit's in-sample residuals are narrower than the runs it never saw: the P10 and P90 of
+    held-out runs' statistics (in spreads) become the band's edges, for that total alone, and
+    survive a save."""
+    values = np.linspace(-1.5, 4.5, 201)  # held-out runs: P10 -0.9, P90 3.9 spreads
+    statistics = pd.DataFrame({"kind": "run:cpu_seconds", "statistic": values})
+    widened = work.with_heldout(statistics)
+    setting, size = {"passes": 2, "size": 5}, SIZES[1]
+    fit = widened.fit_of("median", "cpu_seconds")
+    log_median = fit.log_median(size, param_features(setting), 40.0)
+    spread = fit.spread_at(log_median, size)
+    p10, p50, p90 = widened.band("median", size, setting, pressure=40.0)
+    floor = fit.floor
+    assert math.log(p90 + floor) - log_median == pytest.approx(3.9 * spread, rel=0.01)
+    assert math.log(p10 + floor) - log_median == pytest.approx(-0.9 * spread, rel=0.01)
+    assert p50 == pytest.approx(work.band("median", size, setting, pressure=40.0)[1])
+    assert widened.band("median", size, setting, "peak_memory") == work.band("median", size, setting, "peak_memory")
+    loaded = ExpectedWork.from_dict(json.loads(json.dumps(widened.to_dict())))
+    assert loaded.band("median", size, setting, pressure=40.0) == pytest.approx((p10, p50, p90))
+    few = work.with_heldout(statistics.head(5))  # too few held-out runs to say: the fit's own band
+    assert few.band("median", size, setting, pressure=40.0) == work.band("median", size, setting, pressure=40.0)
