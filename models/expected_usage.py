@@ -152,22 +152,35 @@ class ExpectedUsageModel:
         return torch.stack([low, raw[:, 1], high], dim=1)
 
     @torch.no_grad()
-    def calibrate(self, inputs: EncodedBatch, target: torch.Tensor) -> dict[str, float]:
-        """Widen (or narrow) each resource's band so that it holds :data:`NOMINAL_COVERAGE`
-        of ``inputs`` (held-out rows, standardised ``target``): conformalised quantile
-        regression. A network trained on few orders draws its bands too tight; this is
-        what makes "P10-P90" mean 80 %. Returns the widening per resource name."""
+    def misses(self, inputs: EncodedBatch, target: torch.Tensor) -> dict[str, np.ndarray]:
+        """Per resource name, how far each row of ``inputs`` (standardised ``target``) lies
+        outside the network's own P10-P90 band (negative: inside), in log units (comparable
+        between models whose targets were standardised differently)."""
         self.net.eval()
         raw = self.net(inputs)
         misses = torch.maximum(raw[:, 0] - target, target - raw[:, 2])
+        std = torch.tensor(self.preprocessor.target_std, dtype=torch.float32)[inputs.resource.cpu()]
+        misses = misses.cpu() * std
+        return {name: misses[inputs.resource.cpu() == index].numpy()
+                for index, name in enumerate(self.preprocessor.resources)}
+
+    def widen_to(self, misses: dict[str, np.ndarray]) -> dict[str, float]:
+        """Widen (or narrow) each resource's band so that it holds :data:`NOMINAL_COVERAGE`
+        of the held-out rows whose :meth:`misses` are given: conformalised quantile
+        regression. A network trained on few orders draws its bands too tight; this is
+        what makes "P10-P90" mean 80 %. Returns the widening per resource name."""
         widening = list(self.widening)
         for index, name in enumerate(self.preprocessor.resources):
-            mine = misses[inputs.resource == index]
+            mine = np.asarray(misses.get(name, ()), dtype=np.float64)
             if len(mine) >= MIN_CALIBRATION_ROWS:
                 level = min(1.0, NOMINAL_COVERAGE * (1 + 1 / len(mine)))
-                widening[index] = float(torch.quantile(mine, level))
+                widening[index] = float(np.quantile(mine, level)) / float(self.preprocessor.target_std[index])
         self.widening = tuple(widening)
         return {name: w for name, w in zip(self.preprocessor.resources, self.widening) if w}
+
+    def calibrate(self, inputs: EncodedBatch, target: torch.Tensor) -> dict[str, float]:
+        """:meth:`widen_to` the rows of ``inputs`` (held out from training, standardised ``target``)."""
+        return self.widen_to(self.misses(inputs, target))
 
     def to(self, device: torch.device | str) -> "ExpectedUsageModel":
         self.device = torch.device(device)

@@ -113,6 +113,9 @@ def run_fit(settings: Settings, options: FitOptions, progress: bool = True) -> F
         model = outcome.model.to("cpu")
         model.alarms = AlarmCalibration.fit(cv.alarm_statistics) if len(cv.alarm_statistics) else None
         model.work = model.work.with_heldout(cv.alarm_statistics)
+        widened = model.widen_to(cv.misses)
+        logger.info("P10-P90 bands set on the folds' held-out samples: %s",
+                    ", ".join(f"{name} {w:+.3f}" for name, w in widened.items()) or "no change")
         alarms = _log_alarms(model.alarms)
         rate = predictions_per_second(model, frame)
         mlflow.log_metrics({"training_seconds": outcome.seconds, "best_epoch": outcome.best_epoch,

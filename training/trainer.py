@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
@@ -159,6 +160,12 @@ def fit(train: pd.DataFrame, validation: pd.DataFrame, config: TrainConfig,
     logger.info("trained %d epochs in %.1fs; best epoch %d (validation loss %.4f)",
                 len(outcome.history), outcome.seconds, outcome.best_epoch, best_loss)
     return outcome
+
+
+def misses(model: ExpectedUsageModel, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per resource, how far the rows of ``frame`` (held out from ``model``'s training) lie
+    outside its network's own band: what :meth:`ExpectedUsageModel.widen_to` calibrates on."""
+    return model.misses(*_tensors(model, with_progress(frame, model.work), model.device))
 
 
 def _tensors(model: ExpectedUsageModel, frame: pd.DataFrame, device: torch.device):
