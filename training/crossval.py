@@ -83,33 +83,45 @@ def cross_validate(folds: Sequence[Fold], config: trainer.TrainConfig, device: t
                    champion: ExpectedUsageModel | None = None, gbm: GbmConfig | None = None,
                    progress: bool = True,
                    on_fold: Callable[[FoldRun, pd.DataFrame], None] | None = None) -> CrossValidation:
-    """Train and score every model on every fold, in order."""
+    """Train and score every model on every fold, in order; then each fold's alarm statistics,
+    its network's bands set on the other folds' held-out samples as ``fit`` sets the final
+    network's on all of them (the thresholds are calibrated on bands drawn as live ones are)."""
     began = time.monotonic()
     runs: list[FoldRun] = []
     parts: list[pd.DataFrame] = []
-    statistics: list[pd.DataFrame] = []
-    misses: dict[str, list[np.ndarray]] = {}
+    trained: list[tuple[Fold, ExpectedUsageModel, dict[str, np.ndarray]]] = []
     gbm = gbm or GbmConfig(random_state=config.seed)
     for fold in folds:
         logger.info("fold %d/%d (%s): %s orders (train/validation/test)", fold.number, len(folds), fold.kind,
                     fold.orders())
-        run, rows, stats, missed = _one_fold(fold, config, device, champion, gbm, progress)
-        for resource, values in missed.items():
-            misses.setdefault(resource, []).append(values)
+        run, rows, network = _one_fold(fold, config, device, champion, gbm, progress)
+        trained.append((fold, network, trainer.misses(network, fold.test)))
         runs.append(run)
         parts.append(rows)
-        statistics.append(stats.assign(fold=fold.number, fold_kind=fold.kind))
         if on_fold is not None:
             on_fold(run, rows)
+    statistics = []
+    for fold, network, _ in trained:
+        network.widen_to(_pooled([missed for other, _, missed in trained if other is not fold]))
+        bands = network.predict(fold.test).assign(floor=network.floors(fold.test))
+        statistics.append(alarm_statistics(fold.test, bands, network.work).assign(fold=fold.number,
+                                                                                   fold_kind=fold.kind))
     metrics = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     stats = pd.concat(statistics, ignore_index=True) if statistics else pd.DataFrame()
     return CrossValidation(tuple(runs), metrics, time.monotonic() - began, stats,
-                           {resource: np.concatenate(parts) for resource, parts in misses.items()})
+                           _pooled([missed for _, _, missed in trained]))
+
+
+def _pooled(misses: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per resource, the misses of several folds together."""
+    resources = sorted({resource for missed in misses for resource in missed})
+    return {resource: np.concatenate([missed[resource] for missed in misses if resource in missed])
+            for resource in resources}
 
 
 def _one_fold(fold: Fold, config: trainer.TrainConfig, device: torch.device | str,
               champion: ExpectedUsageModel | None, gbm: GbmConfig,
-              progress: bool) -> tuple[FoldRun, pd.DataFrame, pd.DataFrame, dict[str, np.ndarray]]:
+              progress: bool) -> tuple[FoldRun, pd.DataFrame, ExpectedUsageModel]:
     outcome = trainer.fit(fold.train, fold.validation, config, device, progress=progress)
     network = outcome.model.to("cpu")
     learning = fold.learning()
@@ -127,8 +139,7 @@ def _one_fold(fold: Fold, config: trainer.TrainConfig, device: torch.device | st
                       for name, predicted in predictions.items()], ignore_index=True).assign(kind=fold.kind)
     run = FoldRun(fold.number, fold.orders(), len(fold.test), outcome.best_epoch, len(outcome.history),
                   outcome.seconds, gbm_seconds, fold.kind)
-    bands = predictions[NETWORK].assign(floor=network.floors(fold.test))
-    return run, rows, alarm_statistics(fold.test, bands, network.work), trainer.misses(network, fold.test)
+    return run, rows, network
 
 
 GBM_FEATURES = ("task", "resource", "position", "prev_task", "image_pixels", "node_cpu_pressure", "interval_s",
