@@ -6,7 +6,8 @@
 - **Otherwise** the alias moves only when the network beats the GBM over the folds
   (:mod:`training.verdict`) **and** clearly beats the champion: its mean per-resource pinball
   loss relative to the champion's, both on the same held-out orders, is below
-  ``1 - CHAMPION_MARGIN``.
+  ``1 - CHAMPION_MARGIN`` and it loses no resource to the champion by more than the
+  fold-to-fold spread.
 
 The champion is re-scored on this fit's held-out orders because a figure it was registered
 with was measured on other orders. Those orders may have been its training data, which favours
@@ -39,6 +40,7 @@ class CurrentChampion:
     version: str
     ratio: float | None = None
     problem: str | None = None
+    losses: tuple[str, ...] = ()  # resources the network loses to it by more than the spread
 
 
 @dataclass(frozen=True)
@@ -70,5 +72,9 @@ def decide(version: str, beats_gbm: bool, gbm_ratio: float, champion: CurrentCha
         return Decision(False, f"{registered}; champion stays version {champion.version}: {against_gbm}, "
                                f"but not clearly better than the champion ({against_champion}; replacing it "
                                f"needs below {1 - CHAMPION_MARGIN:.2f})")
+    if champion.losses:
+        return Decision(False, f"{registered}; champion stays version {champion.version}: {against_gbm}, "
+                               f"but it loses {', '.join(champion.losses)} to the champion by more than the "
+                               f"fold-to-fold spread ({against_champion})")
     return Decision(True, f"{registered} and is now the champion, was version {champion.version}: "
                           f"{against_gbm} and clearly beats the champion ({against_champion})")

@@ -262,7 +262,7 @@ def _rescored(current: _Champion | None,
         return None
     if against is None:
         return champion_rule.CurrentChampion(current.version, None, current.problem or "not re-scored")
-    return champion_rule.CurrentChampion(current.version, against.ratio)
+    return champion_rule.CurrentChampion(current.version, against.ratio, losses=tuple(against.losses))
 
 
 def predictions_per_second(model: ExpectedUsageModel, frame: pd.DataFrame, rows: int = 16_384) -> float:

@@ -168,6 +168,8 @@ def test_champion_rule():
     assert better.promote and "now the champion, was version 2" in better.line
     tie = decide("2", True, 0.8, CurrentChampion("1", 0.97))  # a refit on the same data lands here
     assert not tie.promote and "champion stays version 1" in tie.line and "not clearly better" in tie.line
+    uneven = decide("2", True, 0.8, CurrentChampion("1", 0.9, losses=("disk_read",)))
+    assert not uneven.promote and "loses disk_read to the champion" in uneven.line
     unloadable = decide("2", False, 1.3, CurrentChampion("1", None, "no pressure_fill"))
     assert unloadable.promote and "cannot be loaded" in unloadable.line
 
