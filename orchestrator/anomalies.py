@@ -64,8 +64,9 @@ class OrderAnomalies:
 
 
 def number(value: float) -> str:
-    """A usage figure: one decimal, more digits only for what would read as 0.0."""
-    return f"{value:.3g}" if 0 < abs(value) < 0.05 else f"{value:.1f}"
+    """A usage figure: one decimal, two significant digits below 1 (a band of 0.093-0.12
+    CPU-s read as 0.1-0.1)."""
+    return f"{value:.2g}" if 0 < abs(value) < 1 else f"{value:.1f}"
 
 
 def quantity(resource: str, value: float) -> str:

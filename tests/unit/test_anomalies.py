@@ -39,6 +39,8 @@ def _anomaly(resource="cpu_demand", value=412.0, lower=85.0, upper=110.0, score=
     ("disk_write", 32768.0, 0.0, 120.0, 7.0, "disk_write 32768.0 KiB/s against band 0.0-120.0 KiB/s (score +7.0)"),
     ("disk_read", 0.012, 0.0, 0.0, 3.0, "disk_read 0.012 KiB/s against band 0.0-0.0 KiB/s (score +3.0)"),
     ("cpu_seconds", 3.1, 2.0, 2.2, 9.1, "cpu_seconds 3.1 CPU-s against band 2.0-2.2 CPU-s (run total; score +9.1)"),
+    ("cpu_seconds", 1.6, 0.093, 0.12, 15.8,
+     "cpu_seconds 1.6 CPU-s against band 0.093-0.12 CPU-s (run total; score +15.8)"),
     ("bytes_written", 4096.0, 2000.0, 2100.0, 40.0,
      "bytes_written 4096.0 KiB against band 2000.0-2100.0 KiB (run total; score +40.0)"),
     ("gpu_fan", 3.0, 1.0, 2.0, -4.0, "gpu_fan 3.0 against band 1.0-2.0 (score -4.0)"),
