@@ -9,7 +9,7 @@ numbers (:func:`param_features`)::
 
 a fixed part (the interpreter, the libraries, the encoder's headers) and a part that grows
 with the work: a power of the pixels (``b1`` is held near 1, what a per-pixel operation does,
-unless the history's sizes say otherwise, and never below 0) times a power of each parameter
+unless the history's sizes say it grows faster, and never below 1: :data:`MIN_SLOPE`) times a power of each parameter
 that varied in the history or whose power the task's catalog entry declares
 (``services.runtime.spec.Param.work``: ``median``'s window ``size`` 1.8, ``upscale``'s
 ``iterations`` 0.85; the CPU time's coefficient is held near it, so a setting no run had moves
@@ -59,6 +59,15 @@ BY_OUTPUT = "bytes_written@output"  # the name of a task's fit of its writes aga
 # How strongly the fit holds b1 near 1 and the other coefficients near 0, as residuals in the
 # units of log(total): a slope of 1.25 costs as much as one run 0.05 off its fit.
 SLOPE_PRIOR = 0.2
+MIN_SLOPE = 1.0
+"""The least power of the pixels the part that grows with the work may have: an image
+operation touches every value at least once, so its growing part is at least in proportion
+to them, and whatever does not grow is the fixed ``base``. Left free (down to 0), the fit
+found powers of 0.3-0.8 on small inputs, where the fixed part dominates, and extrapolated
+them: ``sepia`` on 3.8 million pixels, 8x its history's largest, was expected at a third of
+its 2.3 CPU-s, a healthy run judged a regression 8-10 spreads out (issue 25, seed-2
+evaluation); at least 1, the runs so far beyond scored at most 6.5 spreads, and those within
+the history's sizes at most 4.4 instead of 6.2."""
 COEF_PRIOR = 0.05
 OUTPUT_SLOPE_PRIOR = 20.0  # writes against the output's bytes: the slope is 1
 PARAM_OFFSET = 0.01
@@ -312,7 +321,7 @@ def _fit(y: np.ndarray, x: np.ndarray, z: np.ndarray, floor: float, largest: flo
         fit = np.log(math.exp(theta[0]) + grown + floor)
         return np.concatenate([y - fit, [slope_prior * (theta[2] - 1.0)], COEF_PRIOR * (theta[3:] - centres)])
 
-    low = [math.log(1e-9), -60.0, 0.0, *[-4.0] * k]
+    low = [math.log(1e-9), -60.0, MIN_SLOPE, *[-4.0] * k]
     high = [math.log(largest + 1.0) + 1.0, 60.0, 2.0, *[4.0] * k]
     best = None
     for fixed_share in (0.5, 0.01):
