@@ -289,8 +289,11 @@ class TotalFit:
                 kept.append(name)
                 fills.append(fill)
                 centres.append(0.0)
+        # a busier node adds to the CPU time of the same work (caches, a shared core), never takes
+        # from it: a history that ran a task mostly on a quiet node must not learn the opposite
+        least = [0.0 if name == PRESSURE and total == "cpu_seconds" else -4.0 for name in kept]
         z = np.column_stack(columns) if columns else np.empty((len(y), 0))
-        theta = _fit(y, x, z, floor, float(values.max()), centres=np.asarray(centres))
+        theta = _fit(y, x, z, floor, float(values.max()), centres=np.asarray(centres), least=least)
         base, coef = math.exp(theta[0]), tuple(float(v) for v in theta[1:])
         grown = np.exp(np.minimum(coef[0] + coef[1] * x + z @ np.asarray(coef[2:]), 700.0))
         residuals = y - np.log(base + grown + floor)
@@ -309,10 +312,11 @@ def _residual_band(residuals: np.ndarray, total: str) -> tuple[tuple[float, floa
 
 
 def _fit(y: np.ndarray, x: np.ndarray, z: np.ndarray, floor: float, largest: float,
-         slope_prior: float = SLOPE_PRIOR, centres: np.ndarray | None = None) -> np.ndarray:
+         slope_prior: float = SLOPE_PRIOR, centres: np.ndarray | None = None,
+         least: list[float] | None = None) -> np.ndarray:
     """theta = (log base, b0, b1, c...) by robust least squares on the log scale, with the
-    priors of the module docstring (``c`` held near ``centres``, default 0); the better of two
-    starts (mostly fixed, mostly grown)."""
+    priors of the module docstring (``c`` held near ``centres``, default 0, and at least
+    ``least``, default -4); the better of two starts (mostly fixed, mostly grown)."""
     k = z.shape[1]
     centres = np.zeros(k) if centres is None else centres
 
@@ -321,7 +325,7 @@ def _fit(y: np.ndarray, x: np.ndarray, z: np.ndarray, floor: float, largest: flo
         fit = np.log(math.exp(theta[0]) + grown + floor)
         return np.concatenate([y - fit, [slope_prior * (theta[2] - 1.0)], COEF_PRIOR * (theta[3:] - centres)])
 
-    low = [math.log(1e-9), -60.0, MIN_SLOPE, *[-4.0] * k]
+    low = [math.log(1e-9), -60.0, MIN_SLOPE, *(least if least is not None else [-4.0] * k)]
     high = [math.log(largest + 1.0) + 1.0, 60.0, 2.0, *[4.0] * k]
     best = None
     for fixed_share in (0.5, 0.01):
