@@ -292,3 +292,18 @@ def test_held_out_runs_set_the_band_edges_of_the_totals_they_judge(work):
     assert loaded.band("median", size, setting, pressure=40.0) == pytest.approx((p10, p50, p90))
     few = work.with_heldout(statistics.head(5))  # too few held-out runs to say: the fit's own band
     assert few.band("median", size, setting, pressure=40.0) == work.band("median", size, setting, pressure=40.0)
+
+
+def test_a_busier_node_never_lowers_the_expected_cpu_time():
+    """A history whose busy runs happened to be the quick ones (a task run mostly on a quiet
+    node, a few lucky runs under load) must not teach that load saves CPU time: on a saturated
+    node the same work is expected at least at its quiet-node time. Memory is left free."""
+    runs = history()
+    lucky = np.exp(-0.3 * runs["pressure"] / 100)
+    work = ExpectedWork.fit_runs(runs.assign(cpu_seconds=runs["cpu_seconds"] * lucky,
+                                             peak_memory=runs["peak_memory"] * lucky))
+    setting = {"passes": 2, "size": 5}
+    quiet, saturated = (work.band("median", SIZES[1], setting, pressure=p)[1] for p in (0.0, 100.0))
+    assert saturated >= quiet * 0.999
+    memory = [work.band("median", SIZES[1], setting, "peak_memory", pressure=p)[1] for p in (0.0, 100.0)]
+    assert memory[1] < memory[0] * 0.85  # what the runs say, where no physics says otherwise
