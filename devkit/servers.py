@@ -4,6 +4,7 @@ settings pointing at a broker and a database."""
 from __future__ import annotations
 
 import contextlib
+import random
 import socket
 import uuid
 from collections.abc import Iterator
@@ -15,23 +16,45 @@ from sqlalchemy.engine import make_url
 from pipeline.settings import Settings
 
 
-def free_port() -> int:
-    """A loopback port that is free now (the OS's pick)."""
+_PICK = random.Random()
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands to a socket that connects without binding."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port() -> int:
+    """A loopback port that is free now, below the kernel's ephemeral range: a port the OS
+    picks for a bind to 0 comes from that range, where any client that connects (a Kafka
+    client, a database connection) may take it as its own end before the server binds it
+    (CI saw a broker refuse to start so)."""
+    high = _ephemeral_low() - 1
+    for _ in range(200):
+        port = _PICK.randint(max(1024, high - 12000), high)
+        if _bindable(port):
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def free_port_pair() -> int:
     """A port p with p and p+1 free (the broker's listener and its controller)."""
     for _ in range(50):
         port = free_port()
-        with socket.socket() as other:
-            try:
-                other.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
+        if _bindable(port + 1):
+            return port
     raise RuntimeError("no two consecutive free ports")
 
 
