@@ -28,6 +28,7 @@ class _Run:
     input_channels: int | None
     input_bytes: int | None
     output_bytes: int | None
+    operation_ns: int | None
     params: str
 
 
@@ -49,7 +50,8 @@ class OrderContext:
             runs = conn.execute(
                 select(task_runs.c.position, task_runs.c.attempt, tasks.c.name, task_runs.c.started_at,
                        task_runs.c.finished_at, task_runs.c.input_pixels, task_runs.c.input_channels,
-                       task_runs.c.input_bytes, task_runs.c.output_bytes, task_runs.c.params)
+                       task_runs.c.input_bytes, task_runs.c.output_bytes, task_runs.c.operation_ns,
+                       task_runs.c.params)
                 .join(tasks, tasks.c.id == task_runs.c.task_id)
                 .where(task_runs.c.order_id == self.order_id)
                 .order_by(task_runs.c.started_at)
@@ -58,8 +60,9 @@ class OrderContext:
             self.task_list = order["task_list"]
             if order["image_width"] and order["image_height"]:
                 self.image_pixels = float(order["image_width"] * order["image_height"])
-        self._runs = [_Run(p, a, name, to_ms(s), to_ms(f) if f else None, px, ch, size, out, params or NO_PARAMS)
-                      for p, a, name, s, f, px, ch, size, out, params in runs]
+        self._runs = [_Run(p, a, name, to_ms(s), to_ms(f) if f else None, px, ch, size, out, op,
+                           params or NO_PARAMS)
+                      for p, a, name, s, f, px, ch, size, out, op, params in runs]
 
     def started_ms(self, position: int) -> int | None:
         """When the last attempt of the task run at ``position`` started (None: unknown)."""
@@ -83,6 +86,7 @@ class OrderContext:
                 "image_channels": float(run.input_channels or math.nan),
                 "image_bytes": float(run.input_bytes or math.nan),
                 "output_bytes": float(run.output_bytes if run.output_bytes is not None else math.nan),
+                "operation_seconds": run.operation_ns / 1e9 if run.operation_ns is not None else math.nan,
                 "params": run.params,
                 "started_ms": run.started_ms, "ts_ms": timestamp_ms, "resource": resource, "value": value}
 

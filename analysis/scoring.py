@@ -63,6 +63,7 @@ class SampleContext:
     image_channels: float = math.nan  # of the image the run reads
     image_bytes: float = math.nan  # its file's size
     output_bytes: float = math.nan  # the size of the output the run wrote (known at its end)
+    operation_seconds: float = math.nan  # the CPU time of its image operation alone (at its end)
 
     @property
     def series(self) -> tuple[int, int, int, str]:
@@ -81,13 +82,14 @@ def contexts(rows: pd.DataFrame) -> list[SampleContext]:
 
     return [SampleContext(int(o), str(t), int(p), str(r), int(ts), float(v), float(sec), str(prev),
                           float(px), float(pr), int(a), float(cs), float(i), float(cb), str(pa), float(ch), float(by),
-                          float(out))
-            for o, t, p, r, ts, v, sec, prev, px, pr, a, cs, i, cb, pa, ch, by, out in zip(
+                          float(out), float(op))
+            for o, t, p, r, ts, v, sec, prev, px, pr, a, cs, i, cb, pa, ch, by, out, op in zip(
                 rows["order_id"], rows["task"], rows["position"], rows["resource"], rows["ts_ms"],
                 rows["value"], rows["seconds"], rows["prev_task"], rows["image_pixels"],
                 rows["node_cpu_pressure"], rows["attempt"], rows["cpu_seconds"], rows["interval_s"],
                 rows["cpu_before"], column("params", NO_PARAMS), column("image_channels", math.nan),
-                column("image_bytes", math.nan), column("output_bytes", math.nan))]
+                column("image_bytes", math.nan), column("output_bytes", math.nan),
+                column("operation_seconds", math.nan))]
 
 
 def sample_rows(samples: Sequence[SampleContext]) -> pd.DataFrame:
@@ -98,7 +100,8 @@ def sample_rows(samples: Sequence[SampleContext]) -> pd.DataFrame:
         "resource": [s.resource for s in samples], "seconds": [s.seconds for s in samples],
         "prev_task": [s.prev_task for s in samples], "image_pixels": [s.image_pixels for s in samples],
         "image_channels": [s.image_channels for s in samples], "image_bytes": [s.image_bytes for s in samples],
-        "output_bytes": [s.output_bytes for s in samples], "params": [s.params for s in samples], "node_cpu_pressure": [s.node_cpu_pressure for s in samples],
+        "output_bytes": [s.output_bytes for s in samples],
+        "operation_seconds": [s.operation_seconds for s in samples], "params": [s.params for s in samples], "node_cpu_pressure": [s.node_cpu_pressure for s in samples],
         "value": [s.value for s in samples], "ts_ms": [s.timestamp_ms for s in samples],
         "interval_s": [s.interval_s for s in samples], "cpu_seconds": [s.cpu_seconds for s in samples],
         "cpu_before": [s.cpu_before for s in samples],

@@ -86,8 +86,11 @@ ALARMS = {DEMAND: Side.BOTH, "memory": Side.ABOVE, "disk_read": Side.ABOVE, "dis
 shared node a task's ``cpu`` falls and its ``cpu_wait`` rises with the load while its demand
 (their sum) stays what the task asks for: demand alarms both ways (a hog above, a stall
 below); memory and storage I/O above only (a slower task grows and writes more slowly)."""
-RUN_ALARMS = ("cpu_seconds", "peak_memory", "bytes_written")
-"""Run totals whose verdict can be an anomaly. ``bytes_read`` is judged and stored but raises
+RUN_ALARMS = ("cpu_seconds", "operation_seconds", "peak_memory", "bytes_written")
+"""Run totals whose verdict can be an anomaly. The process's CPU time catches what the
+operation's misses (a child process, a runaway outside the operation) and is checked while the
+run goes on; the operation's catches a regression of the work itself, which in a light task is a
+small share of the process's. ``bytes_read`` is judged and stored but raises
 nothing: how much a run reads from storage is the page cache's state (a busy node evicts the
 interpreter's libraries and the input, and a healthy run reads them again), not its work."""
 RUN_KINDS = tuple(f"run:{total}" for total in RUN_ALARMS)

@@ -27,20 +27,21 @@ import pandas as pd
 
 NO_PREVIOUS = "<none>"
 RUN_KEY = ["order_id", "position", "attempt"]
-RAW_COLUMNS = [*RUN_KEY, "task", "prev_task", "image_pixels", "image_channels", "image_bytes", "output_bytes", "params",
-               "started_ms", "ts_ms", "resource", "value"]
+RAW_COLUMNS = [*RUN_KEY, "task", "prev_task", "image_pixels", "image_channels", "image_bytes", "output_bytes",
+               "operation_seconds", "params", "started_ms", "ts_ms", "resource", "value"]
 """What :func:`model_rows` reads: one sample with its run's facts (image_pixels, _channels,
 _bytes: of the image the run reads; output_bytes: the size of the output it wrote, known at
+its end; operation_seconds: the CPU time of its image operation alone, reported by the task at
 its end; NaN when not known; params: the run's task parameters as JSON (:data:`NO_PARAMS`
 when not recorded); started_ms: when the run's process started)."""
-RUN_FACTS = ["task", "prev_task", "image_pixels", "image_channels", "image_bytes", "output_bytes", "params",
-             "started_ms"]
+RUN_FACTS = ["task", "prev_task", "image_pixels", "image_channels", "image_bytes", "output_bytes",
+             "operation_seconds", "params", "started_ms"]
 NO_PARAMS = "{}"
 CONTEXT_RESOURCE = "node_cpu_pressure"
 DEMAND = "cpu_demand"
 TARGET_RESOURCES = ("cpu", "memory", "disk_read", "disk_write", "cpu_wait", DEMAND)
 ROW_COLUMNS = [*RUN_KEY, "task", "resource", "seconds", "prev_task", "image_pixels", "image_channels", "image_bytes",
-               "output_bytes", "params", CONTEXT_RESOURCE, "value", "ts_ms", "interval_s", "cpu_seconds", "cpu_before"]
+               "output_bytes", "operation_seconds", "params", CONTEXT_RESOURCE, "value", "ts_ms", "interval_s", "cpu_seconds", "cpu_before"]
 
 
 @dataclass
@@ -59,7 +60,8 @@ def model_rows(raw: pd.DataFrame, state: dict[tuple, RunState] | None = None) ->
     if raw.empty:
         return pd.DataFrame(columns=ROW_COLUMNS)
     state = {} if state is None else state
-    missing = {"params": NO_PARAMS, "image_channels": np.nan, "image_bytes": np.nan, "output_bytes": np.nan}
+    missing = {"params": NO_PARAMS, "image_channels": np.nan, "image_bytes": np.nan, "output_bytes": np.nan,
+               "operation_seconds": np.nan}
     raw = raw.assign(**{c: v for c, v in missing.items() if c not in raw})
     facts = raw.groupby(RUN_KEY, sort=False)[RUN_FACTS].first()
     wide = (raw.pivot_table(index=[*RUN_KEY, "ts_ms"], columns="resource", values="value", aggfunc="last")

@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import least_squares
 
-from models.runs import NOISE_FLOOR, TOTALS, run_totals
+from models.runs import CPU_TOTALS, NOISE_FLOOR, TOTALS, run_totals
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ the history's sizes at most 4.4 instead of 6.2."""
 COEF_PRIOR = 0.05
 OUTPUT_SLOPE_PRIOR = 20.0  # writes against the output's bytes: the slope is 1
 PARAM_OFFSET = 0.01
-MIN_SPREAD = {"cpu_seconds": 0.05, "peak_memory": 0.02, "bytes_read": 0.02, "bytes_written": 0.02}
+MIN_SPREAD = {"cpu_seconds": 0.05, "operation_seconds": 0.03, "peak_memory": 0.02, "bytes_read": 0.02,
+              "bytes_written": 0.02}
 """The least spread of a total (log units, a standard deviation): what the same work varies by
 from run to run whatever the history says. A history of a few identical runs can fall within
 2 % of each other by chance, but the CPU time of one median filter, run 40 times over in one
@@ -248,7 +249,7 @@ class TotalFit:
         """Fit on ``runs`` (:func:`models.runs.run_totals` rows of one task); None with too few.
         ``powers``: the task's declared powers of its CPU work in its parameters
         (services.runtime.spec.Param.work), the CPU time's coefficients' prior centres."""
-        values = pd.to_numeric(runs[total], errors="coerce").to_numpy(dtype=np.float64)
+        values = _column(runs, total)  # absent: runs from before it was measured
         pixels = pd.to_numeric(runs["image_pixels"], errors="coerce").to_numpy(dtype=np.float64)
         usable = np.isfinite(values) & (values >= 0) & np.isfinite(pixels) & (pixels > 0)
         if usable.sum() < MIN_RUNS:
@@ -267,7 +268,7 @@ class TotalFit:
         y = np.log(values + floor)
         features = [param_features(p) for p in runs["params"]]
         names = sorted({name for f in features for name in f})
-        declared = dict(powers or {}) if total == "cpu_seconds" else {}
+        declared = dict(powers or {}) if total in CPU_TOTALS else {}
         columns, kept, fills, centres = [], [], [], []
         for name in names:
             column = np.array([f.get(name, np.nan) for f in features])
@@ -291,7 +292,7 @@ class TotalFit:
                 centres.append(0.0)
         # a busier node adds to the CPU time of the same work (caches, a shared core), never takes
         # from it: a history that ran a task mostly on a quiet node must not learn the opposite
-        least = [0.0 if name == PRESSURE and total == "cpu_seconds" else -4.0 for name in kept]
+        least = [0.0 if name == PRESSURE and total in CPU_TOTALS else -4.0 for name in kept]
         z = np.column_stack(columns) if columns else np.empty((len(y), 0))
         theta = _fit(y, x, z, floor, float(values.max()), centres=np.asarray(centres), least=least)
         base, coef = math.exp(theta[0]), tuple(float(v) for v in theta[1:])

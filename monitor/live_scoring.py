@@ -248,6 +248,8 @@ class LiveScorer:
                 self._closing[run] = (raw["ts_ms"], s.closing)
                 if s.output_bytes is not None:  # from HALT: the orchestrator may not have stored it yet
                     raw["output_bytes"] = float(s.output_bytes)
+                if s.operation_ns is not None:
+                    raw["operation_seconds"] = s.operation_ns / 1e9
             self._pending.setdefault(run, []).append(raw)
         released, ended = self._release()
         return self._score_rows(released, ended)

@@ -270,17 +270,19 @@ class MonitorProducer:
             return
         usage = current.sampler.close(halted.totals)
         if usage is not None:
-            self._send(current, usage, producer, closing=True, output_bytes=halted.totals.output_bytes)
+            self._send(current, usage, producer, closing=True, output_bytes=halted.totals.output_bytes,
+                       operation_ns=halted.totals.operation_ns)
 
     def _send(self, current: _Current, usage: Usage, producer: Producer, closing: bool = False,
-              output_bytes: int | None = None) -> None:
+              output_bytes: int | None = None, operation_ns: int | None = None) -> None:
         started = current.started
         count = sum(resource in usage.values for resource in RESOURCES) if closing else None
         for resource in RESOURCES:
             if resource in usage.values:
                 producer.send(Sample(started.required_tasks, started.task_name, self.order_id, resource,
                                      round(usage.values[resource], 3), usage.timestamp_ms,
-                                     started.index, started.attempt, count, output_bytes).encode())
+                                     started.index, started.attempt, count, output_bytes,
+                                     operation_ns).encode())
                 self.samples_sent += 1
         current.samples += 1
 

@@ -31,9 +31,10 @@ logger = logging.getLogger(__name__)
 # Units of the resources (docs/protocol.md "Resources and units"); cpu_demand is cpu and
 # cpu_wait together; the rest are a run's totals (analysis/scoring.py RunCheck).
 UNITS = {"cpu": "%", "cpu_wait": "%", "cpu_demand": "%", "node_cpu_pressure": "%", "memory": " MiB",
-         "disk_read": " KiB/s", "disk_write": " KiB/s", "cpu_seconds": " CPU-s", "peak_memory": " MiB",
+         "disk_read": " KiB/s", "disk_write": " KiB/s", "cpu_seconds": " CPU-s",
+         "operation_seconds": " CPU-s", "peak_memory": " MiB",
          "bytes_read": " KiB", "bytes_written": " KiB"}
-RUN_TOTALS = ("cpu_seconds", "peak_memory", "bytes_read", "bytes_written")
+RUN_TOTALS = ("cpu_seconds", "operation_seconds", "peak_memory", "bytes_read", "bytes_written")
 # How long the summary waits for live scoring to reach an order's last samples: the shared
 # consumer scores after it has confirmed the order's samples stored (TERMINATE).
 SCORING_CATCH_UP_TIMEOUT = 10.0

@@ -259,17 +259,18 @@ class OrderRun:
                 self._say(f"{name} started" + (f" (attempt {attempt}/{retry.max_attempts})" if attempt > 1 else ""))
                 began = time.monotonic()
                 try:
-                    outputs = self._attempt(launch, spec)
-                    failure = None
+                    reported = self._attempt(launch, spec)
+                    outputs, failure = reported.outputs, None
                 except (RuntimeFailure, _AttemptFailed) as exc:  # RuntimeFailure: the order cannot go on
-                    failure = exc
+                    reported, failure = None, exc
                 result.seconds = time.monotonic() - began
                 status = RunStatus.SUCCEEDED if failure is None else RunStatus.FAILED
                 result.status, result.error = status, None if failure is None else str(failure)
                 self.s.store.finish_task(self.order_id, position, attempt, status,
                                          output=outputs[-1] if failure is None else None,
                                          error=result.error,
-                                         output_bytes=self._output_bytes(outputs[-1]) if failure is None else None)
+                                         output_bytes=self._output_bytes(outputs[-1]) if failure is None else None,
+                                         operation_ns=None if reported is None else reported.operation_ns)
             finally:
                 self._give_back_slot()
             if failure is None:
@@ -293,7 +294,8 @@ class OrderRun:
         if self.s.task_slots is not None:
             self.s.task_slots.give_back()
 
-    def _attempt(self, launch: TaskLaunch, spec: TaskSpec) -> tuple[str, ...]:
+    def _attempt(self, launch: TaskLaunch, spec: TaskSpec) -> Progress:
+        """The attempt's PROGRESS, once it succeeded; :class:`_AttemptFailed` otherwise."""
         handle = self.s.runtime.start_task(launch, spec.resources, self.order.retry.task_timeout_seconds)
         started = time.monotonic()
         deadline = started + self.order.retry.task_timeout_seconds
@@ -315,7 +317,7 @@ class OrderRun:
                         raise _AttemptFailed(progress.error or "the task reported failure")
                     if code not in (0, None):
                         raise _AttemptFailed(f"reported success but exited with status {code}")
-                    return progress.outputs
+                    return progress
                 now = time.monotonic()
                 code = handle.exit_code()
                 if code is not None:

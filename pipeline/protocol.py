@@ -208,13 +208,16 @@ class Progress:
     outputs: tuple[str, ...] = ()
     error: str | None = None
     attempt: int = 1
+    # The CPU time of the task's image operation alone (TaskTotals.operation_ns): what the
+    # orchestrator stores with the run, for the work model. None: not measured.
+    operation_ns: int | None = None
 
     def encode(self) -> Message:
         value = ":".join(encode_output(o) for o in self.outputs)
         headers = _headers(
             order_id=_check_order_id(self.order_id), task=check_task_name(self.task),
             index=self.index, status=self.status.value, attempt=self.attempt,
-            error=self.error,
+            error=self.error, operation_ns=self.operation_ns,
         )
         return Message(ORCHESTRATOR_TOPIC, Key.PROGRESS.value, value, headers)
 
@@ -239,6 +242,7 @@ class Progress:
             outputs=outputs,
             error=message.header("error"),
             attempt=_int_header(message, "attempt", default=1),
+            operation_ns=_optional_count_header(message, "operation_ns"),
         )
 
     @property
@@ -282,9 +286,14 @@ class TaskTotals:
     write_bytes: int | None = None
     cpu_wait_ns: int | None = None  # time the process's threads waited for a CPU
     output_bytes: int | None = None  # the size of the output file it wrote; None: none written
+    # CPU time of the image operation alone (applying it and saving its output), the runtime's
+    # own threads only: what a regression of the work itself moves 1:1, without the process's
+    # fixed part (start-up, decoding, the Kafka client). None: not measured (it failed, or an
+    # older task).
+    operation_ns: int | None = None
 
     _FIELDS = ("cpu_ns", "ended_ns", "ended_ms", "peak_rss_kib", "read_bytes", "write_bytes",
-               "cpu_wait_ns", "output_bytes")
+               "cpu_wait_ns", "output_bytes", "operation_ns")
 
     def headers(self) -> Headers:
         return _headers(**{name: getattr(self, name) for name in self._FIELDS})
@@ -359,9 +368,11 @@ class Sample:
     # On each message of a run's closing sample (header ``closing``): how many resources that
     # sample has, so a consumer knows when the run's last tick is complete and the run is over;
     # and (``output_bytes``) the size of the output the run wrote, from HALT's totals: what its
-    # writes are judged against.
+    # writes are judged against; (``operation_ns``) the CPU time of its image operation alone,
+    # what its work is judged on.
     closing: int | None = None
     output_bytes: int | None = None
+    operation_ns: int | None = None
 
     def encode(self) -> Message:
         if not RESOURCE_NAME_PATTERN.fullmatch(self.resource):
@@ -372,7 +383,7 @@ class Sample:
                         str(_check_order_id(self.order_id)), self.resource))
         return Message(resource_topic(self.order_id), key, _format_usage(self.value),
                        _headers(index=self.index, attempt=self.attempt, closing=self.closing,
-                                output_bytes=self.output_bytes),
+                                output_bytes=self.output_bytes, operation_ns=self.operation_ns),
                        timestamp_ms=self.timestamp_ms)
 
     @classmethod
@@ -396,7 +407,8 @@ class Sample:
         sample = cls(decode_required_tasks(required), check_task_name(task_name),
                      _parse_order_id(order_id), resource, value, message.timestamp_ms,
                      _optional_int_header(message, "index"), _optional_int_header(message, "attempt"),
-                     _optional_int_header(message, "closing"), _optional_int_header(message, "output_bytes"))
+                     _optional_int_header(message, "closing"), _optional_int_header(message, "output_bytes"),
+                     _optional_count_header(message, "operation_ns"))
         _expect_topic(message, resource_topic(sample.order_id))
         return sample
 
@@ -509,6 +521,13 @@ def _int_header(message: Message, name: str, default: int | None = None) -> int:
 
 def _optional_int_header(message: Message, name: str) -> int | None:
     return None if message.header(name) is None else _int_header(message, name)
+
+
+def _optional_count_header(message: Message, name: str) -> int | None:
+    value = _optional_int_header(message, name)
+    if value is not None and value < 0:
+        raise ProtocolError(f"{message.key} header {name!r} must not be negative: {value}")
+    return value
 
 
 def _check_order_id(order_id: int) -> int:

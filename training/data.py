@@ -81,7 +81,7 @@ def _query(since: datetime | None, until: datetime | None):
                resources.c.name.label("resource"), measurements.c.value, measurements.c.ts,
                task_runs.c.position, task_runs.c.attempt, task_runs.c.started_at,
                task_runs.c.input_pixels, task_runs.c.input_channels, task_runs.c.input_bytes,
-               task_runs.c.output_bytes, task_runs.c.params,
+               task_runs.c.output_bytes, task_runs.c.operation_ns, task_runs.c.params,
                orders.c.task_list, orders.c.image_width, orders.c.image_height)
         .select_from(measurements)
         .join(task_runs, run)
@@ -121,6 +121,8 @@ def raw_samples(raw: pd.DataFrame) -> pd.DataFrame:
         if "input_bytes" in raw else np.nan,
         "output_bytes": pd.to_numeric(raw.get("output_bytes"), errors="coerce").astype("float64")
         if "output_bytes" in raw else np.nan,
+        "operation_seconds": pd.to_numeric(raw.get("operation_ns"), errors="coerce").astype("float64") / 1e9
+        if "operation_ns" in raw else np.nan,
         "params": raw["params"].fillna(NO_PARAMS).astype(str) if "params" in raw else NO_PARAMS,
         "started_ms": _ms(raw["started_at"]),
         "ts_ms": _ms(raw["ts"]),

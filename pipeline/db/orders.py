@@ -157,15 +157,17 @@ class OrderStore:
         return started
 
     def finish_task(self, order_id: int, position: int, attempt: int, status: RunStatus,
-                    output: str | None = None, error: str | None = None, output_bytes: int | None = None) -> None:
-        """Record how an attempt ended (and the size of its output, when known)."""
+                    output: str | None = None, error: str | None = None, output_bytes: int | None = None,
+                    operation_ns: int | None = None) -> None:
+        """Record how an attempt ended (and the size of its output and its operation's CPU
+        time, when known)."""
         self._update(
             f"order {order_id}: recording the end of task {position + 1}",
             update(task_runs)
             .where(task_runs.c.order_id == order_id, task_runs.c.position == position,
                    task_runs.c.attempt == attempt)
             .values(status=RunStatus(status).value, finished_at=utcnow(), output=output, error=error,
-                    output_bytes=output_bytes))
+                    output_bytes=output_bytes, operation_ns=operation_ns))
 
     def count_measurements(self, order_id: int) -> int:
         """How many samples are stored for the order."""

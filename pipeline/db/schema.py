@@ -90,6 +90,9 @@ task_runs = Table(
     Column("input_bytes", BigInteger),
     # The size of the output it wrote: what its storage writes are judged against.
     Column("output_bytes", BigInteger),
+    # The CPU time of its image operation alone, from its PROGRESS (ns): what a regression of
+    # the task's work is judged on, without the process's fixed part.
+    Column("operation_ns", BigInteger),
     # The run's task parameters, every one resolved (defaults included), as canonical JSON:
     # with the pixels, what the run's work depends on (models/work.py).
     Column("params", Text),

@@ -36,7 +36,7 @@ from pipeline.settings import Settings
 from services.runtime.confinement import PathRefused, check_paths
 from services.runtime.faults import Fault
 from services.runtime.spec import ImageTask
-from services.runtime.totals import own_totals
+from services.runtime.totals import operation_clock_ns, own_totals
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def run_task(task: ImageTask, inv: TaskInvocation, settings: Settings, stop: thr
         producer.send(TaskStarted(inv.required_tasks, inv.task_name, inv.order_id, os.getpid(),
                                   task_host(), inv.position, inv.attempt, started_ns()).encode())
         try:
-            output = _work(task, inv, settings, stop)
+            output, operation_ns = _work(task, inv, settings, stop)
         except PathRefused as exc:  # a forged path: one line, no traceback, nothing opened
             logger.error("order_id=%d task=%s index=%d %s", inv.order_id, inv.task_name, inv.position, exc)
             _end(producer, inv, Progress(inv.order_id, inv.task_name, inv.position, TaskStatus.FAILED,
@@ -82,7 +82,8 @@ def run_task(task: ImageTask, inv: TaskInvocation, settings: Settings, stop: thr
             return EXIT_FAILED
         logger.info("order_id=%d task=%s index=%d wrote %s", inv.order_id, inv.task_name, inv.position, output)
         _end(producer, inv, Progress(inv.order_id, inv.task_name, inv.position, TaskStatus.SUCCEEDED,
-                                     (*inv.progress, str(output)), attempt=inv.attempt), last=inv.is_last,
+                                     (*inv.progress, str(output)), attempt=inv.attempt,
+                                     operation_ns=operation_ns), last=inv.is_last,
              output=output)
     finally:
         # Delivered, and the client left for the process's end to drop (main exits at once):
@@ -97,15 +98,18 @@ def _end(producer: Producer, inv: TaskInvocation, progress: Progress, last: bool
          output: Path | None = None) -> None:
     """PROGRESS, then HALT (and STOP) with the totals read as late as possible: only
     delivering these messages and exiting remain, and :func:`main` exits without
-    interpreter teardown. The totals include the size of ``output``, what the run wrote."""
-    totals = own_totals(output)
+    interpreter teardown. The totals include the size of ``output``, what the run wrote, and
+    the operation's CPU time (the same as PROGRESS's)."""
+    totals = own_totals(output, progress.operation_ns)
     producer.send(progress.encode())
     producer.send(TaskHalted(inv.order_id, totals).encode())
     if last:
         producer.send(OrderStopped(inv.order_id).encode())
 
 
-def _work(task: ImageTask, inv: TaskInvocation, settings: Settings, stop: threading.Event) -> Path:
+def _work(task: ImageTask, inv: TaskInvocation, settings: Settings, stop: threading.Event) -> tuple[Path, int | None]:
+    """The task's output, and the CPU time of its operation: applying it and saving the result
+    (decoding the input is not the task's work, and is the same for every task)."""
     target = output_path(settings, inv, task)
     partial = target.with_name(target.name + ".partial")
     # Before anything is opened: the earlier outputs came in a message anyone who can write to
@@ -115,12 +119,14 @@ def _work(task: ImageTask, inv: TaskInvocation, settings: Settings, stop: thread
     fault.before_work()
     with Image.open(inv.input_path) as source:
         source.load()
+        began = operation_clock_ns()
         result = fault.work(task.run, source, inv.params)  # task.run(source, inv.params) unless faulted
     target.parent.mkdir(parents=True, exist_ok=True)
     fault.save(result, partial, task.output_format)  # result.save(partial, format=...) unless faulted
+    ended = operation_clock_ns()
     partial.replace(target)  # a reader never sees half an image
     fault.after_work()
-    return target
+    return target, None if began is None or ended is None else max(ended - began, 0)
 
 
 def main(task: ImageTask, argv: list[str] | None = None) -> int:

@@ -79,6 +79,11 @@ def trained(infra_env, tmp_path_factory) -> Trained:
             # rate at which 1.5x is caught is a figure of bench/detection.py, not of this test)
             write_order(folder, "extra-memory", [{**HEAVY, "fault": "extra_memory", "fault_factor": 2.5}, "grayscale",
                                                  "sharpen"], image="scene-1024x768.jpg", retry={"max_attempts": 1}),
+            # a release whose light last task does its work 2.5 times over: most of that task's
+            # CPU time is its process's fixed part, its operation's own time is what shows it
+            write_order(folder, "extra-work", [HEAVY, "grayscale", {"name": "sharpen", "fault": "extra_work",
+                                                                     "fault_factor": 2.5}],
+                        image="scene-1024x768.jpg", retry={"max_attempts": 1}),
         ]
         scored = run_orchestrator(settings, *map(str, files), "--max-concurrent", "1", timeout=600)
         assert scored.returncode == 0, scored.stderr[-3000:]
@@ -93,7 +98,7 @@ def _deviations(trained: Trained, name: str, version: str = "1"):
 # A CPU hog shows as CPU demand (cpu + cpu_wait: the spinners run or wait to run, however busy
 # the machine), or as an overrun: the run's CPU time goes past what its work needs.
 FAULT_RESOURCES = {"cpu-hog": {"cpu_demand", "cpu_seconds"}, "memory-leak": {"memory", "peak_memory"}}
-RUN_TOTALS = ("cpu_seconds", "peak_memory", "bytes_read", "bytes_written")
+RUN_TOTALS = ("cpu_seconds", "operation_seconds", "peak_memory", "bytes_read", "bytes_written")
 
 
 @pytest.mark.parametrize("order", ["cpu-hog", "memory-leak"])
@@ -131,7 +136,20 @@ def test_every_run_gets_a_verdict_on_its_totals(trained):
         rows = _deviations(trained, name)
         judged = {(r.index, r.resource) for r in rows if r.resource in RUN_TOTALS}
         for run in order.runs:
-            assert {(run["position"], "cpu_seconds"), (run["position"], "peak_memory")} <= judged, (name, run)
+            assert {(run["position"], "cpu_seconds"), (run["position"], "operation_seconds"),
+                    (run["position"], "peak_memory")} <= judged, (name, run)
+            # the task reported its operation's CPU time, the orchestrator stored it
+            assert run["operation_ns"] > 0, (name, run)
+
+
+def test_a_light_tasks_work_done_over_is_flagged_on_its_operations_cpu_time(trained):
+    rows = _deviations(trained, "extra-work")
+    run = next(r for r in trained.orders["extra-work"].runs if r["position"] == 2)
+    verdict = next(r for r in rows if r.index == 2 and r.resource == "operation_seconds")
+    assert verdict.anomaly, verdict
+    assert verdict.value > 1.8 * verdict.expected
+    assert verdict.timestamp_ms <= run["finished_at"].timestamp() * 1000 + 1500
+    assert not [r for r in rows if r.anomaly and r.index != 2]
 
 
 def test_a_normal_order_raises_no_anomaly(trained):

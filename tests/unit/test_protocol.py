@@ -3,6 +3,7 @@ table prescribes on the wire; anything malformed is refused with a ProtocolError
 
 from __future__ import annotations
 
+from dataclasses import replace
 import math
 import re
 
@@ -173,6 +174,22 @@ def test_halt_without_totals_and_totals_without_io_read_back_as_such() -> None:
     partial = TaskTotals(cpu_ns=1, ended_ns=2, ended_ms=3, peak_rss_kib=4)
     decoded = TaskHalted.decode(TaskHalted(ORDER_ID, partial).encode(), ORDER_ID).totals
     assert decoded == partial and decoded.read_bytes is None and decoded.cpu_wait_ns is None
+
+
+def test_the_operations_cpu_time_travels_on_progress_halt_and_the_closing_sample() -> None:
+    progress = Progress(ORDER_ID, "blur", 1, TaskStatus.SUCCEEDED, ("a.png", "b.png"), operation_ns=41_500_000)
+    assert headers_of(progress.encode())["operation_ns"] == "41500000"
+    assert Progress.decode(progress.encode()) == progress
+    totals = TaskTotals(cpu_ns=341_000_000, ended_ns=9, ended_ms=SAMPLE_TIME_MS, peak_rss_kib=4,
+                        operation_ns=41_500_000)
+    assert TaskHalted.decode(TaskHalted(ORDER_ID, totals).encode(), ORDER_ID).totals == totals
+    closing = replace(sample(index=1, attempt=1), closing=6, operation_ns=41_500_000)
+    assert Sample.decode(closing.encode()) == closing
+    # absent on older tasks' messages; a negative time is refused
+    assert Progress.decode(Progress(ORDER_ID, "blur", 1, TaskStatus.SUCCEEDED).encode()).operation_ns is None
+    forged = replace(progress, operation_ns=-5).encode()
+    with pytest.raises(ProtocolError, match="operation_ns"):
+        Progress.decode(forged)
 
 
 def test_a_sample_names_its_run_in_headers_and_the_key_stays_the_seeds() -> None:

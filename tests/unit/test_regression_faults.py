@@ -174,7 +174,7 @@ def test_extra_work_does_the_operation_factor_times_over_and_keeps_its_output(ph
 # A task's work as the runtime does it (services/runtime/runner.py _work: read, operate, save
 # beside, rename), in a process of its own without Kafka; it reports the kernel's counts.
 CHILD = """
-import json, sys, threading
+import json, sys, threading, time
 from pathlib import Path
 from pipeline.invocation import TaskInvocation
 from pipeline.settings import Settings
@@ -188,32 +188,50 @@ def written():
 artifacts = Path(sys.argv[1])
 inv = TaskInvocation.from_args(sys.argv[2:])
 settings = Settings.from_env({"PIPELINE_STATE_DIR": str(artifacts.parent / "state"), "ARTIFACT_DIR": str(artifacts)})
-before = written()
-output = runner._work(get_task(inv.task_name), inv, settings, threading.Event())
-after = written()
+before, cpu_before = written(), time.process_time_ns()
+output, operation_ns = runner._work(get_task(inv.task_name), inv, settings, threading.Event())
+after, cpu_after = written(), time.process_time_ns()
 # VmHWM: this address space's own peak (ru_maxrss would hold the pytest process's, from before exec).
 status = Path("/proc/self/status").read_text().splitlines()
 peak_kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-print(json.dumps({"peak_kib": peak_kib, "write_bytes": after - before, "output": str(output)}))
+print(json.dumps({"peak_kib": peak_kib, "write_bytes": after - before, "output": str(output),
+                  "operation_ns": operation_ns, "process_ns": cpu_after - cpu_before}))
 """
+
+
+def run_child(tmp_path_factory, photo, kind: str | None) -> dict:
+    artifacts = tmp_path_factory.mktemp(f"run-{kind}") / "artifacts"
+    args = invocation(photo, fault=kind).to_args()
+    done = subprocess.run([sys.executable, "-c", CHILD, str(artifacts), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    result["files"] = sorted(p.name for p in Path(result["output"]).parent.iterdir())
+    result["size"] = Path(result["output"]).stat().st_size
+    return result
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, photo) -> dict[str | None, dict]:
     """One healthy run of median on the photo and one with each of extra_memory and
     double_write (factor 1.5), each in a folder of its own."""
-    results = {}
-    for kind in (None, "extra_memory", "double_write"):
-        artifacts = tmp_path_factory.mktemp(f"run-{kind}") / "artifacts"
-        args = invocation(photo, fault=kind).to_args()
-        done = subprocess.run([sys.executable, "-c", CHILD, str(artifacts), *args], cwd=REPO,
-                              capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        result = json.loads(done.stdout.splitlines()[-1])
-        result["files"] = sorted(p.name for p in Path(result["output"]).parent.iterdir())
-        result["size"] = Path(result["output"]).stat().st_size
-        results[kind] = result
-    return results
+    return {kind: run_child(tmp_path_factory, photo, kind) for kind in (None, "extra_memory", "double_write")}
+
+
+def test_the_runtime_measures_its_operations_cpu_time_and_extra_work_makes_it_factor_times(tmp_path_factory, photo):
+    # three runs of each, in processes of their own as the runtime runs them: the median
+    healthy = [run_child(tmp_path_factory, photo, None) for _ in range(3)]
+    faulted = [run_child(tmp_path_factory, photo, "extra_work") for _ in range(3)]
+    for run in healthy + faulted:
+        # the operation is part of the process's CPU time over the whole work (which also
+        # decodes the input), measured by the process clock around it
+        assert 0 < run["operation_ns"] <= run["process_ns"]
+    ratio = statistics.median(r["operation_ns"] for r in faulted) / statistics.median(r["operation_ns"] for r in healthy)
+    share = statistics.median(r["operation_ns"] / r["process_ns"] for r in healthy)
+    print(f"extra_work x1.5: the operation's CPU time {ratio:.2f} x a healthy run's "
+          f"(the operation is {share:.0%} of the work's process CPU)")
+    assert 1.25 <= ratio <= 1.9
+    assert share > 0.5  # median on 600x450: the operation is most of the work
 
 
 def test_extra_memory_makes_the_peak_resident_size_factor_times_a_healthy_runs(runs):

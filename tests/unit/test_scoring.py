@@ -180,6 +180,38 @@ def test_a_run_past_its_threshold_while_it_runs_overran_and_is_not_raised_again_
     assert at_end["cpu_seconds"].anomaly and not at_end["cpu_seconds"].raised
 
 
+def test_a_light_tasks_work_regression_stands_out_in_its_operations_cpu_time_not_its_processes():
+    """0.3 s of a light task's 0.35 CPU-s are its process's fixed part (start-up, decoding, the
+    Kafka client): 1.5 times its work is 1.07 times its process's CPU time, inside the noise,
+    and 1.5 times its operation's (the runtime's own clock around it, from HALT)."""
+    from dataclasses import replace
+
+    from analysis.scoring import RunCheck
+    from models.work import ExpectedWork
+
+    rng = np.random.default_rng(5)
+    runs = pd.DataFrame([{"order_id": i, "position": 0, "attempt": 1, "task": "blur", "prev_task": "<none>",
+                          "image_pixels": 1e6, "params": "{}", "pressure": np.nan, "samples": 1, "seconds": 0.4,
+                          "ended_ms": 0, "cpu_seconds": 0.35 * np.exp(rng.normal(0, 0.05)),
+                          "operation_seconds": 0.05 * np.exp(rng.normal(0, 0.03)), "peak_memory": 100.0,
+                          "bytes_read": 0.0, "bytes_written": 1000.0} for i in range(20)])
+    check = RunCheck(ExpectedWork.fit_runs(runs), {**THRESHOLDS, "run:operation_seconds": 4.0})
+
+    def one_tick(position, operation_seconds):
+        cpu = 0.3 + operation_seconds
+        return [replace(s, position=position, cpu_seconds=cpu, value=100 * cpu if s.resource == "cpu" else s.value,
+                        operation_seconds=operation_seconds)
+                for s in _run([100 * cpu])]
+
+    check.observe(one_tick(0, 0.05) + one_tick(1, 0.075))
+    verdicts = {(d.index, d.resource): d for d in check.end([(7, 0, 1), (7, 1, 1)])}
+    assert not any(d.anomaly for (index, _), d in verdicts.items() if index == 0)
+    assert not verdicts[(1, "cpu_seconds")].anomaly  # 1.07x: within the process's noise
+    regressed = verdicts[(1, "operation_seconds")]
+    assert regressed.anomaly and regressed.raised and regressed.value == pytest.approx(0.075)
+    assert regressed.lower < 0.05 < regressed.upper
+
+
 def test_a_run_on_an_image_of_unknown_size_is_not_judged_on_its_totals(caplog):
     from dataclasses import replace
 

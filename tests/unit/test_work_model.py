@@ -92,7 +92,7 @@ def test_run_totals_add_up_the_samples_of_each_run():
         # one run, two ticks: a 1 s tick and a 0.5 s closing one
         *[{"order_id": 1, "position": 0, "attempt": 1, "task": "blur", "prev_task": "<none>", "image_pixels": 1e6,
            "params": "{}", "node_cpu_pressure": p, "ts_ms": ts, "seconds": s, "interval_s": i, "cpu_seconds": c,
-           "resource": r, "value": v}
+           "resource": r, "value": v, "operation_seconds": 1.1 if ts == 1500 else math.nan}
           for ts, s, i, c, p, values in ((1000, 1.0, 1.0, 0.9, 40.0, {"memory": 60.0, "disk_write": 0.0, "cpu": 90.0}),
                                          (1500, 1.5, 0.5, 1.4, 60.0, {"memory": 70.0, "disk_write": 2048.0, "cpu": 100.0}))
           for r, v in values.items()]])
@@ -102,6 +102,7 @@ def test_run_totals_add_up_the_samples_of_each_run():
     assert totals["bytes_written"] == pytest.approx(1024.0)  # 2048 KiB/s over half a second
     assert math.isnan(totals["bytes_read"])  # never measured: not zero
     assert totals["pressure"] == pytest.approx(50.0) and totals["samples"] == 2
+    assert totals["operation_seconds"] == 1.1  # reported by the run at its end (its closing sample)
 
 
 def test_a_streak_statistic_is_the_level_three_samples_in_a_row_all_reach():
