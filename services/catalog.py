@@ -16,6 +16,15 @@ from services.runtime.spec import ImageTask
 
 SERVICES_DIR = Path(__file__).resolve().parent
 
+TASK_ENVIRONMENT = {"OPENBLAS_NUM_THREADS": "1"}
+"""Set for every task process, locally and in a task Job (a value the orchestrator's own
+environment gives wins). A task is one of many on a shared node and its operations are
+single-threaded but for a few small matrix products; numpy's OpenBLAS would start a worker
+thread per core that spins for tens of ms after it starts and after each call. Measured on this
+2-vCPU node: ``sepia`` on 480x360 took 60 ms either way, and the spinning worker added 50 ms of
+CPU; ``flip``'s operation used 75 ms of CPU on a quiet node and 40 ms on a busy one, where the
+worker gets no idle core to spin on, so a task's CPU time depended on how idle the node was."""
+
 
 class UnknownTaskError(PipelineError, KeyError):
     """No task of that name exists; the message lists the known ones."""

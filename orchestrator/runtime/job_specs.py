@@ -112,6 +112,10 @@ class JobTemplates:
             task.get("resources"), catalog.get_task(launch.task_name).resources, resources)
         for container in (sampler, task):
             _set_env(container, "TOPIC_PREFIX", self.settings.topic_prefix)
+        set_by_template = {item["name"] for item in task.get("env", [])}
+        for name, value in catalog.TASK_ENVIRONMENT.items():
+            if name not in set_by_template:
+                _set_env(task, name, value)
         _set_secrets(sampler, "sampler")
         _set_secrets(task, "task")
         return job

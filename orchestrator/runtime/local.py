@@ -16,7 +16,7 @@ from pipeline.lifetime import PARENT_PID_VARIABLE
 from pipeline.proctime import started_ns, wall_time
 from ops.infra.kafka_auth import role_environment
 from pipeline.settings import Settings, TaskStart
-from services.catalog import task_module
+from services.catalog import TASK_ENVIRONMENT, task_module
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +109,13 @@ class LocalRuntime(Runtime):
                                 for kind, role in (("producer", "sampler"), ("consumer", "consumer"))}
         # TASK_START=fork-server: tasks are forked from a server with their imports loaded
         # (started with the first task); a start it cannot serve is spawned instead.
-        self.fork_server = (ForkServerClient(env, _REPO_ROOT, log_dir)
+        self.fork_server = (ForkServerClient(self.task_env, _REPO_ROOT, log_dir)
                             if settings.task_start is TaskStart.FORK_SERVER else None)
+
+    @property
+    def task_env(self) -> dict[str, str]:
+        """A task process's environment: this runtime's, over :data:`TASK_ENVIRONMENT`."""
+        return {**TASK_ENVIRONMENT, **self.env}
 
     def start_task(self, launch: TaskLaunch, resources=None, timeout_seconds: float = 300.0) -> Handle:
         # Local processes share the machine; requests and limits are a cluster's business.
@@ -119,11 +124,11 @@ class LocalRuntime(Runtime):
         module, args = task_module(launch.task_name), launch.to_args()
         if self.fork_server is not None:
             try:
-                return self.fork_server.start(name, module, args, self.env, _REPO_ROOT, log)
+                return self.fork_server.start(name, module, args, self.task_env, _REPO_ROOT, log)
             except ForkServerUnavailable as exc:
                 logger.warning("%s: fork server unavailable (%s); spawning it", name, exc)
         command = [sys.executable, "-m", module, *args]
-        return ProcessHandle(name, command, self.env, log, ready_pipe=False)
+        return ProcessHandle(name, command, self.task_env, log, ready_pipe=False)
 
     def start_monitor(self, kind: str, order_id: int) -> Handle:
         log = self.log_dir / f"order-{order_id}" / f"monitor-{kind}.log"

@@ -315,6 +315,20 @@ def test_the_local_runtime_forks_tasks_from_its_server(tmp_path: Path) -> None:
     assert _wait_gone(server)
 
 
+def test_a_local_task_has_no_openblas_worker_thread_beside_it(tmp_path: Path) -> None:
+    """numpy's OpenBLAS would start one per core, spinning for tens of ms after it starts and
+    after each call: CPU time the task's accounting would carry, more the idler the node."""
+    runtime = _runtime(tmp_path, "spawn")
+    try:
+        probe = ("import os, numpy; numpy.ones((64, 64)) @ numpy.ones((64, 64)); "
+                 "print(len(os.listdir('/proc/self/task')))")
+        done = subprocess.run([sys.executable, "-c", probe], env=runtime.task_env, capture_output=True,
+                              text=True, timeout=PATIENCE)
+        assert done.stdout.strip() == "1", done.stderr
+    finally:
+        runtime.close()
+
+
 def test_the_local_runtime_spawns_when_the_socket_path_is_unusable(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fork_client, "RETRY_SECONDS", 3600.0)  # however slow this test, within it

@@ -74,6 +74,8 @@ def test_a_task_job_runs_the_task_and_its_sampler_in_one_pod(templates):
     assert task["image"] == "registry.example:5000/team/image-pipeline-median:1.2.3"
     assert task["command"] == ["python", "-m", "services.median.main"]
     assert TaskInvocation.from_args(task["args"]) == launch
+    # one BLAS thread: no OpenBLAS worker spinning beside the task (services/catalog.py)
+    assert {e["name"]: e.get("value") for e in task["env"]}["OPENBLAS_NUM_THREADS"] == "1"
 
     sampler = _containers(job, init=True)["sampler"]
     assert sampler["restartPolicy"] == "Always", "a native sidecar: stopped when the task ends"
