@@ -8,6 +8,7 @@ it exits. These totals travel in HALT's headers (:class:`pipeline.protocol.TaskT
 from __future__ import annotations
 
 import resource
+import threading
 import time
 from pathlib import Path
 
@@ -45,12 +46,16 @@ def operation_clock_ns() -> int | None:
 
     Not the process clock: the Kafka client's threads send ORDER and fetch metadata while the
     operation runs, a few ms that would be 10-30 % of a light operation's time and vary with
-    the broker. Each live thread's ``schedstat`` holds its time on a CPU in ns (the clock
-    CLOCK_THREAD_CPUTIME_ID reads); a thread that ends between the readings (none in the
-    catalog's operations) would take its time with it. None where /proc is unreadable."""
-    total, found = 0, False
+    the broker. The calling thread (where the operation runs) is read from its own clock,
+    exact to the ns; any other thread from its ``schedstat``, whose time on a CPU the kernel
+    brings up to date at its scheduler's events only (a running thread's lags by up to a
+    tick), which is exact for a thread that is waiting, as a helper thread between calls is.
+    A thread that ends between the readings (none in the catalog's operations) would take its
+    time with it. None where /proc is unreadable."""
+    own = threading.get_native_id()
+    total = time.clock_gettime_ns(time.CLOCK_THREAD_CPUTIME_ID)
     try:
-        threads = list((_PROC_SELF / "task").iterdir())
+        threads = [t for t in (_PROC_SELF / "task").iterdir() if t.name != str(own)]
     except OSError:
         return None
     for thread in threads:
@@ -58,44 +63,6 @@ def operation_clock_ns() -> int | None:
             if (thread / "comm").read_text().startswith(KAFKA_THREAD_PREFIX):
                 continue
             total += int((thread / "schedstat").read_text().split()[0])
-            found = True
         except (OSError, IndexError, ValueError):
             continue
-    return total if found else None
-
-
-def _size(path: Path | None) -> int | None:
-    try:
-        return path.stat().st_size if path is not None else None
-    except OSError:
-        return None
-
-
-def _storage_io() -> tuple[int | None, int | None]:
-    # /proc/<pid>/io counts the process's threads and its reaped children (the kernel adds a
-    # child's counters to its parent's when it is reaped).
-    try:
-        lines = (_PROC_SELF / "io").read_text().splitlines()
-    except OSError:
-        return None, None
-    values = dict(line.split(": ", 1) for line in lines if ": " in line)
-    try:
-        return int(values["read_bytes"]), int(values["write_bytes"])
-    except (KeyError, ValueError):
-        return None, None
-
-
-def _cpu_wait_ns() -> int | None:
-    # /proc/self/schedstat is the main thread's only: add up every live thread's run_delay.
-    total, found = 0, False
-    try:
-        threads = list((_PROC_SELF / "task").iterdir())
-    except OSError:
-        return None
-    for thread in threads:
-        try:
-            total += int((thread / "schedstat").read_text().split()[1])
-            found = True
-        except (OSError, IndexError, ValueError):
-            continue
-    return total if found else None
+    return total
