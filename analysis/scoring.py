@@ -289,7 +289,7 @@ class RunCheck:
             size = InputSize(s.image_pixels, s.image_channels, s.image_bytes)
             params = param_features(s.params)
             expected = fit.log_median(size, params)
-            score = run_score("cpu_seconds", s.cpu_seconds, expected, fit.spread_at(expected, size))
+            score = run_score("cpu_seconds", s.cpu_seconds, expected, fit.spread_at(expected, size, params))
             if score > self.thresholds.get("run:cpu_seconds", math.inf):
                 self._raised.add((s.run, "cpu_seconds"))
                 p10, p50, p90 = fit.band(size, params)
@@ -319,7 +319,8 @@ class RunCheck:
                 if fit is None or not math.isfinite(value):
                     continue
                 expected = fit.log_median(size, params, pressure)
-                score = run_score(total, judged_value(total, value, size), expected, fit.spread_at(expected, size))
+                score = run_score(total, judged_value(total, value, size), expected,
+                                  fit.spread_at(expected, size, params))
                 p10, p50, p90 = fit.band(size, params, pressure)
                 anomaly = total in RUN_ALARMS and score > self.thresholds.get(f"run:{total}", math.inf)
                 first = anomaly and (run, total) not in self._raised

@@ -281,5 +281,6 @@ def alarm_statistics(rows: pd.DataFrame, bands: pd.DataFrame, work, consecutive:
             expected = fit.log_median(size, param_features(run.params), float(run.pressure))
             judged = judged_value(total, float(value), size)
             out.append((run.order_id, run.position, run.attempt, f"run:{total}",
-                        run_score(total, judged, expected, fit.spread_at(expected, size)), int(run.samples)))
+                        run_score(total, judged, expected, fit.spread_at(expected, size, param_features(run.params))),
+                        int(run.samples)))
     return pd.DataFrame(out, columns=[*RUN_KEY, "kind", "statistic", "samples"])

@@ -90,6 +90,15 @@ ten times as uncertain as twice it. Set after the issue-25 evaluation found heal
 ``sepia`` and ``equalize`` on inputs 8x their history's largest at 0.11 and 0.19 above the
 fit, 0.05 and 0.09 per e-fold, where the residuals' spread (0.02) called them regressions."""
 
+POWER_DOUBT = 0.5
+"""How far a task's total may depart from its fitted (or declared) power of a parameter beyond
+the values its history had, in log units per e-fold of the parameter past them. A declared
+power is the author's measurement on one input (bench/param_work.py) and the fit's is the
+history's: neither holds far outside, where the work's structure (a window that stops fitting
+the caches, a pass that starts to converge) takes over. The issue-25 evaluation (seed 6) ran
+``denoise`` with search 4 after a history of 2 and 3: its healthy runs took 1.56x the CPU time
+the fit (power 1.1-1.6) expected, 0.44 log units over 0.29 e-folds."""
+
 
 def param_features(params: str | dict | None) -> dict[str, float]:
     """A run's task parameters as numbers: a number ``v >= 0`` as ``log(v + 0.01)`` (work grows
@@ -162,6 +171,9 @@ class TotalFit:
     channels: float = 3.0  # an input's channels when a run does not say (training median)
     size_by: str = "values"  # what x is the log of: the input's "values", or the run's "output" bytes
     heldout: tuple[float, float] | None = None  # the band's edges in spreads, from runs the fit never saw
+    # per covariate, the smallest and largest value the history had (parameters only; None
+    # for the others): a setting beyond them is a guess, as a size beyond the history's is
+    ranges: tuple[tuple[float, float] | None, ...] = ()
 
     @property
     def floor(self) -> float:
@@ -197,13 +209,28 @@ class TotalFit:
         low, high = self.pixels
         return max(0.0, math.log(size.pixels / high), math.log(low / size.pixels))
 
-    def spread_at(self, log_median: float, size: InputSize | float | None = None) -> float:
+    def beyond_settings(self, features: dict[str, float] | None) -> float:
+        """How far ``features`` (:func:`param_features`) lie outside the values the history
+        had, in log units (the root of the squares over the parameters; 0 inside)."""
+        if not features or not self.ranges:
+            return 0.0
+        squares = 0.0
+        for name, known in zip(self.covariates, self.ranges):
+            value = features.get(name)
+            if known is not None and value is not None and math.isfinite(value):
+                squares += max(0.0, value - known[1], known[0] - value) ** 2
+        return math.sqrt(squares)
+
+    def spread_at(self, log_median: float, size: InputSize | float | None = None,
+                  features: dict[str, float] | None = None) -> float:
         """The spread of ``log(total + floor)`` around ``log_median``: the residuals', at
         least what one floor's worth of difference is there (near 0, a total's own noise is
-        the floor, not a share of the total), and for an input of ``size`` beyond the history's
-        the doubt about the power it grows by (:data:`SLOPE_DOUBT`) added in quadrature."""
+        the floor, not a share of the total); for an input of ``size`` beyond the history's
+        the doubt about the power it grows by (:data:`SLOPE_DOUBT`), and for settings beyond
+        the history's the doubt about their powers (:data:`POWER_DOUBT`), added in quadrature."""
         own = max(self.spread, math.log1p(self.floor / math.exp(log_median)))
-        return own if size is None else math.hypot(own, SLOPE_DOUBT * self.beyond(size))
+        size_doubt = 0.0 if size is None else SLOPE_DOUBT * self.beyond(size)
+        return math.sqrt(own ** 2 + size_doubt ** 2 + (POWER_DOUBT * self.beyond_settings(features)) ** 2)
 
     def band(self, size: InputSize | float, features: dict[str, float], pressure: float = math.nan) -> tuple[float, float, float]:
         """P10, P50 and P90 of the total, in its units. Where ``fit`` gave the fit
@@ -215,7 +242,7 @@ class TotalFit:
         centre = log_median - self.residuals[1]
         p10, p50, p90 = self.residuals
         if self.heldout is not None:
-            spread = self.spread_at(log_median, size)
+            spread = self.spread_at(log_median, size, features)
             quantiles = (min(p50 + spread * self.heldout[0], p50), p50, max(p50 + spread * self.heldout[1], p50))
         else:
             half = 1.2816 * math.hypot(self.spread, SLOPE_DOUBT * self.beyond(size))
@@ -269,7 +296,7 @@ class TotalFit:
         features = [param_features(p) for p in runs["params"]]
         names = sorted({name for f in features for name in f})
         declared = dict(powers or {}) if total in CPU_TOTALS else {}
-        columns, kept, fills, centres = [], [], [], []
+        columns, kept, fills, centres, ranges = [], [], [], [], []
         for name in names:
             column = np.array([f.get(name, np.nan) for f in features])
             fill = float(np.nanmedian(column)) if np.isfinite(column).any() else 0.0
@@ -280,6 +307,7 @@ class TotalFit:
                 kept.append(name)
                 fills.append(fill)
                 centres.append(declared.get(name, 0.0))
+                ranges.append((float(column.min()), float(column.max())))
         pressure = pd.to_numeric(runs["pressure"], errors="coerce").to_numpy(dtype=np.float64) / 100.0
         covariates = ((PRESSURE, pressure, 0.02), (CHANNELS, np.log(channels), 0.05), (DETAIL, detail, 0.05),
                       (OUTPUT_DETAIL, output, 0.05))
@@ -290,6 +318,7 @@ class TotalFit:
                 kept.append(name)
                 fills.append(fill)
                 centres.append(0.0)
+                ranges.append(None)
         # a busier node adds to the CPU time of the same work (caches, a shared core), never takes
         # from it: a history that ran a task mostly on a quiet node must not learn the opposite
         least = [0.0 if name == PRESSURE and total in CPU_TOTALS else -4.0 for name in kept]
@@ -300,7 +329,7 @@ class TotalFit:
         residuals = y - np.log(base + grown + floor)
         quantiles, spread = _residual_band(residuals, total)
         return cls(total, base, coef, tuple(kept), tuple(fills), quantiles, spread, int(len(y)),
-                   (float(pixels.min()), float(pixels.max())), channel_fill)
+                   (float(pixels.min()), float(pixels.max())), channel_fill, ranges=tuple(ranges))
 
 
 def _residual_band(residuals: np.ndarray, total: str) -> tuple[tuple[float, float, float], float]:
@@ -430,7 +459,9 @@ class ExpectedWork:
         return cls({task: {total: TotalFit(**{**fit, "coef": tuple(fit["coef"]), "covariates": tuple(fit["covariates"]),
                                               "fill": tuple(fit["fill"]), "residuals": tuple(fit["residuals"]),
                                               "pixels": tuple(fit["pixels"]),
-                                              "heldout": tuple(fit["heldout"]) if fit.get("heldout") else None})
+                                              "heldout": tuple(fit["heldout"]) if fit.get("heldout") else None,
+                                              "ranges": tuple(tuple(r) if r is not None else None
+                                                              for r in fit.get("ranges", ()))})
                            for total, fit in fits.items()}
                     for task, fits in data.items()})
 

@@ -66,3 +66,40 @@ def operation_clock_ns() -> int | None:
         except (OSError, IndexError, ValueError):
             continue
     return total
+
+
+def _size(path: Path | None) -> int | None:
+    try:
+        return path.stat().st_size if path is not None else None
+    except OSError:
+        return None
+
+
+def _storage_io() -> tuple[int | None, int | None]:
+    # /proc/<pid>/io counts the process's threads and its reaped children (the kernel adds a
+    # child's counters to its parent's when it is reaped).
+    try:
+        lines = (_PROC_SELF / "io").read_text().splitlines()
+    except OSError:
+        return None, None
+    values = dict(line.split(": ", 1) for line in lines if ": " in line)
+    try:
+        return int(values["read_bytes"]), int(values["write_bytes"])
+    except (KeyError, ValueError):
+        return None, None
+
+
+def _cpu_wait_ns() -> int | None:
+    # /proc/self/schedstat is the main thread's only: add up every live thread's run_delay.
+    total, found = 0, False
+    try:
+        threads = list((_PROC_SELF / "task").iterdir())
+    except OSError:
+        return None
+    for thread in threads:
+        try:
+            total += int((thread / "schedstat").read_text().split()[1])
+            found = True
+        except (OSError, IndexError, ValueError):
+            continue
+    return total if found else None

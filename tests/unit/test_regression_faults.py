@@ -251,3 +251,17 @@ def test_double_write_writes_the_output_twice_and_leaves_one_file(runs):
     assert 1.8 <= ratio <= 2.3
     assert faulted["files"] == healthy["files"] == [Path(healthy["output"]).name]  # no copy, no .partial left
     assert Path(faulted["output"]).read_bytes() == Path(healthy["output"]).read_bytes()
+
+
+def test_the_tasks_own_totals_carry_its_output_and_its_operations_cpu_time(tmp_path):
+    from services.runtime.totals import operation_clock_ns, own_totals
+
+    output = tmp_path / "out.png"
+    output.write_bytes(b"x" * 1234)
+    began = operation_clock_ns()
+    sum(i * i for i in range(200_000))  # some CPU in this thread
+    spent = operation_clock_ns() - began
+    totals = own_totals(output, spent)
+    assert totals.output_bytes == 1234 and totals.operation_ns == spent > 0
+    assert totals.cpu_ns >= spent  # the process's clock holds the operation's
+    assert totals.peak_rss_kib > 0 and totals.ended_ns > 0
