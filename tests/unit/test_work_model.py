@@ -247,6 +247,29 @@ def test_the_spread_grows_with_how_far_beyond_the_history_the_input_is(work):
     assert math.log(1.5) / twice > 6
 
 
+def test_a_setting_beyond_the_historys_is_judged_more_loosely_the_further_it_lies():
+    """The history ran 1 to 3 passes and window sizes of 5: 2 passes are inside it; 6 passes
+    or a window of 9 lie beyond, where the fitted or declared power is a guess (POWER_DOUBT),
+    and their run totals are judged against a wider spread; the pixels' doubt adds to it."""
+    from models.work import InputSize
+
+    work = ExpectedWork.fit_runs(history(), {"median": {"size": 1.8}})  # size declared: kept though it never varied
+    fit = work.fit_of("median", "cpu_seconds")
+
+    def spread(setting, pixels=SIZES[1]):
+        features = param_features(setting)
+        return fit.spread_at(fit.log_median(pixels, features), InputSize(pixels), features)
+
+    inside = spread({"passes": 2, "size": 5})
+    assert fit.beyond_settings(param_features({"passes": 2, "size": 5})) == 0.0
+    assert inside == pytest.approx(fit.spread_at(fit.log_median(SIZES[1], param_features({"passes": 2, "size": 5}))))
+    assert inside < spread({"passes": 4, "size": 5}) < spread({"passes": 6, "size": 5})
+    assert spread({"passes": 6, "size": 5}) < spread({"passes": 6, "size": 5}, 2 * SIZES[-1])
+    assert spread({"passes": 2, "size": 9}) > inside  # a window the history never had
+    loaded = ExpectedWork.from_dict(json.loads(json.dumps(work.to_dict()))).fit_of("median", "cpu_seconds")
+    assert loaded.ranges == fit.ranges
+
+
 def test_a_declared_power_moves_the_band_for_a_setting_the_history_never_had():
     """The history always ran ``size`` 5; the task declares its work grows as size**2. A run
     at size 9 is expected at (9/5)**2 the CPU time; without the declaration the model could
