@@ -27,7 +27,6 @@ import math
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from models.alarms import KINDS, TailFit, judged_value, run_score
