@@ -121,7 +121,7 @@ def run_orders(settings: Settings, orders, keep_topics: bool = False, max_concur
         # orders' own writes say that the database is away).
         heartbeat = Heartbeat(OrderStore(engine, owner=store.owner)).start()
         try:
-            with Producer(settings, shared=True) as producer:
+            with Producer(settings, shared=True, stop=cancel) as producer:
                 abandoned = AbandonedOrders(store, admin, producer, listener, reporter,
                                             runtime if monitoring else None)
                 abandoned.settle()

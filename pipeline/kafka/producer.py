@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 import confluent_kafka
@@ -15,6 +17,11 @@ from pipeline.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+STOPPED_DELIVERY_GRACE = 3.0
+"""Once the producer's ``stop`` is set (the user's Ctrl-C or SIGTERM), how long a wait for
+delivery goes on: a broker that is away would otherwise hold every wait for its full timeout
+(an orchestrator whose broker had died took 65 s to leave on SIGTERM: two 30 s waits)."""
+
 
 class Producer:
     """Produces :class:`~pipeline.protocol.Message` objects.
@@ -24,11 +31,14 @@ class Producer:
     logs and counts delivery errors instead, so that one order's lost topic never fails the
     messages of another (:meth:`send_now` still raises its own message's error). Leaving the
     ``with`` block flushes. A message's topic is its logical name: it goes to that topic
-    under TOPIC_PREFIX.
+    under TOPIC_PREFIX. Once ``stop`` is set, a wait for delivery lasts at most
+    :data:`STOPPED_DELIVERY_GRACE` more.
     """
 
-    def __init__(self, settings: Settings, shared: bool = False, **overrides: Any) -> None:
+    def __init__(self, settings: Settings, shared: bool = False, stop: threading.Event | None = None,
+                 **overrides: Any) -> None:
         self.shared = shared
+        self._stop = stop
         self.delivery_errors = 0
         self._config = client_config(
             settings,
@@ -86,9 +96,11 @@ class Producer:
     def flush(self, timeout: float = 30.0) -> None:
         """Wait until every queued message is delivered; raise the first delivery error."""
         if self._producer is not None:
-            remaining = self._producer.flush(timeout)
+            began = time.monotonic()
+            remaining = self._wait(timeout)
             if remaining:
-                raise KafkaClientError(f"{remaining} message(s) not delivered within {timeout:g}s")
+                raise KafkaClientError(f"{remaining} message(s) not delivered within "
+                                       f"{time.monotonic() - began:.0f}s")
         self._raise_pending()
 
     def send_now(self, message: Message, timeout: float = 30.0) -> None:
@@ -100,12 +112,27 @@ class Producer:
 
         self.send(message, on_delivery=delivered)
         if self._producer is not None:
-            self._producer.flush(timeout)
+            self._wait(timeout)
         topic = self._names.physical(message.topic)
         if not outcome:
             raise KafkaClientError(f"{message.key} to {topic} not delivered within {timeout:g}s")
         if outcome[0]:
             raise KafkaClientError(f"delivery to {topic} failed: {outcome[0]}")
+
+    def _wait(self, timeout: float) -> int:
+        """Flush for up to ``timeout`` s, or :data:`STOPPED_DELIVERY_GRACE` once ``stop`` is
+        set; the number of messages still undelivered."""
+        assert self._producer is not None
+        if self._stop is None:
+            return self._producer.flush(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._stop.is_set():
+                deadline = min(deadline, time.monotonic() + STOPPED_DELIVERY_GRACE)
+            left = deadline - time.monotonic()
+            remaining = self._producer.flush(max(min(left, 0.5), 0.0))
+            if remaining == 0 or left <= 0.5:
+                return remaining
 
     def close(self) -> None:
         """Flush what is queued; the client is dropped even when flushing fails."""
